@@ -1,0 +1,153 @@
+"""Command line: `python -m pipeline <command>`. Entry points are a few lines each.
+
+Bad input (config, data, model) prints one line, `error: ...`, and exits with code 2. A trial
+that fails at run time (NaN loss) exits with code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from pipeline import names
+from pipeline.config import load_config, to_yaml
+from pipeline.errors import USER_ERROR_EXIT_CODE, PipelineError, TrialFailed
+
+DEFAULT_CONFIG = "configs/demo-cpu.yaml"
+
+_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set train.learning_rate=1e-4. Repeatable; one option may "
+    "hold several space-separated pairs (as MLproject's `set` parameter does).",
+)
+_config_option = click.option(
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="YAML config file.",
+)
+_quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars; warnings only (CI logs).")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # Libraries stay at warning level: their info logs drown the progress lines.
+    for noisy in ("transformers", "mlflow", "peft", "accelerate", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if quiet else logging.WARNING)
+    if quiet:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lora-pipeline")
+def cli() -> None:
+    """Find and ship the best LoRA adapter: baseline fine-tune, Ax search, retrain, all in MLflow."""
+
+
+@cli.command()
+@_config_option
+@_set_option
+@_quiet_option
+def baseline(config_path: str, overrides: tuple[str, ...], quiet: bool) -> None:
+    """One LoRA (or 4-bit QLoRA) fine-tune with the config, tracked as an MLflow run."""
+    _setup_logging(quiet)
+    config = load_config(config_path, overrides)
+    from pipeline.trial import run_trial
+
+    result = run_trial(config, role=names.ROLE_BASELINE, quiet=quiet)
+    parts = [f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("eval_")]
+    click.echo(
+        f"baseline run {result.run_id}: {' '.join(parts)} ({result.steps} steps, {result.wall_seconds:.0f}s)"
+    )
+    click.echo(f"adapter: {result.adapter_uri}")
+
+
+@cli.group()
+def config() -> None:
+    """Inspect and check configs."""
+
+
+@config.command("show")
+@_config_option
+@_set_option
+def config_show(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved config (defaults filled in, overrides applied)."""
+    click.echo(to_yaml(load_config(config_path, overrides), f"resolved from {config_path}"), nl=False)
+
+
+@config.command("docs")
+def config_docs() -> None:
+    """Print the configuration reference (docs/configuration.md) generated from the schema."""
+    from pipeline.config import reference_markdown
+
+    click.echo(reference_markdown(), nl=False)
+
+
+@config.command("check")
+@click.argument("paths", nargs=-1, required=True)
+def config_check(paths: tuple[str, ...]) -> None:
+    """Validate config files; report every problem of every file."""
+    failed = 0
+    for path in paths:
+        try:
+            load_config(path)
+            click.echo(f"ok: {path}")
+        except PipelineError as e:
+            failed += 1
+            click.echo(f"error: {e}", err=True)
+    if failed:
+        raise SystemExit(USER_ERROR_EXIT_CODE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; turn user errors into one line and exit code 2."""
+    # `mlflow run` creates the run before this process starts; if we fail before resuming it,
+    # record why (mlflow marks it FAILED from our exit code).
+    outer_run = os.environ.get("MLFLOW_RUN_ID")
+    try:
+        cli.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        raise SystemExit(e.exit_code) from None
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        raise SystemExit(130) from None
+    except PipelineError as e:
+        _fail(outer_run, str(e))
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None
+    except TrialFailed as e:
+        _fail(outer_run, f"trial failed: {e}")
+        raise SystemExit(1) from None
+
+
+def _fail(outer_run: str | None, message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    if outer_run:
+        from pipeline import tracking
+
+        try:
+            tracking.mark_failed(outer_run, message)
+        except Exception as e:  # the store itself may be the problem; the message above stands
+            click.echo(f"(could not mark run {outer_run} failed: {e})", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+    sys.exit(0)

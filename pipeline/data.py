@@ -1,0 +1,423 @@
+"""Data: records from a file or the hub -> chat template -> tokens with prompt tokens masked.
+
+The loss sees only response tokens (labels of prompt tokens are -100). The train/eval split is a
+seeded permutation of the records, so it is the same whatever the tokenizer. Examples longer than
+``data.max_seq_len`` are truncated, dropped or rejected (``data.truncation``) and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import DataConfig
+from pipeline.errors import DataError
+
+IGNORE_INDEX = -100
+
+# Used when neither the tokenizer nor data.chat_template provides a template. Plain-text role
+# markers; each assistant turn ends with the tokenizer's EOS token so generation learns to stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class Record:
+    """One raw example and where it came from (file:line, or the hub split and row)."""
+
+    data: dict[str, Any]
+    where: str
+
+
+@dataclass
+class DataStats:
+    train_examples: int = 0
+    eval_examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    train_tokens: int = 0
+    train_response_tokens: int = 0
+    eval_tokens: int = 0
+    max_len: int = 0
+    mean_len: float = 0.0
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train and eval sets, the prompts for generation, stats and fingerprints."""
+
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]]
+    generation: list[dict[str, str]]  # {"prompt": rendered prompt, "reference": response text}
+    stats: DataStats
+    fingerprint: str  # train + eval tokens
+    eval_fingerprint: str  # eval tokens only: eval losses compare only when this matches
+    chat_template_source: str = field(default="tokenizer")
+
+    def stats_dict(self) -> dict[str, Any]:
+        return {**asdict(self.stats), "chat_template": self.chat_template_source}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    p = Path(path)
+    return (
+        not path.startswith((".", "/", "~"))
+        and p.suffix.lower() not in SUFFIXES
+        and path.count("/") <= 1
+        and not p.exists()
+    )
+
+
+def read_records(path: str, key: str, split: str = "train") -> list[Record]:
+    """Read records from a local file (with file:line positions) or a hub dataset id."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        if _looks_like_hub_id(path):
+            return _read_hub(path, key, split)
+        raise DataError(f"{key}: file not found: {path}")
+    if p.is_dir():
+        raise DataError(f"{key}: {path} is a folder; expected a {'/'.join(SUFFIXES)} file")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(p)
+        if suffix == ".json":
+            return _read_json(p)
+        if suffix == ".csv":
+            return _read_csv(p)
+        if suffix == ".parquet":
+            return _read_parquet(p)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{key}: cannot read {path}: {e}") from None
+    raise DataError(f"{key}: {path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def _read_jsonl(p: Path) -> list[Record]:
+    out = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
+            out.append(Record(obj, f"{p}:{n}"))
+    return out
+
+
+def _read_json(p: Path) -> list[Record]:
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataError(f"{p}: expected a JSON list of records (or {{'data': [...]}})")
+    out = []
+    for i, item in enumerate(obj):
+        if not isinstance(item, dict):
+            raise DataError(f"{p}: record {i}: expected an object, got {type(item).__name__}")
+        out.append(Record(item, f"{p}: record {i}"))
+    return out
+
+
+def _read_csv(p: Path) -> list[Record]:
+    out = []
+    with p.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            out.append(Record(dict(row), f"{p}:{reader.line_num}"))
+    return out
+
+
+def _read_parquet(p: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{p}: not a readable parquet file ({e})") from None
+    return [Record(r, f"{p}: row {i}") for i, r in enumerate(rows)]
+
+
+def _read_hub(name: str, key: str, split: str) -> list[Record]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown id, gated: all one message for the user
+        raise DataError(
+            f"{key}: {name!r} is neither a local file nor a loadable hub dataset "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+    return [Record(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(ds)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> messages
+
+
+def _field(rec: Record, name: str, fields: dict[str, str]) -> Any:
+    return rec.data.get(fields.get(name, name))
+
+
+def to_messages(rec: Record, cfg: DataConfig) -> list[dict[str, str]] | str:
+    """Messages for chat/alpaca records, plain text for text records; DataError names the record."""
+    needed = REQUIRED_FIELDS[cfg.format]
+    missing = [f for f in needed if _field(rec, f, cfg.fields) in (None, "")]
+    if missing:
+        cols = ", ".join(cfg.fields.get(f, f) for f in missing)
+        raise DataError(
+            f"{rec.where}: record has no {cols!r} (format {cfg.format} needs "
+            f"{', '.join(cfg.fields.get(f, f) for f in needed)})"
+        )
+    if cfg.format == "text":
+        return str(_field(rec, "text", cfg.fields))
+    if cfg.format == "alpaca":
+        prompt = str(_field(rec, "instruction", cfg.fields))
+        extra = _field(rec, "input", cfg.fields)
+        if extra:
+            prompt += f"\n\n{extra}"
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": str(_field(rec, "output", cfg.fields))},
+        ]
+    else:
+        messages = _field(rec, "messages", cfg.fields)
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ):
+            raise DataError(f"{rec.where}: 'messages' must be a list of {{role, content}} objects")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{rec.where}: 'messages' has no assistant turn to learn from")
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization with masking
+
+
+def ensure_chat_template(tokenizer: Any, cfg: DataConfig) -> str:
+    """Give the tokenizer a chat template; return where it came from (config, tokenizer, fallback)."""
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+        return "config"
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return "fallback"
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_response) pieces, in order.
+
+    Each assistant turn's text is what the template adds after the generation prompt. Templates
+    must render a conversation as a prefix of its continuation; one that does not is an error.
+    """
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], True)
+        full = _render(tokenizer, messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise DataError(
+                "data.chat_template: the chat template does not render a conversation as a prefix "
+                "of its continuation, so prompt tokens cannot be masked; set data.chat_template"
+            )
+        pieces.append((prompt[len(done) :], False))
+        pieces.append((full[len(prompt) :], True))
+        done = full
+    return [(t, r) for t, r in pieces if t]
+
+
+def tokenize_example(tokenizer: Any, messages: list[dict[str, str]] | str) -> dict[str, list[int]]:
+    """input_ids and labels; labels are -100 on prompt tokens (all tokens count for text)."""
+    if isinstance(messages, str):
+        ids = tokenizer(messages, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = [*ids, tokenizer.eos_token_id]
+        return {"input_ids": ids, "labels": list(ids)}
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, is_response in segments(tokenizer, messages):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        labels.extend(ids if is_response else [IGNORE_INDEX] * len(ids))
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _fit(example: dict[str, list[int]], cfg: DataConfig, where: str) -> dict[str, list[int]] | None:
+    """Apply data.truncation; None means the example is dropped."""
+    n = len(example["input_ids"])
+    if n <= cfg.max_seq_len:
+        return example
+    if cfg.truncation == "error":
+        raise DataError(
+            f"{where}: example has {n} tokens, more than data.max_seq_len={cfg.max_seq_len} "
+            "(set data.truncation to truncate or drop)"
+        )
+    if cfg.truncation == "drop":
+        return None
+    cut = {k: v[: cfg.max_seq_len] for k, v in example.items()}
+    if all(t == IGNORE_INDEX for t in cut["labels"]):
+        return None  # the prompt alone fills max_seq_len: nothing left to learn
+    return cut
+
+
+def _tokens_sha(examples: Sequence[dict[str, list[int]]]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex["input_ids"], ex["labels"]], separators=(",", ":")).encode())
+    return h.hexdigest()[:16]
+
+
+def split_records(records: list[Record], cfg: DataConfig) -> tuple[list[Record], list[Record]]:
+    """Seeded split: a permutation of record indices, the first share is the eval set."""
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, math.ceil(len(records) * cfg.eval_fraction))
+    if n_eval >= len(records):
+        raise DataError(
+            f"data.path: {len(records)} record(s) leave nothing to train on with "
+            f"eval_fraction={cfg.eval_fraction}"
+        )
+    eval_idx, train_idx = sorted(order[:n_eval]), order[n_eval:]
+    return [records[i] for i in train_idx], [records[i] for i in eval_idx]
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
+    """Read, split, template, tokenize, mask and fit the data; fingerprint what the model sees."""
+    records = read_records(cfg.path, "data.path", cfg.split)
+    if not records:
+        raise DataError(f"data.path: {cfg.path}: the data set is empty")
+    if cfg.eval_path:
+        train_recs = records
+        eval_recs = read_records(cfg.eval_path, "data.eval_path", cfg.split)
+        if not eval_recs:
+            raise DataError(f"data.eval_path: {cfg.eval_path}: the data set is empty")
+    else:
+        train_recs, eval_recs = split_records(records, cfg)
+    if cfg.max_eval_examples:
+        eval_recs = eval_recs[: cfg.max_eval_examples]
+    if cfg.max_train_examples:
+        train_recs = train_recs[: cfg.max_train_examples]
+
+    template_source = "none" if cfg.format == "text" else ensure_chat_template(tokenizer, cfg)
+    stats = DataStats()
+
+    def build(recs: list[Record]) -> tuple[list[dict[str, list[int]]], list[tuple[Record, Any]]]:
+        out, kept = [], []
+        for rec in recs:
+            messages = to_messages(rec, cfg)
+            ex = tokenize_example(tokenizer, messages)
+            fitted = _fit(ex, cfg, rec.where)
+            if fitted is None:
+                stats.dropped += 1
+                continue
+            if len(fitted["input_ids"]) < len(ex["input_ids"]):
+                stats.truncated += 1
+            out.append(fitted)
+            kept.append((rec, messages))
+        return out, kept
+
+    train, _ = build(train_recs)
+    evals, eval_kept = build(eval_recs)
+    if not train:
+        raise DataError(f"data.path: {cfg.path}: no training example left (all {stats.dropped} dropped)")
+    if not evals:
+        raise DataError(f"data: no eval example left (all {stats.dropped} dropped); check data.max_seq_len")
+
+    generation = []
+    if cfg.format != "text":
+        for _, messages in eval_kept:
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            generation.append(
+                {
+                    "prompt": _render(tokenizer, messages[:last], True),
+                    "reference": messages[last]["content"],
+                }
+            )
+
+    lengths = [len(e["input_ids"]) for e in train]
+    stats.train_examples = len(train)
+    stats.eval_examples = len(evals)
+    stats.train_tokens = sum(lengths)
+    stats.train_response_tokens = sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in train)
+    stats.eval_tokens = sum(len(e["input_ids"]) for e in evals)
+    stats.max_len = max(lengths)
+    stats.mean_len = round(stats.train_tokens / len(train), 2)
+    eval_sha = _tokens_sha(evals)
+    return PreparedData(
+        train=train,
+        eval=evals,
+        generation=generation,
+        stats=stats,
+        fingerprint=hashlib.sha256((_tokens_sha(train) + eval_sha).encode()).hexdigest()[:16],
+        eval_fingerprint=eval_sha,
+        chat_template_source=template_source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+def build_collator(batching: str, tokenizer: Any, max_seq_len: int, pad_to_multiple_of: int | None = None):
+    """The collator for a batching mode (see TrainConfig.batching)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if batching == "padding_free":
+        return DataCollatorWithFlattening()
+    if batching == "padded":
+        return DataCollatorForSeq2Seq(
+            tokenizer, padding="max_length", max_length=max_seq_len, label_pad_token_id=IGNORE_INDEX
+        )
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of
+    )
+
+
+class TokenDataset:
+    """A list of tokenized examples as a map-style dataset (what Trainer and its samplers expect)."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]

@@ -1,0 +1,187 @@
+"""Metrics: perplexity, a generation metric through `evaluate`, and memory peaks (CPU and CUDA)."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from pipeline import names
+
+SHIPPED_METRICS = Path(__file__).parent / "evaluate_metrics"
+GB = 2**30
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged run logs a finite number."""
+    return math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+class MemoryMonitor:
+    """Peak resident memory of this process, sampled (cheaply) every step, plus CUDA peaks.
+
+    ``ru_maxrss`` is a lifetime high-water mark, useless when one process runs many trials;
+    sampling gives the peak of this trial.
+    """
+
+    def __init__(self, cuda: Any = None):
+        self.cuda = torch.cuda if cuda is None else cuda
+        self.process = psutil.Process()
+        self.peak_rss = 0
+
+    def start(self) -> None:
+        self.peak_rss = self.process.memory_info().rss
+        if self.cuda.is_available():
+            self.cuda.reset_peak_memory_stats()
+
+    def sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+
+    def peaks(self) -> dict[str, float]:
+        """`peak_rss_gb` always; `peak_gpu_mem_gb` and `peak_gpu_reserved_gb` when CUDA is present."""
+        self.sample()
+        out = {names.PEAK_RSS_GB: round(self.peak_rss / GB, 4)}
+        out.update(gpu_memory_gb(self.cuda))
+        return out
+
+
+def gpu_memory_gb(cuda: Any = None) -> dict[str, float]:
+    """Peak allocated and reserved CUDA memory since the last reset; empty without CUDA."""
+    cuda = torch.cuda if cuda is None else cuda
+    if not cuda.is_available():
+        return {}
+    return {
+        names.PEAK_GPU_MEM_GB: round(cuda.max_memory_allocated() / GB, 4),
+        names.PEAK_GPU_RESERVED_GB: round(cuda.max_memory_reserved() / GB, 4),
+    }
+
+
+def process_peak_rss_gb() -> float:
+    """Lifetime peak RSS of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (GB if sys.platform == "darwin" else 2**20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval loss
+
+
+@torch.no_grad()
+def eval_loss(
+    model: Any, examples: list[dict[str, list[int]]], tokenizer: Any, batch_size: int, precision: str = "fp32"
+) -> float:
+    """Mean negative log-likelihood per response token over the whole eval set.
+
+    Token-weighted, so it does not depend on how the eval set is batched (the HF Trainer's
+    eval_loss is a mean of per-batch means and changes with batch composition). Batches are
+    taken in a fixed order, each padded to its longest example.
+    """
+    from pipeline.data import IGNORE_INDEX, build_collator
+
+    collate = build_collator("length_grouped", tokenizer, 0)
+    device = next(model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size]).items()}
+            # The model's loss is the mean over the label tokens that follow a position (shifted
+            # by one); times their number it is the batch's sum.
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if n == 0:
+                continue
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = model(**batch).loss
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation metric
+
+
+def metric_location(name: str) -> str:
+    """A shipped metric's folder (loads offline), else the name as given (hub id or path)."""
+    shipped = SHIPPED_METRICS / name
+    return str(shipped) if shipped.is_dir() else name
+
+
+def load_generation_metric(name: str) -> Any:
+    """An `evaluate` metric by shipped name, local path or hub name."""
+    import evaluate
+
+    from pipeline.errors import PipelineError
+
+    try:
+        return evaluate.load(metric_location(name))
+    except Exception as e:  # evaluate raises FileNotFoundError, ConnectionError, ImportError ...
+        raise PipelineError(
+            f"eval.generation_metric: cannot load {name!r} ({type(e).__name__}); shipped metrics: "
+            f"{', '.join(sorted(p.name for p in SHIPPED_METRICS.iterdir() if p.is_dir()))}"
+        ) from None
+
+
+@torch.no_grad()
+def generate(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
+    """Greedy answers for rendered prompts (left-padded batches; only new tokens are decoded)."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    config = model.config if hasattr(model, "config") else None
+    use_cache = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = True
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(
+                prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            outputs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        # Fast tokenizers keep the last padding setting in their backend, and save_pretrained
+        # writes it to tokenizer.json: a saved tokenizer would then load as left-padding.
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "no_padding"):
+            backend.no_padding()
+        if config is not None:
+            config.use_cache = use_cache
+        model.train(was_training)
+    return outputs
+
+
+def generation_scores(metric: Any, predictions: list[str], references: list[str]) -> dict[str, float]:
+    """The metric's scores, each named `eval_<key>` (e.g. `eval_rougeL`)."""
+    result = metric.compute(predictions=predictions, references=references)
+    return {
+        f"{names.GENERATION_METRIC_PREFIX}{k}": float(v)
+        for k, v in result.items()
+        if isinstance(v, (int, float))
+    }

@@ -1,0 +1,51 @@
+"""Where a result came from: git commit, package versions, hardware."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+PACKAGES = (
+    "torch", "transformers", "peft", "accelerate", "bitsandbytes", "mlflow", "ax-platform",
+    "botorch", "evaluate", "datasets", "pydantic", "gguf",
+)  # fmt: skip
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the stack (missing packages are left out)."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+def git_commit(path: str | Path = ".") -> str:
+    """HEAD of the repository at `path`, with `-dirty` when the work tree has changes; '' outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return sha + ("-dirty" if dirty else "")
+
+
+def hardware() -> dict[str, str]:
+    """CPU and, when present, GPU description."""
+    import torch
+
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_threads": str(torch.get_num_threads())}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gb"] = f"{props.total_memory / 2**30:.1f}"
+        info["gpu_count"] = str(torch.cuda.device_count())
+    return info

@@ -1,0 +1,235 @@
+"""Training: the Hugging Face Trainer driven by our config, with a callback that streams metrics.
+
+The callback hands every logging step's metrics (``train_loss``, ``learning_rate``,
+``tokens_per_second``, memory peaks) and every evaluation's ``eval_loss`` to a sink (the tracking
+layer), stops training on a non-finite loss, and asks an optional ``on_eval`` hook whether to stop
+(the search's early stopping).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from pipeline import names
+from pipeline.config import EvalConfig, TrainConfig
+from pipeline.data import PreparedData, TokenDataset, build_collator
+from pipeline.metrics import MemoryMonitor, eval_loss, perplexity
+from pipeline.model import DevicePlan
+
+MetricSink = Callable[[dict[str, float], int], None]
+EvalHook = Callable[[int, float], bool]  # (step, eval_loss) -> stop?
+Evaluator = Callable[[Any], float]  # model -> eval loss
+
+
+def build_training_args(
+    train: TrainConfig, eval_cfg: EvalConfig, plan: DevicePlan, output_dir: str, quiet: bool = False
+) -> TrainingArguments:
+    """TrainingArguments from our train and eval sections."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": 0.1} if train.scheduler == "cosine_with_min_lr" else None,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        activation_checkpointing=train.gradient_checkpointing,
+        logging_strategy="steps",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the callback, not be averaged away
+        eval_strategy="no",  # we evaluate in StreamingCallback: token-weighted, see metrics.eval_loss
+        save_strategy="no",
+        report_to="none",  # we track ourselves: one run per trial, batched
+        seed=train.seed,
+        data_seed=train.seed,
+        use_cpu=plan.device == "cpu",
+        disable_tqdm=quiet,
+        log_level="error" if quiet else "warning",
+        train_sampling_strategy="group_by_length" if train.batching == "length_grouped" else "random",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_pin_memory=plan.device == "cuda",
+    )
+
+
+class StreamingCallback(TrainerCallback):
+    """Streams metrics to a sink, evaluates every `eval_steps`, watches for divergence and for
+    early-stopping requests."""
+
+    def __init__(
+        self,
+        sink: MetricSink,
+        memory: MemoryMonitor,
+        evaluate: Evaluator | None = None,
+        eval_steps: int | None = None,
+        at_start: bool = False,
+        on_eval: EvalHook | None = None,
+    ):
+        self.sink = sink
+        self.memory = memory
+        self.evaluate = evaluate
+        self.eval_steps = eval_steps
+        self.at_start = at_start
+        self.on_eval = on_eval
+        self.step_seconds = 0.0  # time inside optimizer steps (excludes eval and logging)
+        self.eval_seconds = 0.0
+        self._window_seconds = 0.0
+        self._window_tokens = 0
+        self._step_start = 0.0
+        self.diverged: tuple[int, float] | None = None
+        self.stopped_early_at: int | None = None
+        self.evals: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.memory.start()
+        if self.at_start and self.evaluate is not None:
+            self.run_eval(model, state, control)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        dt = time.perf_counter() - self._step_start
+        self.step_seconds += dt
+        self._window_seconds += dt
+        self.memory.sample()
+        if self.evaluate is not None and self.eval_steps and state.global_step % self.eval_steps == 0:
+            self.run_eval(model, state, control)
+
+    def run_eval(self, model, state, control=None, final: bool = False) -> float:
+        """Evaluate now, stream the result, stop on NaN or when the early-stopping hook says so."""
+        t0 = time.perf_counter()
+        loss = float(self.evaluate(model))
+        self.eval_seconds += time.perf_counter() - t0
+        step = state.global_step
+        self.evals.append((step, loss))
+        self.sink({names.EVAL_LOSS: loss, names.EVAL_PERPLEXITY: perplexity(loss)}, step)
+        if control is None:
+            return loss
+        if not math.isfinite(loss):
+            self.diverged = (step, loss)
+            control.should_training_stop = True
+        elif not final and self.on_eval is not None and step < state.max_steps and self.on_eval(step, loss):
+            self.stopped_early_at = step
+            control.should_training_stop = True
+        return loss
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:
+            return  # the end-of-training summary is not a step
+        step = state.global_step
+        loss = float(logs["loss"])
+        metrics = {names.TRAIN_LOSS: loss, names.EPOCH: float(state.epoch or 0)}
+        for key, name in (("learning_rate", names.LEARNING_RATE), ("grad_norm", names.GRAD_NORM)):
+            if key in logs:
+                metrics[name] = float(logs[key])
+        tokens = int(state.num_input_tokens_seen)
+        if self._window_seconds > 0 and tokens > self._window_tokens:
+            metrics[names.TOKENS_PER_SECOND] = (tokens - self._window_tokens) / self._window_seconds
+        self._window_tokens, self._window_seconds = tokens, 0.0
+        metrics.update(self.memory.peaks())
+        self.sink(metrics, step)
+        if not math.isfinite(loss):
+            self.diverged = (step, loss)
+            control.should_training_stop = True
+
+
+@dataclass
+class TrainOutcome:
+    """What training produced (the trainer itself is returned alongside)."""
+
+    steps: int
+    max_steps: int
+    train_loss: float
+    eval_loss: float
+    eval_seconds: float
+    step_seconds: float
+    tokens: int
+    tokens_per_second: float
+    stopped_early_at: int | None
+    diverged: tuple[int, float] | None
+    evals: list[tuple[int, float]]
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    train_cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    max_seq_len: int,
+    plan: DevicePlan,
+    sink: MetricSink,
+    on_eval: EvalHook | None = None,
+    quiet: bool = False,
+    memory: MemoryMonitor | None = None,
+) -> tuple[Trainer, TrainOutcome]:
+    """Train the LoRA model, evaluate at the end, and report what happened."""
+    args = build_training_args(train_cfg, eval_cfg, plan, train_cfg.output_dir, quiet)
+    # Eval batches of similar lengths waste less compute on padding; eval_loss is token-weighted,
+    # so the order and batch size do not change its value.
+    eval_set = sorted(data.eval, key=lambda e: len(e["input_ids"]), reverse=True)
+
+    def evaluate(m: Any) -> float:
+        return eval_loss(m, eval_set, tokenizer, eval_cfg.batch_size, plan.precision)
+
+    callback = StreamingCallback(
+        sink, memory or MemoryMonitor(), evaluate, train_cfg.eval_steps, eval_cfg.at_start, on_eval
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenDataset(data.train),
+        data_collator=build_collator(
+            train_cfg.batching,
+            tokenizer,
+            max_seq_len,
+            pad_to_multiple_of=8 if plan.device == "cuda" else None,
+        ),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    if quiet:  # no bars and no printed log dicts: the tracking store has every value
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    result = trainer.train()
+    step = trainer.state.global_step
+    if callback.diverged is not None:
+        final_loss = float("nan")
+    elif callback.evals and callback.evals[-1][0] == step:
+        final_loss = callback.evals[-1][1]
+    else:
+        final_loss = callback.run_eval(model, trainer.state, final=True)
+    tokens = int(trainer.state.num_input_tokens_seen)
+    outcome = TrainOutcome(
+        steps=step,
+        max_steps=trainer.state.max_steps,
+        train_loss=float(result.training_loss),
+        eval_loss=final_loss,
+        eval_seconds=callback.eval_seconds,
+        step_seconds=callback.step_seconds,
+        tokens=tokens,
+        tokens_per_second=tokens / callback.step_seconds if callback.step_seconds else 0.0,
+        stopped_early_at=callback.stopped_early_at,
+        diverged=callback.diverged,
+        evals=callback.evals,
+    )
+    return trainer, outcome
