@@ -1,0 +1,79 @@
+"""Shared fixtures. Every test runs offline, on CPU, against a tracking store in its own temp dir."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "models" / "pydoc-llama"
+DEMO_DATA = ROOT / "data" / "pydoc_qa.jsonl"
+DEMO_CONFIG = ROOT / "configs" / "demo-cpu.yaml"
+
+# No hub at test time, on any machine: a test that reaches for the network fails loudly.
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
+    os.environ[var] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_store(tmp_path, monkeypatch):
+    """A fresh sqlite tracking store per test; no run id leaks in from the environment."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    yield
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
+    """Overrides that make the demo config a few-second trial writing into tmp_path."""
+    values = {
+        "train.max_steps": 12,
+        "train.eval_steps": 6,
+        "train.logging_steps": 2,
+        "train.batch_size": 4,
+        "train.output_dir": str(tmp_path / "out"),
+        "data.max_eval_examples": 24,
+        "data.max_train_examples": 200,
+        "eval.generation_samples": 4,
+        "eval.max_new_tokens": 8,
+        "tracking.log_system_metrics": False,
+        "tracking.experiment_name": "tests",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """The demo config shrunk to a few seconds of training."""
+    from pipeline.config import load_config
+
+    return load_config(DEMO_CONFIG, tiny_overrides(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEMO_MODEL)
+
+
+def venv_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin first on PATH (`mlflow run` calls
+    `python` from PATH with --env-manager local), the temp store, offline hub."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env.pop("MLFLOW_RUN_ID", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

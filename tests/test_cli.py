@@ -1,0 +1,139 @@
+"""The CLI: every bad input is one line naming the field or file, exit code 2, no run RUNNING."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+
+from .conftest import DEMO_CONFIG, ROOT, tiny_overrides, venv_env
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def no_run_left_running() -> bool:
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return all(r.info.status != "RUNNING" for r in client.search_runs(exps)) if exps else True
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(10)]
+
+
+def bad_cases(tmp_path):
+    """(name, overrides, expected start of the error line)."""
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text(json.dumps(GOOD[0]) + "\n{not json}\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    long = jsonl(tmp_path / "long.jsonl", [{"instruction": "q", "output": "w " * 300}, *GOOD])
+    return [
+        ("missing data file", ["data.path=" + str(tmp_path / "none.jsonl")], "data.path: file not found"),
+        ("malformed jsonl", [f"data.path={malformed}"], f"{malformed}:2: malformed JSON line"),
+        ("empty data set", [f"data.path={empty}"], "data.path: "),
+        (
+            "record without fields",
+            [f"data.path={jsonl(tmp_path / 'f.jsonl', [*GOOD, {'instruction': 'x'}])}"],
+            "record has no 'output'",
+        ),
+        (
+            "too long, rejected",
+            [f"data.path={long}", "data.truncation=error", "data.max_seq_len=64"],
+            f"{long}:1: example has",
+        ),
+        ("unknown config key", ["lora.rank=8"], "invalid config"),
+        ("wrong type", ["train.batch_size=big"], "invalid config"),
+        ("r <= 0", ["lora.r=0"], "invalid config"),
+        ("learning rate <= 0", ["train.learning_rate=0"], "invalid config"),
+        ("dropout >= 1", ["lora.dropout=1"], "invalid config"),
+        (
+            "unknown target module",
+            ["lora.target_modules=[q_proj,attn_c]"],
+            "lora.target_modules: attn_c not in the model",
+        ),
+        (
+            "model path missing",
+            ["model.name_or_path=" + str(tmp_path / "no-model")],
+            "model.name_or_path: no such folder",
+        ),
+        (
+            "gguf file missing",
+            [f"model.name_or_path={ROOT / 'models' / 'pydoc-llama'}", "model.gguf_file=x.gguf"],
+            "model.gguf_file: x.gguf not found",
+        ),
+    ]
+
+
+def test_every_bad_input_is_one_line_exit_2_and_no_run_running(tmp_path, capsys):
+    for name, overrides, expected in bad_cases(tmp_path):
+        code, _out, err = run_cli(
+            [
+                "baseline",
+                "--config",
+                str(DEMO_CONFIG),
+                "--quiet",
+                *[f"--set={o}" for o in tiny_overrides(tmp_path)],
+                *[f"--set={o}" for o in overrides],
+            ],
+            capsys,
+        )
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2, name
+        assert len(lines) == 1, f"{name}: {err}"
+        assert expected in lines[0], f"{name}: {lines[0]}"
+        assert no_run_left_running(), name
+    # Bad config values are named by their key path.
+    code, _, err = run_cli(
+        ["baseline", "--set", "lora.r=0 train.learning_rate=0 lora.dropout=1 lora.rank=3"], capsys
+    )
+    for key in ("lora.r", "train.learning_rate", "lora.dropout", "lora.rank: unknown key"):
+        assert key in err
+
+
+def test_4bit_without_bitsandbytes_exits_2(tmp_path):
+    code = (
+        "import sys; sys.modules['bitsandbytes'] = None\n"
+        "from pipeline.cli import main\n"
+        f"main(['baseline', '--quiet', '--config', {str(DEMO_CONFIG)!r}, '--set', 'model.load_in_4bit=true'])\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=venv_env(tmp_path), cwd=ROOT
+    )
+    assert p.returncode == 2
+    assert (
+        p.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: model.load_in_4bit: 4-bit loading needs bitsandbytes")
+    )
+
+
+def test_help_lists_the_commands():
+    p = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0
+    assert "baseline" in p.stdout and "config" in p.stdout
+
+
+def test_config_check_and_show(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name_or_path: x\ndata:\n  path: y\nlora:\n  r: 0\n")
+    code, out, err = run_cli(["config", "check", str(DEMO_CONFIG), str(bad)], capsys)
+    assert code == 2 and f"ok: {DEMO_CONFIG}" in out and "bad.yaml:6: lora.r" in err
+    code, out, _ = run_cli(["config", "show", "--config", str(DEMO_CONFIG), "--set", "lora.r=64"], capsys)
+    assert code == 0 and "  r: 64\n" in out

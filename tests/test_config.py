@@ -1,0 +1,195 @@
+"""Config: every shipped YAML loads; bad input is reported with key path and line, all at once."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (
+    PipelineConfig,
+    config_fingerprint,
+    flatten,
+    load_config,
+    parse_overrides,
+    to_dict,
+    to_yaml,
+    validate,
+    with_overrides,
+)
+from pipeline.errors import ConfigError
+
+from .conftest import DEMO_CONFIG, ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_says_how_to_run_it(path: Path):
+    config = load_config(path)
+    assert isinstance(config, PipelineConfig)
+    head = path.read_text().splitlines()
+    assert head[0].startswith("# "), f"{path.name} must start with a comment saying what it is for"
+    comment = "\n".join(line for line in head if line.startswith("#"))
+    assert re.search(r"(mlflow run \.|python -m pipeline)", comment), f"{path.name}: no command in header"
+    assert path.name in comment or "default" in comment, f"{path.name}: the command must name the file"
+
+
+def test_expected_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"demo-cpu.yaml", "smollm2-cpu.yaml", "qwen2.5-7b-qlora.yaml"} <= names
+
+
+def test_qwen_config_is_the_seed_baseline():
+    c = load_config(ROOT / "configs" / "qwen2.5-7b-qlora.yaml")
+    assert c.model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"
+    assert c.model.load_in_4bit and c.model.quant_type == "nf4" and c.model.double_quant
+    assert (c.lora.r, c.lora.alpha, c.train.learning_rate, c.train.batch_size) == (16, 32, 2e-4, 1)
+    assert c.lora.target_modules == "all-linear"
+
+
+def test_overrides_parse_yaml_scalars_and_several_per_item():
+    pairs = parse_overrides(
+        ["train.learning_rate=1e-4 lora.r=32", "lora.use_rslora=true", "data.system_prompt='a b'"]
+    )
+    assert pairs == [
+        ("train.learning_rate", "1e-4"),  # YAML 1.1 reads 1e-4 as text; pydantic makes it a float
+        ("lora.r", 32),
+        ("lora.use_rslora", True),
+        ("data.system_prompt", "a b"),
+    ]
+    c = load_config(
+        DEMO_CONFIG, ["train.learning_rate=1e-4 lora.r=32", "lora.target_modules='[q_proj, v_proj]'"]
+    )
+    assert c.train.learning_rate == pytest.approx(1e-4)
+    assert c.lora.r == 32
+    assert c.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(DEMO_CONFIG, ["lora.r"])
+
+
+def test_override_into_a_value_is_an_error():
+    with pytest.raises(ConfigError, match=r"lora.r is a value, not a section"):
+        load_config(DEMO_CONFIG, ["lora.r.x=1"])
+
+
+def _bad(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "\n" not in msg, "an error is one line"
+    return msg
+
+
+BASE = """\
+model:
+  name_or_path: models/pydoc-llama
+data:
+  path: data/pydoc_qa.jsonl
+"""
+
+
+def test_all_problems_reported_together_with_key_paths_and_lines(tmp_path):
+    msg = _bad(
+        tmp_path,
+        BASE
+        + """\
+lora:
+  r: 0
+  dropout: 1.0
+  colour: blue
+train:
+  learning_rate: 0
+  batch_size: many
+""",
+    )
+    assert "(5 problems)" in msg
+    assert "bad.yaml:6: lora.r: Input should be greater than 0 (got 0)" in msg
+    assert "bad.yaml:7: lora.dropout: Input should be less than 1 (got 1.0)" in msg
+    assert "bad.yaml:8: lora.colour: unknown key" in msg
+    assert "bad.yaml:10: train.learning_rate: Input should be greater than 0" in msg
+    assert "bad.yaml:11: train.batch_size: Input should be a valid integer" in msg
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("lora:\n  r: -2\n", "lora.r: Input should be greater than 0"),
+        ("train:\n  learning_rate: -1.0e-4\n", "train.learning_rate: Input should be greater than 0"),
+        ("lora:\n  dropout: -0.1\n", "lora.dropout: Input should be greater than or equal to 0"),
+        ("lora:\n  target_modules: []\n", "lora.target_modules"),
+        ("trainer:\n  lr: 1\n", "trainer: unknown key"),
+        (
+            "data:\n  path: x.jsonl\n  format: sharegpt\n",
+            "data.format: Input should be 'alpaca', 'chat' or 'text'",
+        ),
+        ("train:\n  epochs: 0\n", "train.epochs: Input should be greater than 0"),
+        ("data:\n  path: x.jsonl\n  eval_fraction: 1.5\n", "data.eval_fraction: Input should be less than 1"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, extra, expected):
+    text = BASE + extra if not extra.startswith("data:") else BASE.split("data:")[0] + extra
+    assert expected in _bad(tmp_path, text)
+
+
+def test_missing_required_section(tmp_path):
+    msg = _bad(tmp_path, "model:\n  name_or_path: x\n")
+    assert "data: required key is missing" in msg
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    msg = _bad(tmp_path, "model:\n  name_or_path: [unclosed\ndata:\n  path: x\n")
+    assert re.search(r"bad\.yaml:\d+: not valid YAML", msg)
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read the file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_not_a_mapping(tmp_path):
+    assert "must hold a mapping" in _bad(tmp_path, "- a\n- b\n")
+
+
+def test_gguf_and_4bit_together_rejected(tmp_path):
+    msg = _bad(tmp_path, BASE.replace("models/pydoc-llama", "x\n  gguf_file: m.gguf\n  load_in_4bit: true"))
+    assert "model.load_in_4bit" in msg
+
+
+def test_round_trip_through_yaml_is_identical(tmp_path):
+    c = load_config(DEMO_CONFIG)
+    p = tmp_path / "resolved.yaml"
+    p.write_text(to_yaml(c, "x"))
+    assert load_config(p) == c
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(to_dict(load_config(DEMO_CONFIG)))
+    for key in ("lora.r", "lora.alpha", "train.learning_rate", "train.batch_size", "model.name_or_path"):
+        assert key in flat
+    assert not any(isinstance(v, dict) and v for v in flat.values())
+
+
+def test_fingerprint_ignores_tracking_but_not_training():
+    c = load_config(DEMO_CONFIG)
+    same = with_overrides(c, {"tracking.experiment_name": "other", "registry.model_name": "x"})
+    other = with_overrides(c, {"lora.r": c.lora.r * 2})
+    assert config_fingerprint(c) == config_fingerprint(same)
+    assert config_fingerprint(c) != config_fingerprint(other)
+
+
+def test_with_overrides_validates():
+    c = load_config(DEMO_CONFIG)
+    with pytest.raises(ConfigError, match="lora.r"):
+        with_overrides(c, {"lora.r": 0})
+
+
+def test_validate_rejects_non_mapping():
+    with pytest.raises(ConfigError):
+        validate(["x"])

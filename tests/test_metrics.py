@@ -1,0 +1,108 @@
+"""Metrics: memory peaks (the CUDA path through a fake device), perplexity, generation metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline import names
+from pipeline.errors import PipelineError
+from pipeline.metrics import (
+    MemoryMonitor,
+    generation_scores,
+    gpu_memory_gb,
+    load_generation_metric,
+    perplexity,
+    process_peak_rss_gb,
+)
+
+
+class FakeCuda:
+    """Stands in for torch.cuda: the logic of the CUDA memory path runs on CPU."""
+
+    def __init__(self, available=True):
+        self.available = available
+        self.resets = 0
+        self.allocated = 3 * 2**30
+        self.reserved = 5 * 2**30
+
+    def is_available(self):
+        return self.available
+
+    def reset_peak_memory_stats(self):
+        self.resets += 1
+
+    def max_memory_allocated(self):
+        return self.allocated
+
+    def max_memory_reserved(self):
+        return self.reserved
+
+
+def test_gpu_memory_metrics_when_cuda_present():
+    assert gpu_memory_gb(FakeCuda()) == {names.PEAK_GPU_MEM_GB: 3.0, names.PEAK_GPU_RESERVED_GB: 5.0}
+    assert gpu_memory_gb(FakeCuda(available=False)) == {}
+
+
+def test_memory_monitor_resets_cuda_peaks_per_trial_and_tracks_rss():
+    cuda = FakeCuda()
+    mon = MemoryMonitor(cuda)
+    mon.start()
+    assert cuda.resets == 1
+    blob = bytearray(64 * 2**20)  # 64 MiB more resident memory
+    blob[::4096] = b"x" * len(blob[::4096])
+    mon.sample()
+    peaks = mon.peaks()
+    assert set(peaks) == {names.PEAK_RSS_GB, names.PEAK_GPU_MEM_GB, names.PEAK_GPU_RESERVED_GB}
+    assert 0 < peaks[names.PEAK_RSS_GB] <= process_peak_rss_gb() + 1e-3  # peaks are rounded to 4 decimals
+    del blob
+
+
+def test_memory_monitor_on_cpu_has_rss_only():
+    mon = MemoryMonitor(FakeCuda(available=False))
+    mon.start()
+    assert set(mon.peaks()) == {names.PEAK_RSS_GB}
+
+
+def test_perplexity():
+    assert perplexity(0.0) == 1.0
+    assert perplexity(math.log(7.0)) == pytest.approx(7.0)
+    assert math.isfinite(perplexity(1e9))
+    assert perplexity(float("nan")) == float("inf")
+
+
+def test_shipped_metrics_load_offline_and_score():
+    rouge = load_generation_metric("rouge_l")
+    s = generation_scores(
+        rouge, ["serialize obj to json", "nothing alike"], ["Serialize obj to a JSON string.", "zzz"]
+    )
+    assert set(s) == {"eval_rougeL"}
+    assert 0.3 < s["eval_rougeL"] < 0.6
+    em = load_generation_metric("exact_match")
+    assert generation_scores(em, ["a", " b "], ["a", "b"]) == {"eval_exact_match": 1.0}
+
+
+def test_unknown_metric_is_a_clear_error():
+    with pytest.raises(
+        PipelineError, match=r"^eval.generation_metric: cannot load 'no_such_metric_xyz'.*rouge_l"
+    ):
+        load_generation_metric("no_such_metric_xyz")
+
+
+def test_generation_leaves_the_tokenizer_as_it_was(tmp_path):
+    """A tokenizer saved after generating must still load right-padded (for training)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.metrics import generate
+
+    from .conftest import DEMO_MODEL
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL)
+    prompts = ["<|im_start|>user\nWhat does `json.dumps` do?<|im_end|>\n<|im_start|>assistant\n", "hi"]
+    out = generate(model, tok, prompts, max_new_tokens=4)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    assert tok.padding_side == "right"
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).padding_side == "right"

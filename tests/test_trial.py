@@ -1,0 +1,192 @@
+"""run_trial in-process: what it tracks, the adapter round trip, reproducibility, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import names, trial
+from pipeline.config import with_overrides
+from pipeline.errors import TrialFailed
+from pipeline.trial import Resources, run_trial
+
+
+def test_run_trial_tracks_everything(tiny_config):
+    result = run_trial(tiny_config, quiet=True)
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[names.ROLE] == names.ROLE_BASELINE
+    for tag in (names.BASE_MODEL, names.DATA_FINGERPRINT, names.EVAL_FINGERPRINT, names.CONFIG_FINGERPRINT,
+                names.PACKAGE_VERSIONS, names.DEVICE):  # fmt: skip
+        assert run.data.tags[tag], tag
+    assert "torch" in json.loads(run.data.tags[names.PACKAGE_VERSIONS])
+    assert run.info.run_name == "baseline r=8 a=16 lr=1.0e-03 bs=4"
+    p = run.data.params
+    assert (p["lora.r"], p["lora.alpha"], p["train.batch_size"]) == ("8", "16.0", "4")
+    assert float(p["train.learning_rate"]) == tiny_config.train.learning_rate
+    m = run.data.metrics
+    assert m[names.EVAL_LOSS] == pytest.approx(result.eval_loss)
+    assert m[names.EVAL_PERPLEXITY] == pytest.approx(math.exp(result.eval_loss), rel=1e-6)
+    assert 0.0 <= m["eval_rougeL"] <= 1.0
+    assert m[names.PEAK_RSS_GB] > 0 and m[names.TOKENS_PER_SECOND] > 0
+    assert names.PEAK_GPU_MEM_GB not in m  # CPU run
+    assert m[names.TRAIN_STEPS] == 12
+    history = client.get_metric_history(result.run_id, names.TRAIN_LOSS)
+    assert [h.step for h in history] == [1, 2, 4, 6, 8, 10, 12]
+    evals = client.get_metric_history(result.run_id, names.EVAL_LOSS)
+    assert [h.step for h in evals] == [6, 12]
+    arts = {a.path for a in client.list_artifacts(result.run_id, names.ADAPTER_DIR)}
+    for f in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        trial.BASE_REFERENCE_FILE,
+    ):
+        assert f"{names.ADAPTER_DIR}/{f}" in arts
+    top = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {names.CONFIG_FILE, names.DATA_STATS_FILE, names.GENERATIONS_FILE} <= top
+
+
+def test_metrics_are_sent_in_batches(tiny_config, monkeypatch):
+    from mlflow.tracking import MlflowClient as Client
+
+    calls = {"log_batch": 0, "log_metric": 0}
+    real_batch = Client.log_batch
+
+    def counting_batch(self, *a, **k):
+        calls["log_batch"] += 1
+        return real_batch(self, *a, **k)
+
+    monkeypatch.setattr(Client, "log_batch", counting_batch)
+    monkeypatch.setattr(
+        Client, "log_metric", lambda *a, **k: calls.__setitem__("log_metric", calls["log_metric"] + 1)
+    )
+    result = run_trial(with_overrides(tiny_config, {"tracking.log_every_s": 60}), quiet=True)
+    values = sum(
+        len(MlflowClient().get_metric_history(result.run_id, k))
+        for k in MlflowClient().get_run(result.run_id).data.metrics
+    )
+    assert calls["log_metric"] == 0
+    assert calls["log_batch"] < values / 5, (calls, values)
+
+
+def test_adapter_round_trip_gives_the_same_logits(tiny_config, monkeypatch, tmp_path):
+    """The logged adapter, reloaded with plain peft onto a fresh base, reproduces the trained model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    probe = torch.tensor([[5, 17, 99, 400, 1023, 7, 8]])
+    captured = {}
+    real_detach = trial.detach_lora
+
+    def capture(model):
+        model.eval()
+        with torch.no_grad():
+            captured["logits"] = model(input_ids=probe).logits.clone()
+        return real_detach(model)
+
+    monkeypatch.setattr(trial, "detach_lora", capture)
+    result = run_trial(tiny_config, quiet=True)
+
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(result.adapter_uri, dst_path=str(tmp_path))
+    base = AutoModelForCausalLM.from_pretrained(tiny_config.model.name_or_path)
+    reloaded = PeftModel.from_pretrained(base, local).eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=probe).logits
+        with reloaded.disable_adapter():
+            base_logits = reloaded(input_ids=probe).logits
+    assert torch.allclose(logits, captured["logits"], atol=1e-5)
+    assert not torch.allclose(base_logits, captured["logits"], atol=1e-3), (
+        "the adapter must change the output"
+    )
+
+
+def test_same_seed_same_eval_loss_other_seed_differs(tiny_config):
+    res = Resources()
+    a = run_trial(tiny_config, quiet=True, resources=res)
+    b = run_trial(tiny_config, quiet=True)  # fresh resources: base loaded again
+    c = run_trial(with_overrides(tiny_config, {"train.seed": 7}), quiet=True, resources=res)
+    assert abs(a.eval_loss - b.eval_loss) < 1e-4
+    assert abs(a.eval_loss - c.eval_loss) > 1e-6
+
+
+def test_reused_base_gives_the_fresh_result(tiny_config):
+    """The search keeps the base loaded between trials: that must not change any result."""
+    res = Resources()
+    first = run_trial(
+        with_overrides(tiny_config, {"lora.r": 16, "train.learning_rate": 3e-3}), quiet=True, resources=res
+    )
+    again = run_trial(tiny_config, quiet=True, resources=res)  # base reused after another adapter
+    fresh = run_trial(tiny_config, quiet=True)
+    assert first.metrics[names.MODEL_LOAD_S] > 0 and again.metrics[names.MODEL_LOAD_S] == 0
+    assert again.eval_loss == pytest.approx(fresh.eval_loss, abs=1e-6)
+
+
+def test_nan_loss_fails_the_run_with_its_reason(tiny_config, monkeypatch):
+    import pipeline.train as train_mod
+
+    real_on_log = train_mod.StreamingCallback.on_log
+
+    def poisoned(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs and state.global_step >= 4:
+            logs = {**logs, "loss": float("nan")}
+        return real_on_log(self, args, state, control, logs=logs, **kw)
+
+    monkeypatch.setattr(train_mod.StreamingCallback, "on_log", poisoned)
+    with pytest.raises(TrialFailed, match=r"loss became nan at step 4") as e:
+        run_trial(tiny_config, quiet=True)
+    run = MlflowClient().get_run(e.value.run_id)
+    assert run.info.status == "FAILED"
+    assert "loss became nan" in run.data.tags[names.ERROR]
+
+
+def test_huge_learning_rate_diverges_for_real(tiny_config):
+    config = with_overrides(
+        tiny_config,
+        {
+            "train.learning_rate": 1e6,
+            "train.max_grad_norm": 0,
+            "train.scheduler": "constant",
+            "train.warmup_ratio": 0,
+        },
+    )
+    try:
+        result = run_trial(config, quiet=True)
+    except TrialFailed as e:
+        assert MlflowClient().get_run(e.run_id).info.status == "FAILED"
+    else:  # some seeds survive with a finite but terrible loss: it must then be reported as such
+        assert result.eval_loss > 5
+
+
+def test_exception_inside_the_run_ends_it_failed(tiny_config, monkeypatch):
+    import pipeline.trial as trial_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(trial_mod, "train", boom)
+    with pytest.raises(RuntimeError):
+        run_trial(tiny_config, quiet=True)
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags[names.ERROR] == "RuntimeError: disk full"
+
+
+def test_interrupt_ends_the_run_killed(tiny_config, monkeypatch):
+    import pipeline.trial as trial_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trial_mod, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(tiny_config, quiet=True)
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
