@@ -8,12 +8,15 @@ with values parsed as YAML scalars. ``docs/configuration.md`` is generated from 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import shlex
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,6 +95,12 @@ class DataConfig(Section):
 class LoraConfig(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
+    alpha_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="When set, alpha = alpha_ratio * r (search alpha relative to rank). "
+        "Null: alpha is used as given.",
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",
@@ -107,6 +116,15 @@ class LoraConfig(Section):
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one module (or be 'all-linear')")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_from_ratio(cls, data: Any) -> Any:
+        # Derived before validation so that alpha is always the value in force (and logged).
+        if isinstance(data, dict) and data.get("alpha_ratio") not in (None, ""):
+            with contextlib.suppress(TypeError, ValueError):  # the field validators report bad values
+                data = {**data, "alpha": float(data["alpha_ratio"]) * float(data.get("r", 16))}
+        return data
 
 
 class TrainConfig(Section):
@@ -180,6 +198,166 @@ class RegistryConfig(Section):
     model_name: str = Field("lora-adapter", description="Registered model name for promotions.")
 
 
+class ParameterSpec(Section):
+    """One search dimension, mapped one-to-one onto an Ax parameter config."""
+
+    type: Literal["range", "choice", "fixed"] = Field(description="`range`, `choice` or `fixed`.")
+    bounds: list[float] | None = Field(None, description="range: [low, high], low < high.")
+    log: bool = Field(False, description="range: search on a log scale (low > 0).")
+    values: list[int | float | str | bool] | None = Field(None, description="choice: the values.")
+    ordered: bool | None = Field(
+        None, description="choice: values have an order (default: true for numbers and booleans)."
+    )
+    value: int | float | str | bool | None = Field(None, description="fixed: the value.")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParameterSpec:
+        if self.type == "range":
+            if self.bounds is None or len(self.bounds) != 2:
+                raise ValueError("a range needs bounds: [low, high]")
+            low, high = self.bounds
+            if not low < high:
+                raise ValueError(f"bounds are inverted or empty: [{low}, {high}] (need low < high)")
+            if self.log and low <= 0:
+                raise ValueError(f"log scale needs a positive lower bound, got {low}")
+        elif self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty list of values")
+            if len(set(map(str, self.values))) != len(self.values):
+                raise ValueError(f"choice values repeat: {self.values}")
+        elif self.value is None:
+            raise ValueError("a fixed parameter needs a value")
+        extra = {
+            "range": ("values", "value", "ordered"),
+            "choice": ("bounds", "value", "log"),
+            "fixed": ("bounds", "values", "log", "ordered"),
+        }[self.type]
+        set_fields = [k for k in extra if getattr(self, k) not in (None, False)]
+        if set_fields:
+            raise ValueError(f"{', '.join(set_fields)} does not apply to a {self.type} parameter")
+        return self
+
+
+class ObjectiveSpec(Section):
+    metric: str = Field("eval_loss", description="A metric every trial logs (see names.TRIAL_METRICS).")
+    minimize: bool = Field(True, description="Minimize (true) or maximize (false).")
+    threshold: float | None = Field(
+        None,
+        description="Multi-objective only: the worst acceptable value (reference point). Give it for "
+        "every objective or for none.",
+    )
+
+
+class EarlyStoppingSpec(Section):
+    enabled: bool | None = Field(
+        None,
+        description="Stop clearly bad trials early. Null (auto): on when a trial evaluates at "
+        "least 3 times (train.eval_steps set, max_steps >= 3 * eval_steps).",
+    )
+    percentile: float = Field(
+        50.0, gt=0, lt=100, description="Stop a trial whose eval_loss is in this bottom percentile."
+    )
+    min_progression: int | None = Field(
+        None, gt=0, description="Never stop before this step; null: a third of train.max_steps."
+    )
+    min_curves: int = Field(3, gt=0, description="Completed trials needed before any trial is stopped.")
+
+
+class SearchConfig(Section):
+    n_trials: int = Field(10, gt=0, description="Trials to run (the baseline not counted).")
+    seed: int = Field(0, description="Seed of Ax: the same seed gives the same trial sequence.")
+    method: Literal["bayesian", "random"] = Field(
+        "bayesian", description="`bayesian`: Sobol, then BoTorch. `random`: quasi-random only."
+    )
+    initialization_trials: int = Field(
+        4, gt=0, description="Quasi-random trials (center point + Sobol) before BoTorch takes over."
+    )
+    parameters: dict[str, ParameterSpec] = Field(
+        description="Search dimensions by config key path, e.g. `train.learning_rate: {type: "
+        "range, bounds: [1e-5, 1e-3], log: true}`."
+    )
+    constraints: list[str] = Field(
+        default_factory=list,
+        description="Linear parameter constraints, e.g. `lora.alpha <= 4 * lora.r` (range or "
+        "ordered numeric choice parameters, not on log scale).",
+    )
+    objectives: list[ObjectiveSpec] = Field(
+        default_factory=lambda: [ObjectiveSpec()],
+        description="One objective (default: minimize eval_loss) or several (Pareto frontier).",
+    )
+    outcome_constraints: list[str] = Field(
+        default_factory=list, description="E.g. `peak_gpu_mem_gb <= 15`: trials that break it do not win."
+    )
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+    max_failure_rate: float = Field(
+        0.5, gt=0, le=1, description="Stop the search when this share of at least 3 trials failed."
+    )
+    budget_minutes: float | None = Field(
+        None, gt=0, description="Wall-clock budget: no new trial starts after it is spent."
+    )
+    reuse_baseline: bool = Field(
+        True,
+        description="Reuse a finished baseline run with the same config fingerprint in the "
+        "experiment instead of training the baseline again.",
+    )
+    output_dir: str = Field("outputs/search", description="Local copy of reports and search state.")
+
+    @field_validator("parameters")
+    @classmethod
+    def _known_keys(cls, v: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
+        if not v:
+            raise ValueError("name at least one parameter to search")
+        bad = [k for k in v if config_field(k) is None]
+        if bad:
+            raise ValueError(f"{', '.join(repr(k) for k in bad)} names no config key")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_metrics(cls, v: list[ObjectiveSpec]) -> list[ObjectiveSpec]:
+        from pipeline.names import is_trial_metric
+
+        if not v:
+            raise ValueError("name at least one objective")
+        for o in v:
+            if not is_trial_metric(o.metric):
+                raise ValueError(f"{o.metric!r} is not a metric that trials log")
+        if len(v) > 1 and 0 < sum(o.threshold is not None for o in v) < len(v):
+            raise ValueError("give a threshold for every objective or for none")
+        return v
+
+    @field_validator("constraints")
+    @classmethod
+    def _parameter_constraints(cls, v: list[str], info: Any) -> list[str]:
+        searched = info.data.get("parameters") or {}
+        problems = []
+        for c in v:
+            unknown = sorted({n for n in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", c) if n not in searched})
+            if unknown:
+                problems.append(f"{c!r} uses {', '.join(unknown)}, not a searched parameter")
+            elif not re.search(r"(<=|>=)", c):
+                problems.append(f"{c!r} must be an inequality with <= or >=")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    @field_validator("outcome_constraints")
+    @classmethod
+    def _outcome_constraints(cls, v: list[str]) -> list[str]:
+        from pipeline.names import is_trial_metric
+
+        problems = []
+        for c in v:
+            m = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_./]*)\s*(<=|>=)\s*(-?[0-9.eE+-]+)\s*", c)
+            if not m:
+                problems.append(f"{c!r} must read `metric <= number` or `metric >= number`")
+            elif not is_trial_metric(m.group(1)):
+                problems.append(f"{c!r}: {m.group(1)!r} is not a metric that trials log")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+
 class PipelineConfig(Section):
     model: ModelConfig
     data: DataConfig
@@ -188,12 +366,32 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    search: SearchConfig | None = Field(None, description="The search space and how to search it.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
         if self.model.gguf_file and self.model.load_in_4bit:
             raise ValueError("model.load_in_4bit: a GGUF model cannot also be loaded in 4-bit")
         return self
+
+
+def config_field(path: str) -> Any | None:
+    """The pydantic field at a dotted key path of PipelineConfig (leaf values only), or None."""
+    model: Any = PipelineConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields or part == "search":
+            return None
+        field = fields[part]
+        if i == len(parts) - 1:
+            return (
+                None
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                else field
+            )
+        model = field.annotation
+    return None
 
 
 # Sections that change a trial's result. Tracking and registry do not.
@@ -244,6 +442,9 @@ def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
     """Set dotted keys in a nested dict (creating sections as needed)."""
     for key, value in overrides:
         parts = key.split(".")
+        if parts[:2] == ["search", "parameters"] and len(parts) > 2:
+            _override_search_parameter(data, parts[2:], value)
+            continue
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -255,6 +456,29 @@ def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
             node = child
         node[parts[-1]] = value
     return data
+
+
+def _override_search_parameter(data: dict, rest: list[str], value: Any) -> None:
+    """`search.parameters.lora.r.values=[4,8]`: parameter names hold dots themselves, so the name
+    is the longest prefix that is a parameter already or a config key."""
+    search = data.get("search") if isinstance(data.get("search"), dict) else data.setdefault("search", {})
+    params = (
+        search.get("parameters")
+        if isinstance(search.get("parameters"), dict)
+        else search.setdefault("parameters", {})
+    )
+    known = [
+        c for c in range(len(rest), 0, -1) if ".".join(rest[:c]) in params or config_field(".".join(rest[:c]))
+    ]
+    cut = known[0] if known else len(rest)  # an unknown name is reported by validation
+    name, field_path = ".".join(rest[:cut]), rest[cut:]
+    if not field_path:
+        params[name] = value
+    elif len(field_path) == 1:
+        spec = params.get(name)
+        params[name] = {**(spec if isinstance(spec, dict) else {}), field_path[0]: value}
+    else:
+        raise ConfigError("--set", [f"search.parameters.{'.'.join(rest)}: a parameter has no nested keys"])
 
 
 def _format_problem(err: Mapping[str, Any], lines: dict, overridden: set[str], source: str) -> str:
@@ -361,7 +585,7 @@ def with_overrides(config: PipelineConfig, values: Mapping[str, Any]) -> Pipelin
 
 
 def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "")
+    text = str(annotation).replace("typing.", "").replace("pipeline.config.", "")
     text = text.replace("Literal[", "one of [").replace("NoneType", "null")
     return text.replace("<class '", "").replace("'>", "")
 
@@ -374,7 +598,46 @@ SECTION_DOCS = {
     "eval": "Evaluation: eval_loss (the objective) and a generation metric on held-out examples.",
     "tracking": "Where and how runs are recorded in MLflow.",
     "registry": "The MLflow registered model that promotions go to.",
+    "search": "The search (the `search` entry point): dimensions, objectives, early stopping.",
 }
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The section class inside `X | None`, or the annotation itself."""
+    if get_origin(annotation) not in (Union, types.UnionType):
+        return annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return annotation
+
+
+def _field_rows(cls: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, f in cls.model_fields.items():
+        inner = _unwrap(f.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            rows += _field_rows(inner, f"{prefix}{name}.")
+            continue
+        if f.is_required():
+            default = "*required*"
+        else:
+            value = f.default_factory() if f.default_factory is not None else f.default
+            if isinstance(value, BaseModel) or (
+                isinstance(value, list) and value and isinstance(value[0], BaseModel)
+            ):
+                value = json.loads(json.dumps(value, default=lambda m: m.model_dump(mode="json")))
+            default = f"`{json.dumps(value)}`"
+        bounds = [
+            f"{op} {getattr(m, attr)}"
+            for m in f.metadata
+            for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+            if getattr(m, attr, None) is not None
+        ]
+        kind = _type_name(f.annotation).replace("|", "\\|") + (f" ({', '.join(bounds)})" if bounds else "")
+        desc = (f.description or "").replace("|", "\\|")
+        rows.append(f"| `{prefix}{name}` | {kind} | {default} | {desc} |")
+    return rows
 
 
 def reference_markdown() -> str:
@@ -383,7 +646,7 @@ def reference_markdown() -> str:
         "# Configuration reference",
         "",
         "<!-- Generated by `python -m pipeline config docs > docs/configuration.md`; "
-        "tests/test_docs.py fails when it is stale. -->",
+        "tests/test_project.py fails when it is stale. -->",
         "",
         "A config is a YAML file with the sections below. Unknown keys are errors; every problem is "
         "reported at once with its key path and line. Any key can be overridden from the command "
@@ -392,27 +655,26 @@ def reference_markdown() -> str:
         "scalars (`true`, `null`, `[q_proj,v_proj]`).",
         "",
     ]
+    header = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for section, field in PipelineConfig.model_fields.items():
-        cls = field.annotation
-        required = " (required)" if field.is_required() else ""
-        lines += [f"## `{section}`{required}", "", SECTION_DOCS[section], ""]
-        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        for name, f in cls.model_fields.items():
-            if f.is_required():
-                default = "*required*"
-            else:
-                value = f.default_factory() if f.default_factory is not None else f.default
-                default = f"`{json.dumps(value)}`"
-            desc = (f.description or "").replace("|", "\\|")
-            bounds = [
-                f"{op} {getattr(m, attr)}"
-                for m in f.metadata
-                for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
-                if getattr(m, attr, None) is not None
-            ]
-            kind = _type_name(f.annotation).replace("|", "\\|") + (
-                f" ({', '.join(bounds)})" if bounds else ""
-            )
-            lines.append(f"| `{section}.{name}` | {kind} | {default} | {desc} |")
+        cls = _unwrap(field.annotation)
+        required = " (required)" if field.is_required() else " (optional)" if field.default is None else ""
+        lines += [f"## `{section}`{required}", "", SECTION_DOCS[section], "", *header]
+        lines += _field_rows(cls, f"{section}.")
         lines.append("")
+    lines += [
+        "### A search dimension (`search.parameters.<config key>`)",
+        "",
+        "Any leaf key of the sections above can be searched: its value in the config is the "
+        "baseline, the search varies it within the dimension.",
+        "",
+        *header,
+        *_field_rows(ParameterSpec, ""),
+        "",
+        "### An objective (`search.objectives[]`)",
+        "",
+        *header,
+        *_field_rows(ObjectiveSpec, ""),
+        "",
+    ]
     return "\n".join(lines)

@@ -49,6 +49,61 @@ PIPELINE_VERSION = "pipeline.version"
 
 # --- artifacts ---
 ADAPTER_DIR = "adapter"  # adapter_model.safetensors, adapter_config.json, tokenizer files
+BASE_REFERENCE_FILE = "pipeline_base.json"  # inside adapter/: how to rebuild the base model
 CONFIG_FILE = "config.yaml"  # the resolved config of the run
 DATA_STATS_FILE = "data_stats.json"
 GENERATIONS_FILE = "eval_generations.json"
+
+# Metrics a finished trial always reports (plus eval_<key> of its generation metric), so the
+# ones a search may optimize or constrain.
+TRIAL_METRICS = frozenset(
+    {
+        EVAL_LOSS,
+        EVAL_PERPLEXITY,
+        TRAIN_LOSS_MEAN,
+        PEAK_RSS_GB,
+        PEAK_GPU_MEM_GB,
+        PEAK_GPU_RESERVED_GB,
+        TRAIN_TOKENS_PER_SECOND,
+        TRAIN_RUNTIME_S,
+        TRAINABLE_PARAMS,
+        TRAINABLE_PCT,
+    }
+)
+
+
+def is_trial_metric(name: str) -> bool:
+    """True for metrics a finished trial logs (generation metrics are `eval_<key>`)."""
+    return name in TRIAL_METRICS or name.startswith(GENERATION_METRIC_PREFIX)
+
+
+# --- search: tags and metrics of the parent run and its trials ---
+AX_TRIAL_INDEX = "ax.trial_index"
+AX_GENERATION_METHOD = "ax.generation_method"  # Sobol | BoTorch | CenterOfSearchSpace | Manual
+TRIAL_STATUS = "trial.status"  # completed | early_stopped | failed | abandoned | killed
+TRIAL_FAILURE_REASON = "trial.failure_reason"
+SEARCH_BASELINE_RUN = "search.baseline_run_id"
+SEARCH_RESUMED_INTO = "search.resumed_into"  # on a run created by `mlflow run` that resumed another
+BASELINE_EVAL_LOSS = "baseline_eval_loss"
+BEST_EVAL_LOSS = "best_eval_loss"  # also a step series over trials: the optimization trace
+TRIAL_EVAL_LOSS = "trial_eval_loss"  # step series over trials
+IMPROVEMENT_PCT = "improvement_pct"
+TRIALS_COMPLETED = "trials_completed"
+TRIALS_EARLY_STOPPED = "trials_early_stopped"
+TRIALS_FAILED = "trials_failed"
+TRIALS_ABANDONED = "trials_abandoned"
+SEARCH_WALL_S = "search_wall_s"
+STEPS_SAVED_PCT = "early_stopping_steps_saved_pct"
+
+# --- search artifacts (on the parent run) ---
+REPORT_DIR = "report"  # search_report.md + PNG plots
+REPORT_FILE = "search_report.md"
+BEST_CONFIG_FILE = "best_config.yaml"
+STATE_DIR = "search_state"  # ax_state.json + trials.json, updated after every trial
+AX_STATE_FILE = "ax_state.json"
+TRIALS_FILE = "trials.json"
+
+# --- registry ---
+CHAMPION_ALIAS = "champion"
+PREVIOUS_ALIAS = "previous"
+MODEL_ARTIFACT = "model"  # the pyfunc model logged for registration
