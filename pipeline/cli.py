@@ -36,6 +36,22 @@ _config_option = click.option(
 _quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars; warnings only (CI logs).")
 
 
+class _OptionalNumber(click.ParamType):
+    """A number, or an empty string for "not given" (MLproject parameters default to "")."""
+
+    def __init__(self, kind: type):
+        self.kind = kind
+        self.name = kind.__name__
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "" or isinstance(value, self.kind):
+            return None if value == "" else value
+        try:
+            return self.kind(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -47,6 +63,9 @@ def _setup_logging(quiet: bool) -> None:
     for noisy in ("transformers", "mlflow", "peft", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR if quiet else logging.WARNING)
     if quiet:
+        # MLflow sets its own log level and progress bars when it is imported: ask it by env.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import transformers
 
         transformers.logging.set_verbosity_error()
@@ -75,6 +94,49 @@ def baseline(config_path: str, overrides: tuple[str, ...], quiet: bool) -> None:
         f"baseline run {result.run_id}: {' '.join(parts)} ({result.steps} steps, {result.wall_seconds:.0f}s)"
     )
     click.echo(f"adapter: {result.adapter_uri}")
+
+
+@cli.command()
+@_config_option
+@_set_option
+@click.option(
+    "--n-trials", type=_OptionalNumber(int), default=None, help="Trials to run (default: search.n_trials)."
+)
+@click.option("--resume", default=None, metavar="RUN_ID", help="Continue the search of this parent run.")
+@click.option(
+    "--budget-minutes",
+    type=_OptionalNumber(float),
+    default=None,
+    help="Wall-clock budget (default: search.budget_minutes).",
+)
+@_quiet_option
+def search(
+    config_path: str,
+    overrides: tuple[str, ...],
+    n_trials: int | None,
+    resume: str | None,
+    budget_minutes: float | None,
+    quiet: bool,
+) -> None:
+    """Bayesian search (Ax) over the config's search space; every trial a nested MLflow run."""
+    _setup_logging(quiet)
+    from pipeline.search import SearchAborted, run_search
+
+    try:
+        result = run_search(config_path, list(overrides), n_trials, resume or None, budget_minutes, quiet)
+    except SearchAborted as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: state saved; continue with --resume <search run id>", err=True)
+        raise SystemExit(130) from None
+    best = result.best
+    click.echo(
+        f"search run {result.parent_run_id}: best "
+        + (f"trial {best.index} eval_loss {best.eval_loss:.4f} (run {best.run_id})" if best else "none")
+    )
+    if result.best_config_path:
+        click.echo(f"best config: {result.best_config_path}")
 
 
 @cli.group()

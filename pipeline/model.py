@@ -150,8 +150,10 @@ class BaseModel:
     source: str
 
 
-def load_base_model(cfg: ModelConfig, plan: DevicePlan, gradient_checkpointing: bool = False) -> BaseModel:
-    """Load the base model for LoRA training (quantized when asked)."""
+def load_base_model(
+    cfg: ModelConfig, plan: DevicePlan, gradient_checkpointing: bool = False, for_training: bool = True
+) -> BaseModel:
+    """Load the base model for LoRA training (quantized when asked), or for inference."""
     from transformers import AutoModelForCausalLM
 
     src, gguf = resolve_source(cfg)
@@ -174,14 +176,15 @@ def load_base_model(cfg: ModelConfig, plan: DevicePlan, gradient_checkpointing: 
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {_first_line(e)}") from None
-    model.config.use_cache = False  # the KV cache only wastes memory during training
+    if for_training:
+        model.config.use_cache = False  # the KV cache only wastes memory during training
     if gguf and quant is None:
         # transformers dequantizes GGUF weights into ordinary tensors on load, but leaves the model
         # marked as quantized, and the Trainer refuses to train a "GGUF-quantized" model.
         model.hf_quantizer = None
         model.is_quantized = False
         model.quantization_method = None
-    if quant is not None:
+    if quant is not None and for_training:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

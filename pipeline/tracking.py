@@ -38,8 +38,9 @@ def setup(cfg: TrackingConfig) -> str:
     """Point MLflow at the store and the experiment. Returns the tracking URI."""
     uri = resolve_tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
-    # Under `mlflow run` the run (and so its experiment) already exists: do not pick another.
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    # Under `mlflow run` the run (and so its experiment) already exists, and nested runs go to
+    # their parent's experiment: only pick the configured experiment when neither holds.
+    if not os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
         mlflow.set_experiment(cfg.experiment_name)
     return uri
 
@@ -111,13 +112,23 @@ def start_run(
     tags: Mapping[str, Any],
     parent_run_id: str | None = None,
     description: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[TrackedRun]:
     """Start (or, under `mlflow run`, resume) a run; always end it with the right status.
 
     Without a parent, the run that `mlflow run` created (``MLFLOW_RUN_ID``) is resumed, so the
-    entry point logs into it. With a parent, a nested child run is created.
+    entry point logs into it. With a parent, a nested child run is created. With
+    `resume_run_id`, that earlier run is reopened (a resumed search); a run that `mlflow run`
+    created for this invocation is then tagged with where the work went.
     """
     setup(cfg)
+    if resume_run_id:
+        outer = os.environ.pop("MLFLOW_RUN_ID", None)
+        if outer and outer != resume_run_id:
+            MlflowClient().set_tag(outer, names.SEARCH_RESUMED_INTO, resume_run_id)
+            MlflowClient().set_tag(
+                outer, "mlflow.note.content", f"This invocation resumed search run {resume_run_id}."
+            )
     if cfg.log_system_metrics:
         mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_interval_s)
         mlflow.set_system_metrics_samples_before_logging(1)
@@ -128,7 +139,11 @@ def start_run(
         "log_system_metrics": cfg.log_system_metrics,
     }
     if parent_run_id:
-        kwargs.update(nested=True, parent_run_id=parent_run_id)
+        parent_experiment = MlflowClient().get_run(parent_run_id).info.experiment_id
+        kwargs.update(nested=True, parent_run_id=parent_run_id, experiment_id=parent_experiment)
+    if resume_run_id:
+        kwargs.update(run_id=resume_run_id)
+        kwargs.pop("description")
     active = mlflow.start_run(**kwargs)
     run = TrackedRun(active.info.run_id, cfg.log_every_s)
     try:
@@ -157,5 +172,60 @@ def mark_failed(run_id: str, message: str, tracking_uri: str | None = None) -> N
     client.set_terminated(run_id, "FAILED")
 
 
-def get_run(run_id: str) -> Any:
-    return MlflowClient().get_run(run_id)
+def get_run(run_id: str) -> Any | None:
+    """The run, or None when no run has this id."""
+    try:
+        return MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def current_experiment_id(cfg: TrackingConfig) -> str | None:
+    """The experiment runs go to now: that of the run `mlflow run` made, else the configured one."""
+    outer = os.environ.get("MLFLOW_RUN_ID")
+    if outer:
+        run = get_run(outer)
+        return run.info.experiment_id if run else None
+    return experiment_id(cfg.experiment_name)
+
+
+def experiment_id(name: str) -> str | None:
+    exp = MlflowClient().get_experiment_by_name(name)
+    return exp.experiment_id if exp else None
+
+
+def find_runs(
+    experiment_ids: list[str], filter_string: str = "", order_by: list[str] | None = None
+) -> list[Any]:
+    """Runs matching an MLflow search filter (all pages)."""
+    client, runs, token = MlflowClient(), [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string, order_by=order_by, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def tag_run(run_id: str, tags: Mapping[str, Any]) -> None:
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+
+
+def terminate_run(run_id: str, status: str) -> None:
+    MlflowClient().set_terminated(run_id, status)
+
+
+def download_artifacts(run_id: str, path: str, dst: str | Path) -> str:
+    """Download an artifact file or folder of a run; returns the local path."""
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+
+
+def run_url(run: Any) -> str:
+    """A link to the run in the MLflow UI, relative to the UI's root."""
+    return f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"

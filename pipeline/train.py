@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from pipeline import names
 from pipeline.config import EvalConfig, TrainConfig
@@ -150,6 +151,13 @@ class StreamingCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+class _StepBar(ProgressCallback):
+    """The Trainer's step bar without the log dicts it prints between updates."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
+
+
 @dataclass
 class TrainOutcome:
     """What training produced (the trainer itself is returned alongside)."""
@@ -205,11 +213,12 @@ def train(
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    if quiet:  # no bars and no printed log dicts: the tracking store has every value
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+    # The tracking store has every value: no log dicts printed between the bars, and no bars at
+    # all with --quiet.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not quiet:
+        trainer.add_callback(_StepBar())
     result = trainer.train()
     step = trainer.state.global_step
     if callback.diverged is not None:

@@ -37,8 +37,6 @@ from pipeline.train import EvalHook, TrainOutcome, train
 
 log = logging.getLogger("pipeline")
 
-BASE_REFERENCE_FILE = "pipeline_base.json"  # inside adapter/: how to rebuild the base model
-
 
 @dataclass
 class TrialResult:
@@ -102,8 +100,12 @@ def default_run_name(config: PipelineConfig, role: str) -> str:
 def base_reference(config: PipelineConfig, plan: DevicePlan) -> dict[str, Any]:
     """What a loader needs to rebuild the base model under the adapter."""
     m = config.model
+    local = Path(m.name_or_path).expanduser()
     return {
         "name_or_path": m.name_or_path,
+        "resolved_path": str(local.resolve())
+        if not m.name_or_path.startswith("pkg:") and local.exists()
+        else None,
         "gguf_file": m.gguf_file,
         "revision": m.revision,
         "dtype": plan.dtype,
@@ -160,7 +162,7 @@ def run_trial(
             status, outcome, final = _train_in_run(
                 run, config, base, tokenizer, data, metric, plan, reused, name, on_eval, quiet
             )
-    except Exception as e:
+    except BaseException as e:  # KeyboardInterrupt too: the search tags the killed run
         if run is not None:
             e.run_id = run.run_id  # the caller (the search) records which run failed
         raise
@@ -204,14 +206,28 @@ def _train_in_run(
         trainable, total = count_parameters(model)
         log.info(
             "%s: %d train / %d eval examples, %s of %s parameters trainable, %s on %s",
-            name, data.stats.train_examples, data.stats.eval_examples, f"{trainable:,}", f"{total:,}",
-            plan.precision, plan.name,
-        )  # fmt: skip
+            name,
+            data.stats.train_examples,
+            data.stats.eval_examples,
+            f"{trainable:,}",
+            f"{total:,}",
+            plan.precision,
+            plan.name,
+        )
         memory = MemoryMonitor()
         _, outcome = train(
-            model, tokenizer, data, config.train, config.eval, config.data.max_seq_len, plan,
-            sink=run.log_metrics, on_eval=on_eval, quiet=quiet, memory=memory,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            data,
+            config.train,
+            config.eval,
+            config.data.max_seq_len,
+            plan,
+            sink=run.log_metrics,
+            on_eval=on_eval,
+            quiet=quiet,
+            memory=memory,
+        )
         if outcome.diverged:
             step, value = outcome.diverged
             raise TrialFailed(f"loss became {value} at step {step} (learning rate too high?)")
@@ -256,7 +272,9 @@ def _train_in_run(
             adapter_dir = Path(tmp) / names.ADAPTER_DIR
             model.save_pretrained(adapter_dir)
             tokenizer.save_pretrained(adapter_dir)
-            (adapter_dir / BASE_REFERENCE_FILE).write_text(json.dumps(base_reference(config, plan), indent=2))
+            (adapter_dir / names.BASE_REFERENCE_FILE).write_text(
+                json.dumps(base_reference(config, plan), indent=2)
+            )
             run.log_artifacts(adapter_dir, names.ADAPTER_DIR)
     finally:
         base.model = detach_lora(model)

@@ -1,0 +1,208 @@
+"""Registry: adapters as MLflow registered model versions, and the `champion` alias gate.
+
+A version is a pyfunc model logged *from code* (this file; no pickle) whose artifacts are the
+adapter folder: adapter safetensors, adapter config, tokenizer and `pipeline_base.json`, the
+reference to the base model. `mlflow.pyfunc.load_model("models:/<name>@champion")` rebuilds
+base + adapter and generates text; the adapter folder also loads with plain
+`peft.PeftModel.from_pretrained`.
+
+The alias `champion` moves to a new version only if it beats the current champion's eval loss
+on the same eval data (same `eval_fingerprint`); the champion it replaces keeps the alias
+`previous`. A failure while registering deletes the half-made version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline import names
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TAG_EVAL_LOSS = "eval_loss"
+TAG_EVAL_FINGERPRINT = "eval_fingerprint"
+TAG_SOURCE_RUN = "source_run_id"
+TAG_ADAPTER_SHA = "adapter_sha256"
+TAG_BASE_MODEL = "base_model"
+
+
+@dataclass
+class Promotion:
+    """What happened in the registry, in one sentence for the report."""
+
+    model_name: str
+    version: str
+    promoted: bool
+    message: str
+    previous_champion: str | None = None
+    previous_eval_loss: float | None = None
+    duplicate: bool = False
+
+
+def adapter_sha256(adapter_dir: str | Path) -> str:
+    """Fingerprint of the adapter weights (the same training gives the same bytes)."""
+    return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def _champion(client: MlflowClient, name: str, alias: str = names.CHAMPION_ALIAS) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def decide(eval_loss: float, eval_fingerprint: str, champion: Any | None) -> tuple[bool, str]:
+    """Whether a new version should become champion, and why (a sentence)."""
+    if not math.isfinite(eval_loss):
+        return False, f"eval_loss {eval_loss} is not finite"
+    if champion is None:
+        return True, "no champion yet"
+    old_fp = champion.tags.get(TAG_EVAL_FINGERPRINT)
+    if old_fp != eval_fingerprint:
+        return False, (
+            f"champion v{champion.version} was evaluated on other eval data (fingerprint {old_fp} vs "
+            f"{eval_fingerprint}), so the losses do not compare; promote by hand if intended"
+        )
+    old = float(champion.tags.get(TAG_EVAL_LOSS, "inf"))
+    if eval_loss < old:
+        return True, f"eval_loss {eval_loss:.4f} beats champion v{champion.version} ({old:.4f})"
+    return False, f"eval_loss {eval_loss:.4f} does not beat champion v{champion.version} ({old:.4f})"
+
+
+def promote(
+    model_name: str,
+    adapter_run_id: str,
+    eval_loss: float,
+    eval_fingerprint: str,
+    tags: dict[str, Any] | None = None,
+    description: str = "",
+    allow_duplicate: bool = False,
+) -> Promotion:
+    """Register the adapter of `adapter_run_id` as a new version; move `champion` if it wins.
+
+    The model is logged into the active run (the search or retrain run that decided this). An
+    adapter identical to an existing version's (same weights) is not registered twice unless
+    `allow_duplicate`.
+    """
+    client = MlflowClient()
+    champion = _champion(client, model_name)
+    promoted, reason = decide(eval_loss, eval_fingerprint, champion)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = mlflow.artifacts.download_artifacts(
+            run_id=adapter_run_id, artifact_path=names.ADAPTER_DIR, dst_path=tmp
+        )
+        sha = adapter_sha256(adapter_dir)
+        if not allow_duplicate:
+            for mv in _versions(client, model_name):
+                if mv.tags.get(TAG_ADAPTER_SHA) == sha:
+                    return Promotion(
+                        model_name,
+                        str(mv.version),
+                        False,
+                        f"{model_name} v{mv.version} already holds this adapter (sha {sha}); no new version",
+                        duplicate=True,
+                    )
+        base = json.loads((Path(adapter_dir) / names.BASE_REFERENCE_FILE).read_text())
+        info = mlflow.pyfunc.log_model(
+            name=names.MODEL_ARTIFACT,
+            python_model=str(Path(__file__)),
+            artifacts={"adapter": adapter_dir},
+            code_paths=[str(PACKAGE_DIR)],
+            pip_requirements=_requirements(),
+        )
+    version_tags = {
+        TAG_SOURCE_RUN: adapter_run_id,
+        TAG_EVAL_LOSS: f"{eval_loss:.6f}",
+        TAG_EVAL_FINGERPRINT: eval_fingerprint,
+        TAG_ADAPTER_SHA: sha,
+        TAG_BASE_MODEL: base.get("name_or_path", ""),
+        **{
+            k: (f"{v:.4f}" if isinstance(v, float) else str(v))
+            for k, v in (tags or {}).items()
+            if v is not None
+        },
+    }
+    mv = None
+    try:
+        mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
+        client.update_model_version(model_name, mv.version, description=description[:5000])
+        if promoted:
+            if champion is not None:
+                client.set_registered_model_alias(model_name, names.PREVIOUS_ALIAS, champion.version)
+            client.set_registered_model_alias(model_name, names.CHAMPION_ALIAS, mv.version)
+    except BaseException:
+        if mv is not None:  # nothing half-written: no version without its tags and alias decision
+            client.delete_model_version(model_name, mv.version)
+        raise
+    message = f"{model_name} v{mv.version} registered; " + (
+        f"alias {names.CHAMPION_ALIAS} moved to it ({reason})" if promoted else f"not promoted: {reason}"
+    )
+    return Promotion(
+        model_name,
+        str(mv.version),
+        promoted,
+        message,
+        previous_champion=str(champion.version) if champion else None,
+        previous_eval_loss=float(champion.tags[TAG_EVAL_LOSS])
+        if champion and TAG_EVAL_LOSS in champion.tags
+        else None,
+    )
+
+
+def _versions(client: MlflowClient, name: str) -> list[Any]:
+    try:
+        return list(client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return []
+
+
+def _requirements() -> list[str]:
+    from pipeline.provenance import package_versions
+
+    v = package_versions()
+    pkgs = [
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "safetensors",
+        "mlflow",
+        "pydantic",
+        "pyyaml",
+        "psutil",
+    ]
+    return [f"{p}=={v[p]}" if p in v else p for p in pkgs] + (["gguf"] if "gguf" in v else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered model: base + adapter, generating text. MLflow runs this file as model code.
+
+
+class AdapterModel(mlflow.pyfunc.PythonModel):
+    """Loads the base model named in `pipeline_base.json`, applies the adapter, generates."""
+
+    def load_context(self, context: Any) -> None:
+        from pipeline.serving import load_adapter
+
+        self.model, self.tokenizer = load_adapter(context.artifacts["adapter"])
+
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
+        from pipeline.serving import generate_answers, prompts_from
+
+        params = params or {}
+        return generate_answers(
+            self.model, self.tokenizer, prompts_from(model_input), int(params.get("max_new_tokens", 64))
+        )
+
+
+if __name__.startswith("code_model_"):  # MLflow is loading a logged model from this file
+    mlflow.models.set_model(AdapterModel())

@@ -1,0 +1,82 @@
+"""Using an adapter: rebuild base + adapter from an adapter folder, answer prompts.
+
+An adapter folder (a run's `adapter/` artifact, or a registered model's `artifacts/adapter`)
+holds `pipeline_base.json`, which says how to load the base model it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline import names
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.errors import ModelError
+from pipeline.metrics import generate
+from pipeline.model import load_base_model, plan_device
+
+
+def base_config(adapter_dir: str | Path) -> ModelConfig:
+    """The ModelConfig of the base, from the adapter's reference (local paths checked)."""
+    ref_path = Path(adapter_dir) / names.BASE_REFERENCE_FILE
+    if not ref_path.is_file():
+        raise ModelError(
+            f"{adapter_dir}: no {names.BASE_REFERENCE_FILE}; not an adapter made by this pipeline"
+        )
+    ref = json.loads(ref_path.read_text())
+    source = ref["name_or_path"]
+    resolved = ref.get("resolved_path")
+    # A relative folder was relative to where training ran; fall back to its absolute path then.
+    if not source.startswith("pkg:") and not Path(source).exists() and resolved and Path(resolved).exists():
+        source = resolved
+    return ModelConfig(
+        name_or_path=source,
+        gguf_file=ref.get("gguf_file"),
+        revision=ref.get("revision"),
+        load_in_4bit=bool(ref.get("load_in_4bit")),
+        quant_type=ref.get("quant_type", "nf4"),
+        double_quant=ref.get("double_quant", True),
+        trust_remote_code=bool(ref.get("trust_remote_code")),
+    )
+
+
+def load_adapter(adapter_dir: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer): the base model with the adapter applied, in eval mode."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    cfg = base_config(adapter_dir)
+    plan = plan_device(cfg, TrainConfig())
+    base = load_base_model(cfg, plan, for_training=False).model
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    if plan.device == "cuda" and not cfg.load_in_4bit:
+        model = model.to("cuda")
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def prompts_from(model_input: Any) -> list[str]:
+    """Prompts from a string, a list of strings, a dict or a DataFrame with a `prompt` column."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, dict):
+        value = model_input.get("prompt", model_input.get("prompts"))
+        return [value] if isinstance(value, str) else list(value)
+    if hasattr(model_input, "columns"):  # pandas DataFrame
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        return [str(v) for v in model_input[column].tolist()]
+    return [str(p) for p in model_input]
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
+    """Greedy answers to user prompts, each wrapped in the tokenizer's chat template."""
+    rendered = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    return generate(model, tokenizer, rendered, max_new_tokens)
