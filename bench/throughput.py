@@ -65,17 +65,30 @@ def plain_tokens_per_second(config, plan, tok, data, base) -> float:
 
     torch.manual_seed(config.train.seed)
     lc = LoraConfig(
-        r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-        target_modules="all-linear", task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base.model, lc)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, max_steps=config.train.max_steps, per_device_train_batch_size=config.train.batch_size,
-            learning_rate=config.train.learning_rate, report_to="none", save_strategy="no", use_cpu=plan.device == "cpu",
-            bf16=plan.precision == "bf16", fp16=plan.precision == "fp16", disable_tqdm=True, seed=config.train.seed,
-            include_num_input_tokens_seen="non_padding", remove_unused_columns=False, logging_strategy="no",
-        )  # fmt: skip
+            output_dir=out,
+            max_steps=config.train.max_steps,
+            per_device_train_batch_size=config.train.batch_size,
+            learning_rate=config.train.learning_rate,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=plan.device == "cpu",
+            bf16=plan.precision == "bf16",
+            fp16=plan.precision == "fp16",
+            disable_tqdm=True,
+            seed=config.train.seed,
+            include_num_input_tokens_seen="non_padding",
+            remove_unused_columns=False,
+            logging_strategy="no",
+        )
         collator = DataCollatorForSeq2Seq(
             tok, padding="max_length", max_length=config.data.max_seq_len, label_pad_token_id=-100
         )
@@ -103,8 +116,12 @@ def main() -> None:
     args = ap.parse_args()
 
     config = load_config(args.config)
-    overrides = {"train.max_steps": args.steps, "train.eval_steps": None, "train.logging_steps": max(1, args.steps // 5),
-                 "train.output_dir": tempfile.mkdtemp()}  # fmt: skip
+    overrides = {
+        "train.max_steps": args.steps,
+        "train.eval_steps": None,
+        "train.logging_steps": max(1, args.steps // 5),
+        "train.output_dir": tempfile.mkdtemp(),
+    }
     if args.batch_size:
         overrides["train.batch_size"] = args.batch_size
     config = with_overrides(config, overrides)
@@ -112,8 +129,10 @@ def main() -> None:
     tok = load_tokenizer(config.model)
     data = prepare_data(config.data, tok)
     base = load_base_model(config.model, plan)
-    print(f"model {config.model.name_or_path} on {plan.name}; {args.steps} steps x batch {config.train.batch_size}; "
-          f"mean example {data.stats.mean_len:.0f} tokens, max_seq_len {config.data.max_seq_len}")  # fmt: skip
+    print(
+        f"model {config.model.name_or_path} on {plan.name}; {args.steps} steps x batch {config.train.batch_size}; "
+        f"mean example {data.stats.mean_len:.0f} tokens, max_seq_len {config.data.max_seq_len}"
+    )
 
     results: dict[str, float] = {}
     variants = {

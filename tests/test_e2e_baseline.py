@@ -20,8 +20,19 @@ pytestmark = pytest.mark.e2e
 
 
 def mlflow_run(tmp_path, *params: str, experiment: str = "e2e") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "baseline", "--env-manager", "local",
-           "--experiment-name", experiment]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "baseline",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+    ]
     for p in params:
         cmd += ["-P", p]
     return subprocess.run(

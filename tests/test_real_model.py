@@ -18,12 +18,21 @@ def test_smollm2_lora_steps_lower_held_out_loss(tmp_path):
     config = load_config(
         ROOT / "configs" / "smollm2-cpu.yaml",
         [
-            "train.max_steps=8", "train.eval_steps=null", "train.batch_size=2", "train.learning_rate=1e-3",
-            "train.logging_steps=2", "data.max_seq_len=64", "data.max_eval_examples=16", "eval.batch_size=16",
-            "eval.at_start=true", "eval.generation_samples=2", "eval.max_new_tokens=8",
-            "tracking.log_system_metrics=false", f"train.output_dir={tmp_path / 'out'}",
+            "train.max_steps=8",
+            "train.eval_steps=null",
+            "train.batch_size=2",
+            "train.learning_rate=1e-3",
+            "train.logging_steps=2",
+            "data.max_seq_len=64",
+            "data.max_eval_examples=16",
+            "eval.batch_size=16",
+            "eval.at_start=true",
+            "eval.generation_samples=2",
+            "eval.max_new_tokens=8",
+            "tracking.log_system_metrics=false",
+            f"train.output_dir={tmp_path / 'out'}",
         ],
-    )  # fmt: skip
+    )
     result = run_trial(config, quiet=True)
     evals = MlflowClient().get_metric_history(result.run_id, names.EVAL_LOSS)
     (step0, before), (step_n, after) = [(h.step, h.value) for h in sorted(evals, key=lambda h: h.step)]

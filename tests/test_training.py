@@ -27,9 +27,17 @@ def _setup(config):
 def _train(config, model, tok, data, plan, on_eval=None):
     logged: list[tuple[int, dict]] = []
     trainer, outcome = train(
-        model, tok, data, config.train, config.eval, config.data.max_seq_len, plan,
-        sink=lambda m, s: logged.append((s, dict(m))), on_eval=on_eval, quiet=True,
-    )  # fmt: skip
+        model,
+        tok,
+        data,
+        config.train,
+        config.eval,
+        config.data.max_seq_len,
+        plan,
+        sink=lambda m, s: logged.append((s, dict(m))),
+        on_eval=on_eval,
+        quiet=True,
+    )
     return trainer, outcome, logged
 
 
@@ -69,9 +77,15 @@ def test_lora_invariant_base_frozen_adapter_learns(tiny_config):
 def test_qlora_4bit_nf4_trains_on_cpu(tiny_config):
     config = with_overrides(
         tiny_config,
-        {"model.load_in_4bit": True, "train.max_steps": 10, "train.eval_steps": None,
-         "train.learning_rate": 3e-3, "eval.at_start": True, "lora.r": 8},
-    )  # fmt: skip
+        {
+            "model.load_in_4bit": True,
+            "train.max_steps": 10,
+            "train.eval_steps": None,
+            "train.learning_rate": 3e-3,
+            "eval.at_start": True,
+            "lora.r": 8,
+        },
+    )
     plan, tok, data, base = _setup(config)
     quantized = [m for m in base.model.modules() if type(m).__name__ == "Linear4bit"]
     assert quantized, "the linear layers must be bitsandbytes 4-bit layers"
@@ -108,9 +122,12 @@ def test_streaming_callback_evaluates_streams_and_stops():
     sent = []
     losses = iter([1.0, 3.0, 0.5])
     cb = StreamingCallback(
-        lambda m, s: sent.append((s, m)), MemoryMonitor(), evaluate=lambda model: next(losses),
-        eval_steps=5, on_eval=lambda step, loss: loss > 2.0,
-    )  # fmt: skip
+        lambda m, s: sent.append((s, m)),
+        MemoryMonitor(),
+        evaluate=lambda model: next(losses),
+        eval_steps=5,
+        on_eval=lambda step, loss: loss > 2.0,
+    )
     state = SimpleNamespace(global_step=5, epoch=0.1, num_input_tokens_seen=1000, max_steps=100)
     control = SimpleNamespace(should_training_stop=False)
     cb.on_train_begin(None, state, control)

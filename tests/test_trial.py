@@ -21,8 +21,14 @@ def test_run_trial_tracks_everything(tiny_config):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[names.ROLE] == names.ROLE_BASELINE
-    for tag in (names.BASE_MODEL, names.DATA_FINGERPRINT, names.EVAL_FINGERPRINT, names.CONFIG_FINGERPRINT,
-                names.PACKAGE_VERSIONS, names.DEVICE):  # fmt: skip
+    for tag in (
+        names.BASE_MODEL,
+        names.DATA_FINGERPRINT,
+        names.EVAL_FINGERPRINT,
+        names.CONFIG_FINGERPRINT,
+        names.PACKAGE_VERSIONS,
+        names.DEVICE,
+    ):
         assert run.data.tags[tag], tag
     assert "torch" in json.loads(run.data.tags[names.PACKAGE_VERSIONS])
     assert run.info.run_name == "baseline r=8 a=16 lr=1.0e-03 bs=4"
@@ -45,7 +51,7 @@ def test_run_trial_tracks_everything(tiny_config):
         "adapter_model.safetensors",
         "adapter_config.json",
         "tokenizer.json",
-        trial.BASE_REFERENCE_FILE,
+        names.BASE_REFERENCE_FILE,
     ):
         assert f"{names.ADAPTER_DIR}/{f}" in arts
     top = {a.path for a in client.list_artifacts(result.run_id)}

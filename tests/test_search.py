@@ -1,0 +1,543 @@
+"""The search, for real: Ax + nested MLflow runs on the demo model, failures, early stopping,
+resume after SIGTERM and SIGKILL, multi-objective, the promotion gate, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from ax.api import Client
+from ax.core.trial_status import TrialStatus
+from mlflow.tracking import MlflowClient
+
+from pipeline import names
+from pipeline.cli import main
+from pipeline.search import run_search
+
+from .conftest import DEMO_CONFIG, ROOT, tiny_overrides, venv_env
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "tests-lora"
+
+
+def overrides(tmp_path, **extra) -> list[str]:
+    return tiny_overrides(
+        tmp_path,
+        **{
+            "train.eval_steps": 4,
+            "search.output_dir": str(tmp_path / "search"),
+            "registry.model_name": MODEL,
+            "search.early_stopping.enabled": False,
+            **extra,
+        },
+    )
+
+
+def children(parent_id: str) -> list:
+    client = MlflowClient()
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.start_time ASC"]
+    )
+
+
+def trials_of(parent_id: str) -> list:
+    return [r for r in children(parent_id) if r.data.tags.get(names.ROLE) == names.ROLE_TRIAL]
+
+
+def ax_statuses(tmp_path, parent_id: str) -> dict[int, TrialStatus]:
+    client = Client.load_from_json_file(
+        str(tmp_path / "search" / parent_id / names.STATE_DIR / names.AX_STATE_FILE)
+    )
+    return {i: t.status for i, t in client._experiment.trials.items()}
+
+
+def summary_numbers(report: str) -> dict[str, str]:
+    rows = {}
+    for line in report.splitlines():
+        if line.startswith("| **"):
+            key, value = line.split("|")[1:3]
+            rows[key.strip(" *")] = value.strip()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_search_through_mlflow_run(tmp_path):
+    """`mlflow run . -e search -P n_trials=6`: the structure, the report, the promotion."""
+    env = venv_env(tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "search",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "e2e-search",
+        "-P",
+        "n_trials=6",
+        "-P",
+        "set=" + " ".join(overrides(tmp_path, **{"search.early_stopping.enabled": True})),
+    ]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    progress = [line for line in p.stdout.splitlines() if line.startswith("[")]
+    assert len(progress) == 6 and "best" in progress[-1] and "ETA" in progress[-1]
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("e2e-search")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    kids = children(parent.info.run_id)
+    roles = sorted(r.data.tags[names.ROLE] for r in kids)
+    assert roles == ["baseline"] + ["trial"] * 6
+    trials = [r for r in kids if r.data.tags[names.ROLE] == "trial"]
+    for r in trials:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.tags[names.TRIAL_STATUS] in ("completed", "early_stopped")
+        assert r.data.tags[names.AX_GENERATION_METHOD] in ("Sobol", "BoTorch", "CenterOfSearchSpace")
+        assert (
+            r.info.run_name.startswith("trial-0") and " r=" in r.info.run_name and " lr=" in r.info.run_name
+        )
+        for key in ("lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"):
+            assert key in r.data.params
+        assert len(client.get_metric_history(r.info.run_id, names.TRAIN_LOSS)) >= 2
+        assert len(client.get_metric_history(r.info.run_id, names.EVAL_LOSS)) >= 1
+        assert names.PEAK_RSS_GB in r.data.metrics
+        arts = {a.path for a in client.list_artifacts(r.info.run_id, names.ADAPTER_DIR)}
+        assert f"{names.ADAPTER_DIR}/adapter_model.safetensors" in arts
+    methods = [r.data.tags[names.AX_GENERATION_METHOD] for r in trials]
+    assert "BoTorch" in methods, methods
+
+    # The report's summary holds the numbers the runs hold.
+    out = tmp_path / "rep"
+    report = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id,
+            artifact_path=f"{names.REPORT_DIR}/{names.REPORT_FILE}",
+            dst_path=str(out),
+        )
+    ).read_text()
+    nums = summary_numbers(report)
+    baseline = next(r for r in kids if r.data.tags[names.ROLE] == "baseline")
+    scored = [r for r in trials if r.data.tags[names.TRIAL_STATUS] == "completed"]
+    best = min(scored, key=lambda r: r.data.metrics[names.EVAL_LOSS])
+    assert nums["Baseline eval_loss"] == f"{baseline.data.metrics[names.EVAL_LOSS]:.4f}"
+    assert nums["Best eval_loss"].startswith(
+        f"{best.data.metrics[names.EVAL_LOSS]:.4f} (trial {best.data.tags[names.AX_TRIAL_INDEX]})"
+    )
+    improvement = (
+        100
+        * (baseline.data.metrics[names.EVAL_LOSS] - best.data.metrics[names.EVAL_LOSS])
+        / baseline.data.metrics[names.EVAL_LOSS]
+    )
+    assert nums["Improvement"] == f"{improvement:.1f}%"
+    n_stopped = sum(r.data.tags[names.TRIAL_STATUS] == "early_stopped" for r in trials)
+    assert nums["Trials"].startswith(
+        f"6: {6 - n_stopped} completed, {n_stopped} early-stopped, 0 failed, 0 abandoned"
+    )
+    assert parent.data.metrics[names.BEST_EVAL_LOSS] == pytest.approx(best.data.metrics[names.EVAL_LOSS])
+    assert parent.data.metrics[names.BASELINE_EVAL_LOSS] == pytest.approx(
+        baseline.data.metrics[names.EVAL_LOSS]
+    )
+    assert parent.data.metrics[names.IMPROVEMENT_PCT] == pytest.approx(improvement)
+    trace = client.get_metric_history(parent.info.run_id, names.BEST_EVAL_LOSS)
+    assert [m.step for m in trace] == [1, 2, 3, 4, 5, 6, 6]  # one per trial, then the final summary
+    for run_id in [r.info.run_id for r in kids]:
+        assert run_id in report  # provenance: every trial's run id
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {names.BEST_CONFIG_FILE, names.REPORT_DIR, names.STATE_DIR, names.CONFIG_FILE} <= top
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, names.REPORT_DIR)}
+    for png in ("optimization_trace.png", "eval_loss_curves.png", "parameter_slices.png"):
+        assert f"{names.REPORT_DIR}/{png}" in plots
+
+    # best_config.yaml is a complete config the baseline entry point accepts, with the best params.
+    from pipeline.config import load_config
+
+    best_cfg = load_config(
+        mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id, artifact_path=names.BEST_CONFIG_FILE, dst_path=str(out)
+        )
+    )
+    assert best_cfg.lora.r == int(best.data.params["lora.r"])
+    assert best_cfg.train.learning_rate == pytest.approx(float(best.data.params["train.learning_rate"]))
+
+    # Registered, champion, pointing at the best child.
+    mv = client.get_model_version_by_alias(MODEL, names.CHAMPION_ALIAS)
+    assert mv.tags["source_run_id"] == best.info.run_id
+    assert mv.tags["search_run_id"] == parent.info.run_id
+    assert float(mv.tags["eval_loss"]) == pytest.approx(best.data.metrics[names.EVAL_LOSS], abs=1e-6)
+    assert "improvement_pct" in mv.tags and "lora:" in (mv.description or "")
+
+
+def _poison(monkeypatch, plan: dict[int, str]):
+    """Make the n-th call of train() fail as planned: 'raise', 'nan' or 'oom'."""
+    import pipeline.train as train_mod
+    import pipeline.trial as trial_mod
+
+    real_train, real_on_log = trial_mod.train, train_mod.StreamingCallback.on_log
+    calls = {"n": 0, "nan": False}
+
+    def train(*args, **kwargs):
+        calls["n"] += 1
+        what = plan.get(calls["n"])
+        if what == "raise":
+            raise RuntimeError("injected failure")
+        if what == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        calls["nan"] = what == "nan"
+        return real_train(*args, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if calls["nan"] and logs and "loss" in logs:
+            logs = {**logs, "loss": float("nan")}
+        return real_on_log(self, args, state, control, logs=logs, **kw)
+
+    monkeypatch.setattr(trial_mod, "train", train)
+    monkeypatch.setattr(train_mod.StreamingCallback, "on_log", on_log)
+    return calls
+
+
+def test_failed_nan_and_oom_trials_are_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
+    _poison(monkeypatch, {3: "raise", 4: "nan", 5: "oom"})  # call 1 is the baseline
+    result = run_search(
+        str(DEMO_CONFIG), overrides(tmp_path, **{"search.max_failure_rate": 1.0}), n_trials=5, quiet=True
+    )
+    statuses = [t.status for t in result.state.trials]
+    assert statuses == ["completed", "failed", "failed", "abandoned", "completed"]
+    reasons = [t.failure_reason for t in result.state.trials[1:4]]
+    assert (
+        "injected failure" in reasons[0] and "loss became nan" in reasons[1] and "out of memory" in reasons[2]
+    )
+    runs = {r.info.run_id: r for r in trials_of(result.parent_run_id)}
+    for t in result.state.trials:
+        run = runs[t.run_id]
+        assert run.data.tags[names.TRIAL_STATUS] == t.status
+        assert run.info.status == ("FINISHED" if t.status == "completed" else "FAILED")
+        if t.status != "completed":
+            assert run.data.tags[names.TRIAL_FAILURE_REASON] == t.failure_reason
+    ax = ax_statuses(tmp_path, result.parent_run_id)
+    by_index = {t.index: ax[t.index] for t in result.state.trials}
+    assert [by_index[t.index] for t in result.state.trials] == [
+        TrialStatus.COMPLETED,
+        TrialStatus.FAILED,
+        TrialStatus.FAILED,
+        TrialStatus.ABANDONED,
+        TrialStatus.COMPLETED,
+    ]
+    assert result.best is not None and result.best.status == "completed"
+    assert "Trials without a score" in (result.report_dir / names.REPORT_FILE).read_text()
+
+
+def test_a_search_that_fails_everything_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, {n: "raise" for n in range(2, 20)})
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "search",
+                "--config",
+                str(DEMO_CONFIG),
+                "--n-trials",
+                "8",
+                "--quiet",
+                *[f"--set={o}" for o in overrides(tmp_path)],
+            ]
+        )
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert (
+        "error: search stopped: 3 of 3 trials failed (search.max_failure_rate 0.5); last failure: RuntimeError: injected failure"
+        in err
+    )
+    parent = next(
+        r
+        for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
+        if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH
+    )
+    assert parent.info.status == "FAILED"
+    assert not MlflowClient().search_registered_models()
+
+
+def test_early_stopping_stops_a_clearly_bad_trial(tmp_path):
+    result = run_search(
+        str(DEMO_CONFIG),
+        [
+            *overrides(
+                tmp_path,
+                **{
+                    "search.early_stopping.enabled": True,
+                    "search.early_stopping.min_curves": 2,
+                    "search.initialization_trials": 6,
+                    "train.max_steps": 16,
+                },
+            ),
+            "search.parameters.train.learning_rate.bounds=[1.0e-5,1.0e-2]",
+        ],
+        n_trials=6,
+        quiet=True,
+    )
+    stopped = [t for t in result.state.trials if t.status == "early_stopped"]
+    assert stopped, [(t.parameters, t.eval_loss) for t in result.state.trials]
+    completed = [t for t in result.state.trials if t.status == "completed"]
+    for t in stopped:
+        assert t.steps < t.max_steps == 16
+        # Stopped because it was worse than the completed trials at the same step.
+        at_step = [dict(c.evals).get(t.steps) for c in completed if t.steps in dict(c.evals)]
+        assert at_step and t.eval_loss > min(at_step)
+        run = MlflowClient().get_run(t.run_id)
+        assert run.data.tags[names.TRIAL_STATUS] == "early_stopped" and run.info.status == "FINISHED"
+        assert any(
+            a.path.endswith("adapter_model.safetensors")
+            for a in MlflowClient().list_artifacts(t.run_id, names.ADAPTER_DIR)
+        )
+    assert MlflowClient().get_run(result.parent_run_id).data.metrics[names.STEPS_SAVED_PCT] > 0
+    assert result.best.status == "completed"
+
+
+def _wait_for(predicate, proc, log, timeout=600, every=1.0):
+    """Poll until predicate() holds; fail at once if the search process ended meanwhile."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"the search exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def test_interrupt_and_crash_then_resume(tmp_path):
+    """SIGTERM ends the current trial cleanly (KILLED, state saved, exit 130); SIGKILL leaves a
+    RUNNING trial that the resumed search marks KILLED and reruns; nothing completed is lost."""
+    env = venv_env(tmp_path)
+    uri = env["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "search",
+        "--config",
+        str(DEMO_CONFIG),
+        "--n-trials",
+        "4",
+        "--quiet",
+        *[f"--set={o}" for o in overrides(tmp_path, **{"train.max_steps": 60, "train.eval_steps": 20})],
+    ]
+
+    def state():
+        client = MlflowClient()
+        exp = client.get_experiment_by_name("tests")
+        if exp is None:
+            return None
+        runs = client.search_runs([exp.experiment_id])
+        parent = next((r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH), None)
+        trials = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_TRIAL]
+        return parent, trials
+
+    # 1. SIGTERM during the first trial.
+    log = (tmp_path / "search.log").open("w")  # a file, not a pipe: a full pipe would block the search
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    _wait_for(
+        lambda: (s := state()) and s[1] and s[1][0].info.status == "RUNNING",
+        proc,
+        tmp_path / "search.log",
+        every=0.2,
+    )
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    err = (tmp_path / "search.log").read_text()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: state saved" in err
+    parent, trials = state()
+    assert parent.info.status == "KILLED"
+    assert [t.info.status for t in trials] == ["KILLED"]
+    parent_id = parent.info.run_id
+    saved = json.loads((tmp_path / "search" / parent_id / names.STATE_DIR / names.TRIALS_FILE).read_text())
+    killed_params = saved["trials"][0]["parameters"]
+    assert saved["retry"] == [killed_params]
+
+    # 2. Resume; SIGKILL once a trial has completed and the next one runs.
+    proc = subprocess.Popen(
+        [*args, "--resume", parent_id], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+    def one_done_one_running():
+        _, trials = state()
+        done = [t for t in trials if t.info.status == "FINISHED"]
+        running = [t for t in trials if t.info.status == "RUNNING"]
+        return len(done) >= 1 and running
+
+    _wait_for(one_done_one_running, proc, tmp_path / "search.log")
+    time.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    _, trials = state()
+    done_before = {
+        t.info.run_id: t.data.metrics[names.EVAL_LOSS] for t in trials if t.info.status == "FINISHED"
+    }
+    retried = next(t for t in trials if t.info.status == "FINISHED")
+    assert {k: retried.data.params[k] for k in killed_params} == {k: str(v) for k, v in killed_params.items()}
+
+    # 3. Resume again: runs to the end.
+    p = subprocess.run(
+        [*args, "--resume", parent_id], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    parent, trials = state()
+    assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
+    assert not [t for t in trials if t.info.status == "RUNNING"]
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    killed = [t for t in trials if t.info.status == "KILLED"]
+    assert len(finished) == 4 and len(killed) == 2
+    assert all(t.data.tags[names.TRIAL_STATUS] == "killed" for t in killed)
+    for run_id, loss in done_before.items():  # nothing completed was lost or redone
+        assert MlflowClient().get_run(run_id).data.metrics[names.EVAL_LOSS] == loss
+    final = json.loads((tmp_path / "search" / parent_id / names.STATE_DIR / names.TRIALS_FILE).read_text())
+    assert [t["status"] for t in final["trials"]].count("completed") == 4
+    assert final["sessions"] == 3 and final["retry"] == []
+    ax = ax_statuses(tmp_path, parent_id)
+    assert sum(s == TrialStatus.COMPLETED for s in ax.values()) == 4 + 1  # + the baseline
+
+
+def test_multi_objective_search_reports_a_pareto_frontier(tmp_path):
+    result = run_search(
+        str(DEMO_CONFIG),
+        [
+            *overrides(tmp_path, **{"search.initialization_trials": 5}),
+            "search.objectives='[{metric: eval_loss, minimize: true}, {metric: trainable_params, minimize: true}]'",
+        ],
+        n_trials=5,
+        quiet=True,
+    )
+    report = (result.report_dir / names.REPORT_FILE).read_text()
+    assert "## Pareto frontier" in report
+    assert (result.report_dir / "pareto_front.png").stat().st_size > 10_000
+    # Every reported point is a trial, and no scored trial dominates it.
+    rows = [
+        line
+        for line in report.split("## Pareto frontier")[1].split("##")[0].splitlines()
+        if line.startswith("| ") and not line.startswith("| Trial")
+    ]
+    assert rows
+    scored = result.state.scored()
+    for row in rows:
+        index = int(row.split("|")[1])
+        t = next(t for t in scored if t.index == index)
+        dominated = any(
+            o.eval_loss <= t.eval_loss
+            and o.metrics["trainable_params"] <= t.metrics["trainable_params"]
+            and (o.eval_loss < t.eval_loss or o.metrics["trainable_params"] < t.metrics["trainable_params"])
+            for o in scored
+        )
+        assert not dominated, row
+
+
+def test_a_worse_search_does_not_move_the_champion_and_reuses_the_baseline(tmp_path):
+    first = run_search(
+        str(DEMO_CONFIG), overrides(tmp_path, **{"search.initialization_trials": 4}), n_trials=2, quiet=True
+    )
+    assert first.promotion.promoted and first.promotion.version == "1"
+    # A search confined to a tiny learning rate cannot beat the first one.
+    worse = run_search(
+        str(DEMO_CONFIG),
+        [*overrides(tmp_path), "search.parameters.train.learning_rate='{type: fixed, value: 1.0e-6}'"],
+        n_trials=1,
+        quiet=True,
+    )
+    assert worse.state.baseline.reused and worse.state.baseline.run_id == first.state.baseline.run_id
+    assert not [r for r in children(worse.parent_run_id) if r.data.tags[names.ROLE] == names.ROLE_BASELINE]
+    assert not worse.promotion.promoted and worse.promotion.version == "2"
+    assert "does not beat champion v1" in worse.promotion.message
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(MODEL, names.CHAMPION_ALIAS).version) == "1"
+    assert "not promoted: eval_loss" in (worse.report_dir / names.REPORT_FILE).read_text()
+
+
+# --- bad input: one line, exit 2, nothing registered ------------------------------------------
+
+
+def test_bad_search_input(tmp_path, capsys):
+    def run(*extra: str) -> tuple[int, str]:
+        try:
+            main(
+                [
+                    "search",
+                    "--config",
+                    str(DEMO_CONFIG),
+                    "--quiet",
+                    *[f"--set={o}" for o in overrides(tmp_path)],
+                    *extra,
+                ]
+            )
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1, err
+        return code, err[0]
+
+    assert run("--n-trials", "0") == (2, "error: invalid config --n-trials: n_trials: must be > 0 (got 0)")
+    code, err = run("--resume", "0123456789abcdef0123456789abcdef")
+    assert code == 2 and "resume: no run '0123456789abcdef0123456789abcdef'" in err
+    code, err = run(
+        "--set", "search.parameters.lora.r.bounds=[64,8]", "--set", "search.parameters.lora.r.type=range"
+    )
+    assert code == 2 and "search.parameters.lora.r" in err and "inverted" in err
+    # An objective no trial logs: found on the baseline, before any trial or registration.
+    code, err = run("--set", "search.objectives='[{metric: eval_exact_match}]'", "--n-trials", "1")
+    assert code == 2 and "search.objectives: the baseline logged no eval_exact_match" in err
+    # Resume a run that is not a search parent.
+    base = next(
+        r
+        for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
+        if r.data.tags.get(names.ROLE) == names.ROLE_BASELINE
+    )
+    code, err = run("--resume", base.info.run_id)
+    assert code == 2 and "is not a search parent run" in err
+    assert not MlflowClient().search_registered_models()
+    exp = MlflowClient().get_experiment_by_name("tests").experiment_id
+    assert all(r.info.status != "RUNNING" for r in MlflowClient().search_runs([exp]))
+
+
+def test_resume_from_another_experiment_is_refused(tmp_path, capsys):
+    first = run_search(
+        str(DEMO_CONFIG), overrides(tmp_path, **{"search.initialization_trials": 4}), n_trials=1, quiet=True
+    )
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "search",
+                "--config",
+                str(DEMO_CONFIG),
+                "--resume",
+                first.parent_run_id,
+                "--quiet",
+                *[f"--set={o}" for o in overrides(tmp_path, **{"tracking.experiment_name": "elsewhere"})],
+            ]
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"resume: run {first.parent_run_id} belongs to experiment" in err
+    os.environ.pop("MLFLOW_RUN_ID", None)
