@@ -9,9 +9,19 @@ import subprocess
 from pathlib import Path
 
 PACKAGES = (
-    "torch", "transformers", "peft", "accelerate", "bitsandbytes", "mlflow", "ax-platform",
-    "botorch", "evaluate", "datasets", "pydantic", "gguf",
-)  # fmt: skip
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "bitsandbytes",
+    "mlflow",
+    "ax-platform",
+    "botorch",
+    "evaluate",
+    "datasets",
+    "pydantic",
+    "gguf",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -31,8 +41,12 @@ def git_commit(path: str | Path = ".") -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=path, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
     return sha + ("-dirty" if dirty else "")
