@@ -101,18 +101,23 @@ def _spearman(xs: list[float], ys: list[float]) -> float | None:
 
 
 def best_so_far(trials: list[TrialRecord]) -> list[float | None]:
+    """Best eval_loss of the completed trials up to each trial (early-stopped ones never count)."""
     out, best = [], None
     for t in trials:
-        if t.scored and (best is None or t.eval_loss < best):
+        if t.scored and t.status == COMPLETED and (best is None or t.eval_loss < best):
             best = t.eval_loss
         out.append(best)
     return out
 
 
 def parameter_effects(ctx: ReportContext) -> list[str]:
-    """One insight per searched parameter, each with the numbers behind it."""
-    scored = ctx.state.scored()
-    lines = []
+    """One insight per searched parameter, each with the numbers behind it.
+
+    Only completed trials count here: an early-stopped trial's loss is from fewer steps."""
+    scored = [t for t in ctx.state.scored() if t.status == COMPLETED]
+    if len(scored) < 2:
+        return [f"- Too few completed trials ({len(scored)}) for per-parameter insights."]
+    lines = [f"Over the {len(scored)} completed trials (early-stopped ones trained for fewer steps):", ""]
     top = sorted(scored, key=lambda t: t.eval_loss)[:5]
     for name, spec in ctx.config.search.parameters.items():
         if spec.type == "fixed":
@@ -124,7 +129,7 @@ def parameter_effects(ctx: ReportContext) -> list[str]:
                 groups.setdefault(t.parameters.get(name), []).append(t.eval_loss)
             parts = [
                 f"{_fmt(v)}: mean {statistics.fmean(ls):.4f}, best {min(ls):.4f} (n={len(ls)})"
-                for v, ls in sorted(groups.items(), key=lambda kv: str(kv[0]))
+                for v, ls in sorted(groups.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
             ]
             best_value = min(groups, key=lambda v: statistics.fmean(groups[v])) if groups else None
             lines.append(
@@ -362,6 +367,8 @@ def _plot_slices(ctx: ReportContext, path: Path, params: list[str]) -> None:
         ):
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if spec.type == "choice" and numeric:
+            ax.set_xticks(spec.values, [_fmt(v) for v in spec.values])
         ax.set_xlabel(name)
         ax.set_ylabel("eval_loss")
     fig.suptitle(
@@ -567,7 +574,7 @@ def write_report(ctx: ReportContext, out_dir: Path) -> str:
     bsf = best_so_far(trials)
     if any(b is not None for b in bsf):
         md.append(
-            "Best eval_loss so far, by trial: "
+            "Best eval_loss of the completed trials so far, by trial: "
             + ", ".join(f"{i}: {b:.4f}" if b is not None else f"{i}: -" for i, b in enumerate(bsf, 1))
             + "."
         )
