@@ -158,6 +158,18 @@ class TrainConfig(Section):
     )
     logging_steps: int = Field(10, gt=0, description="Log train_loss every N steps.")
     seed: int = Field(42, description="Seed of LoRA init, data order and dropout.")
+    early_stopping_patience: int | None = Field(
+        None,
+        gt=0,
+        description="Stop when eval_loss has not improved by `early_stopping_min_delta` for this many "
+        "evaluations (needs eval_steps); null never stops on a plateau.",
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval_loss drop that counts.")
+    restore_best: bool = Field(
+        False,
+        description="At the end, put back the adapter weights of the best evaluation (not the last); "
+        "the run's final eval_loss is then the best one.",
+    )
     output_dir: str = Field("outputs", description="Scratch folder for trainer state; adapters go to MLflow.")
 
 
@@ -196,6 +208,27 @@ class TrackingConfig(Section):
 
 class RegistryConfig(Section):
     model_name: str = Field("lora-adapter", description="Registered model name for promotions.")
+
+
+class RetrainConfig(Section):
+    """How `retrain` trains the best configuration: these replace its train settings."""
+
+    epochs: float = Field(3.0, gt=0, description="Epochs of the retrain (max_steps is turned off).")
+    max_steps: int = Field(-1, description="> 0: a step budget instead of epochs.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps; null: about 10 evaluations over the run."
+    )
+    early_stopping_patience: int | None = Field(
+        3, gt=0, description="Stop after this many evaluations without improvement (null: never)."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval_loss drop that counts.")
+    scheduler: (
+        Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] | None
+    ) = Field("cosine", description="Learning-rate decay; null keeps the searched config's.")
+    warmup_ratio: float | None = Field(0.03, ge=0, lt=1, description="Warmup share; null keeps the config's.")
+    gradient_accumulation_steps: int | None = Field(
+        None, gt=0, description="Null keeps the config's (effective batch = batch_size x this)."
+    )
 
 
 class ParameterSpec(Section):
@@ -367,11 +400,14 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     search: SearchConfig | None = Field(None, description="The search space and how to search it.")
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
         if self.model.gguf_file and self.model.load_in_4bit:
             raise ValueError("model.load_in_4bit: a GGUF model cannot also be loaded in 4-bit")
+        if (self.train.early_stopping_patience or self.train.restore_best) and not self.train.eval_steps:
+            raise ValueError("train.early_stopping_patience and train.restore_best need train.eval_steps")
         return self
 
 
@@ -436,6 +472,12 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
                 value = raw
             pairs.append((key.strip(), value))
     return pairs
+
+
+def select_overrides(items: Iterable[str], prefix: str, keep: bool = True) -> list[str]:
+    """The `key=value` tokens whose key starts (keep) or does not start (not keep) with prefix."""
+    tokens = [t for item in items for t in shlex.split(item or "")]
+    return [shlex.quote(t) for t in tokens if t.split("=", 1)[0].startswith(prefix) == keep]
 
 
 def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
@@ -599,6 +641,7 @@ SECTION_DOCS = {
     "tracking": "Where and how runs are recorded in MLflow.",
     "registry": "The MLflow registered model that promotions go to.",
     "search": "The search (the `search` entry point): dimensions, objectives, early stopping.",
+    "retrain": "How the `retrain` entry point trains the best configuration longer.",
 }
 
 

@@ -28,6 +28,7 @@ DATA_EVAL_EXAMPLES = "data_eval_examples"
 DATA_TRUNCATED = "data_truncated_examples"
 DATA_DROPPED = "data_dropped_examples"
 MODEL_LOAD_S = "model_load_s"
+BEST_EVAL_STEP = "best_eval_step"  # step of the best evaluation (the weights kept with restore_best)
 GENERATION_METRIC_PREFIX = "eval_"  # + metric key, e.g. eval_rougeL
 
 # --- tags ---
@@ -83,6 +84,9 @@ AX_GENERATION_METHOD = "ax.generation_method"  # Sobol | BoTorch | CenterOfSearc
 TRIAL_STATUS = "trial.status"  # completed | early_stopped | failed | abandoned | killed
 TRIAL_FAILURE_REASON = "trial.failure_reason"
 SEARCH_BASELINE_RUN = "search.baseline_run_id"
+SEARCH_BEST_RUN = "search.best_run_id"
+SEARCH_SOURCE_RUN = "search.source_run_id"  # on a retrain run: the search it retrains
+RETRAIN_SOURCE = "retrain.source"  # champion <name> vN (search run ...) | search run ... | file ...
 SEARCH_RESUMED_INTO = "search.resumed_into"  # on a run created by `mlflow run` that resumed another
 BASELINE_EVAL_LOSS = "baseline_eval_loss"
 BEST_EVAL_LOSS = "best_eval_loss"  # also a step series over trials: the optimization trace
@@ -98,6 +102,7 @@ STEPS_SAVED_PCT = "early_stopping_steps_saved_pct"
 # --- search artifacts (on the parent run) ---
 REPORT_DIR = "report"  # search_report.md + PNG plots
 REPORT_FILE = "search_report.md"
+RETRAIN_REPORT_FILE = "retrain_report.md"
 BEST_CONFIG_FILE = "best_config.yaml"
 STATE_DIR = "search_state"  # ax_state.json + trials.json, updated after every trial
 AX_STATE_FILE = "ax_state.json"

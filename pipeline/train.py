@@ -9,11 +9,13 @@ layer), stops training on a non-finite loss, and asks an optional ``on_eval`` ho
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -24,6 +26,11 @@ from pipeline.metrics import MemoryMonitor, eval_loss, perplexity
 from pipeline.model import DevicePlan
 
 MetricSink = Callable[[dict[str, float], int], None]
+
+# Set by a signal handler (the search's, on Ctrl-C or SIGTERM) to stop the training in progress.
+# Checked after each optimizer step, where raising is safe: a signal handler that raises at an
+# arbitrary point can land inside library code that swallows the exception.
+STOP_REQUESTED = threading.Event()
 EvalHook = Callable[[int, float], bool]  # (step, eval_loss) -> stop?
 Evaluator = Callable[[Any], float]  # model -> eval loss
 
@@ -80,6 +87,9 @@ class StreamingCallback(TrainerCallback):
         eval_steps: int | None = None,
         at_start: bool = False,
         on_eval: EvalHook | None = None,
+        patience: int | None = None,
+        min_delta: float = 0.0,
+        restore_best: bool = False,
     ):
         self.sink = sink
         self.memory = memory
@@ -95,6 +105,14 @@ class StreamingCallback(TrainerCallback):
         self.diverged: tuple[int, float] | None = None
         self.stopped_early_at: int | None = None
         self.evals: list[tuple[int, float]] = []
+        self.patience = patience
+        self.min_delta = min_delta
+        self.restore_best = restore_best
+        self.best: tuple[int, float] | None = None  # (step, eval_loss): the lowest eval_loss
+        self._reference: float | None = None  # the loss later evaluations must beat by min_delta
+        self._best_weights: dict[str, Any] | None = None
+        self._bad_evals = 0
+        self.plateau_at: int | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.memory.start()
@@ -105,6 +123,8 @@ class StreamingCallback(TrainerCallback):
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if STOP_REQUESTED.is_set():
+            raise KeyboardInterrupt(f"stop requested at step {state.global_step}")
         dt = time.perf_counter() - self._step_start
         self.step_seconds += dt
         self._window_seconds += dt
@@ -125,10 +145,46 @@ class StreamingCallback(TrainerCallback):
         if not math.isfinite(loss):
             self.diverged = (step, loss)
             control.should_training_stop = True
-        elif not final and self.on_eval is not None and step < state.max_steps and self.on_eval(step, loss):
+            return loss
+        self._track_best(model, step, loss, control)
+        if not final and self.on_eval is not None and step < state.max_steps and self.on_eval(step, loss):
             self.stopped_early_at = step
             control.should_training_stop = True
         return loss
+
+    def _track_best(self, model, step: int, loss: float, control) -> None:
+        """Remember the best evaluation (and its adapter weights); stop on a plateau.
+
+        As in HF's EarlyStoppingCallback, patience counts evaluations that do not beat the last
+        counted improvement by `min_delta`; the weights kept are those of the lowest eval_loss.
+        """
+        if self.best is None or loss < self.best[1]:
+            self.best = (step, loss)
+            if self.restore_best and model is not None:
+                # Only the trainable (adapter) weights change: a few MB even for large models.
+                self._best_weights = {
+                    n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+                }
+        if self._reference is None or loss < self._reference - self.min_delta:
+            self._reference = loss
+            self._bad_evals = 0
+        else:
+            self._bad_evals += 1
+            if self.patience and self._bad_evals >= self.patience:
+                self.plateau_at = step
+                control.should_training_stop = True
+
+    def restore(self, model) -> tuple[int, float] | None:
+        """Put the best evaluation's adapter weights back; returns (step, loss) of that evaluation."""
+        if not (self.restore_best and self._best_weights and self.best and self.evals):
+            return None
+        if self.best[0] == self.evals[-1][0]:
+            return None  # the last evaluation is the best: nothing to restore
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self._best_weights.items():
+                params[name].copy_(value)
+        return self.best
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -173,6 +229,9 @@ class TrainOutcome:
     stopped_early_at: int | None
     diverged: tuple[int, float] | None
     evals: list[tuple[int, float]]
+    best_step: int | None = None
+    plateau_at: int | None = None
+    restored: bool = False
 
 
 def train(
@@ -198,7 +257,15 @@ def train(
         return eval_loss(m, eval_set, tokenizer, eval_cfg.batch_size, plan.precision)
 
     callback = StreamingCallback(
-        sink, memory or MemoryMonitor(), evaluate, train_cfg.eval_steps, eval_cfg.at_start, on_eval
+        sink,
+        memory or MemoryMonitor(),
+        evaluate,
+        train_cfg.eval_steps,
+        eval_cfg.at_start,
+        on_eval,
+        patience=train_cfg.early_stopping_patience,
+        min_delta=train_cfg.early_stopping_min_delta,
+        restore_best=train_cfg.restore_best,
     )
     trainer = Trainer(
         model=model,
@@ -227,6 +294,11 @@ def train(
         final_loss = callback.evals[-1][1]
     else:
         final_loss = callback.run_eval(model, trainer.state, final=True)
+    restored = callback.restore(model) if callback.diverged is None else None
+    if restored is not None:
+        # The final model is the best evaluation's: its loss is the run's eval_loss from here on.
+        final_loss = restored[1]
+        sink({names.EVAL_LOSS: final_loss, names.EVAL_PERPLEXITY: perplexity(final_loss)}, step)
     tokens = int(trainer.state.num_input_tokens_seen)
     outcome = TrainOutcome(
         steps=step,
@@ -240,5 +312,8 @@ def train(
         stopped_early_at=callback.stopped_early_at,
         diverged=callback.diverged,
         evals=callback.evals,
+        best_step=callback.best[0] if callback.best else None,
+        plateau_at=callback.plateau_at,
+        restored=restored is not None,
     )
     return trainer, outcome
