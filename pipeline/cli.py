@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -137,6 +138,89 @@ def search(
     )
     if result.best_config_path:
         click.echo(f"best config: {result.best_config_path}")
+
+
+@cli.command()
+@_config_option
+@_set_option
+@click.option(
+    "--from-search", default=None, metavar="RUN_ID", help="Retrain the best config of this search run."
+)
+@click.option(
+    "--best-config", default=None, metavar="PATH", help="Retrain this config file (a best_config.yaml)."
+)
+@click.option(
+    "--allow-duplicate",
+    type=click.BOOL,
+    default=False,
+    show_default=True,
+    help="Register even if the same adapter is already a version (true/false).",
+)
+@_quiet_option
+def retrain(
+    config_path: str,
+    overrides: tuple[str, ...],
+    from_search: str | None,
+    best_config: str | None,
+    allow_duplicate: bool,
+    quiet: bool,
+) -> None:
+    """Train the best config longer; register it; move `champion` only if it is better.
+
+    Without --from-search or --best-config, the search behind the current champion of the
+    config's registry.model_name is retrained."""
+    _setup_logging(quiet)
+    from pipeline.retrain import run_retrain
+
+    out = run_retrain(
+        config_path, list(overrides), from_search or None, best_config or None, allow_duplicate, quiet
+    )
+    r = out.result
+    click.echo(
+        f"retrain run {r.run_id}: eval_loss {r.eval_loss:.4f} ({r.steps} steps); source: {out.source.description}"
+    )
+    click.echo(f"report: {out.report_path}")
+
+
+@cli.command()
+@click.option(
+    "--model",
+    "model_uri",
+    required=True,
+    help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/adapter or an adapter folder.",
+)
+@click.option("--prompt", "prompts", multiple=True, required=True, help="A user prompt (repeatable).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@_config_option
+def generate(model_uri: str, prompts: tuple[str, ...], max_new_tokens: int, config_path: str) -> None:
+    """Answer prompts with a registered model or an adapter (base model + adapter, greedy)."""
+    _setup_logging(True)
+    from pipeline import tracking
+
+    tracking.use_store(load_config(config_path).tracking)
+    if model_uri.startswith("models:/"):
+        from pipeline import registry
+
+        answers = registry.load_registered(model_uri).predict(
+            list(prompts), params={"max_new_tokens": max_new_tokens}
+        )
+    else:
+        from pipeline.serving import generate_answers, load_adapter
+
+        folder = model_uri
+        if model_uri.startswith("runs:/"):
+            import tempfile
+
+            run_id, _, path = model_uri[len("runs:/") :].partition("/")
+            folder = tracking.download_artifacts(run_id, path or "adapter", tempfile.mkdtemp())
+        elif not Path(model_uri).is_dir():
+            raise PipelineError(
+                f"--model: {model_uri!r} is not a models:/ or runs:/ URI nor an adapter folder"
+            )
+        model, tokenizer = load_adapter(folder)
+        answers = generate_answers(model, tokenizer, list(prompts), max_new_tokens)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        click.echo(f"> {prompt}\n{answer}")
 
 
 @cli.group()

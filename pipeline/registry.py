@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,11 @@ def _champion(client: MlflowClient, name: str, alias: str = names.CHAMPION_ALIAS
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def champion(name: str) -> Any | None:
+    """The version holding the `champion` alias, or None."""
+    return _champion(MlflowClient(), name)
 
 
 def decide(eval_loss: float, eval_fingerprint: str, champion: Any | None) -> tuple[bool, str]:
@@ -156,6 +162,50 @@ def promote(
         if champion and TAG_EVAL_LOSS in champion.tags
         else None,
     )
+
+
+def check_model_uri(uri: str) -> str:
+    """A `models:/name@alias` or `models:/name/version` URI whose model and alias/version exist.
+
+    Raises PipelineError naming what is missing (and what is there)."""
+    from pipeline.errors import PipelineError
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))?", uri)
+    if not m:
+        raise PipelineError(f"--model: {uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
+    name, alias, version = m.groups()
+    client = MlflowClient()
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        known = ", ".join(sorted(r.name for r in client.search_registered_models())) or "none"
+        raise PipelineError(f"--model: no registered model {name!r} (registered: {known})") from None
+    if alias:
+        if _champion(client, name, alias) is None:
+            aliases = ", ".join(sorted(registered.aliases or {})) or "none"
+            raise PipelineError(
+                f"--model: registered model {name!r} has no alias {alias!r} (aliases: {aliases})"
+            )
+    elif version:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            raise PipelineError(f"--model: registered model {name!r} has no version {version}") from None
+    else:
+        uri = f"models:/{name}@{names.CHAMPION_ALIAS}"
+        return check_model_uri(uri)
+    return uri
+
+
+def download_adapter(uri: str, dst: str | Path) -> Path:
+    """The adapter folder of a registered version (loads with plain `PeftModel.from_pretrained`)."""
+    root = Path(mlflow.artifacts.download_artifacts(check_model_uri(uri), dst_path=str(dst)))
+    return root / "artifacts" / "adapter"
+
+
+def load_registered(uri: str) -> Any:
+    """The pyfunc model of a checked models:/ URI (base + adapter, ready to predict)."""
+    return mlflow.pyfunc.load_model(check_model_uri(uri))
 
 
 def _versions(client: MlflowClient, name: str) -> list[Any]:

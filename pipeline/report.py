@@ -638,3 +638,109 @@ def write_report(ctx: ReportContext, out_dir: Path) -> str:
     text = "\n".join(md)
     (out_dir / names.REPORT_FILE).write_text(text)
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The retrain report
+
+
+@dataclass
+class RetrainContext:
+    config: PipelineConfig
+    source: str
+    rows: list[tuple[str, str | None, dict[str, float], str | None]]  # (label, run id, metrics, eval fp)
+    evals: list[tuple[int, float]]
+    steps_per_epoch: int
+    promotion: Any = None
+    best_step: int | None = None
+
+
+def write_retrain_report(ctx: RetrainContext, out_dir: Path) -> Path:
+    """retrain_report.md and retrain_eval_loss.png: baseline vs search best vs retrained."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generated = [
+        k
+        for k in ctx.rows[-1][2]
+        if k.startswith("eval_") and k not in (names.EVAL_LOSS, names.EVAL_PERPLEXITY)
+    ]
+    gen = generated[0] if generated else "generation metric"
+    mine = ctx.rows[-1][3]
+    md = [
+        "# Retrain report",
+        "",
+        f"The best configuration of {ctx.source}, trained for "
+        + (
+            f"{ctx.config.train.max_steps} steps "
+            if ctx.config.train.max_steps > 0
+            else f"{ctx.config.train.epochs:g} epoch(s) "
+        )
+        + f"({ctx.config.train.scheduler} schedule, evaluated every {ctx.config.train.eval_steps} steps, "
+        f"early stopping after {ctx.config.train.early_stopping_patience} evaluations without improvement, "
+        "best evaluation restored). Every number is read from the runs named here.",
+        "",
+        f"| | run | eval_loss | eval_perplexity | {gen} | same eval data |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, run_id, metrics, fp in ctx.rows:
+        if run_id is None:
+            md.append(f"| {label} | not available | | | | |")
+            continue
+        loss = metrics.get(names.EVAL_LOSS)
+        same = "yes" if fp == mine else f"no (fingerprint {fp})"
+        md.append(
+            f"| {label} | `{run_id}` | {loss:.4f} | {metrics.get(names.EVAL_PERPLEXITY, math.nan):.3f} | "
+            f"{metrics.get(gen, math.nan):.4f} | {same} |"
+        )
+    base = next((m for label, r, m, _ in ctx.rows if label == "baseline" and r), None)
+    best = next((m for label, r, m, _ in ctx.rows if label == "search best" and r), None)
+    final = ctx.rows[-1][2]
+    md.append("")
+    if best and names.EVAL_LOSS in best:
+        md.append(
+            f"Retrained vs search best: eval_loss {_pct(final[names.EVAL_LOSS], best[names.EVAL_LOSS])}."
+        )
+    if base and names.EVAL_LOSS in base:
+        md.append(f"Retrained vs baseline: eval_loss {_pct(final[names.EVAL_LOSS], base[names.EVAL_LOSS])}.")
+    if ctx.best_step is not None:
+        md.append(
+            f"The best evaluation was at step {ctx.best_step} (epoch {ctx.best_step / ctx.steps_per_epoch:.2f}); "
+            "its adapter weights are the ones registered."
+        )
+    if ctx.promotion is not None:
+        md += ["", "## Registry", "", ctx.promotion.message + "."]
+    md += ["", "## Eval loss over epochs", "", "![Eval loss over epochs](retrain_eval_loss.png)", ""]
+    (out_dir / names.RETRAIN_REPORT_FILE).write_text("\n".join(md))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if ctx.evals:
+        steps, losses = zip(*ctx.evals, strict=True)
+        ax.plot([s / ctx.steps_per_epoch for s in steps], losses, "o-", label="retrain")
+    if ctx.best_step is not None:
+        best_loss = dict(ctx.evals).get(ctx.best_step)
+        if best_loss is not None:
+            ax.scatter(
+                [ctx.best_step / ctx.steps_per_epoch],
+                [best_loss],
+                marker="*",
+                s=220,
+                color="gold",
+                edgecolor="black",
+                zorder=3,
+                label="best (restored)",
+            )
+    for (label, run_id, metrics, _), style in zip(ctx.rows[:2], ("--", ":"), strict=True):
+        if run_id and names.EVAL_LOSS in metrics:
+            ax.axhline(
+                metrics[names.EVAL_LOSS],
+                ls=style,
+                color="tab:red" if label == "baseline" else "tab:green",
+                label=f"{label} {metrics[names.EVAL_LOSS]:.4f}",
+            )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("eval_loss")
+    ax.set_title("Retrain: eval loss over epochs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "retrain_eval_loss.png", dpi=110)
+    plt.close(fig)
+    return out_dir / names.RETRAIN_REPORT_FILE

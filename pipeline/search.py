@@ -49,6 +49,7 @@ from pipeline.results import (
     SearchState,
     TrialRecord,
 )
+from pipeline.train import STOP_REQUESTED
 from pipeline.trial import Resources, TrialResult, run_trial
 
 log = logging.getLogger("pipeline.search")
@@ -259,15 +260,14 @@ class _Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _graceful_stop(search: Search) -> Iterator[None]:
-    """Ctrl-C and SIGTERM (a scheduler's kill) abort the trial that is training, which ends
-    KILLED; between trials they stop the loop at the next trial boundary, so a finished trial is
-    always recorded before the search stops."""
+def _graceful_stop() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (a scheduler's kill) set a flag instead of raising wherever the signal
+    lands: the training in progress stops at its next step (the trial ends KILLED), and the loop
+    stops at the next trial boundary, so a finished trial is always recorded."""
+    STOP_REQUESTED.clear()
 
     def handler(signum, frame):
-        if search.in_trial:
-            raise _Interrupted(f"signal {signum}")
-        search.stop_requested = True
+        STOP_REQUESTED.set()
 
     try:
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -279,6 +279,7 @@ def _graceful_stop(search: Search) -> Iterator[None]:
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
+        STOP_REQUESTED.clear()
 
 
 class Search:
@@ -294,8 +295,6 @@ class Search:
         self.resources = Resources()
         self.required = required_metrics(self.search)
         self.es = early_stopping_strategy(config)
-        self.in_trial = False
-        self.stop_requested = False
 
     # --- persistence -----------------------------------------------------------------------
 
@@ -330,7 +329,7 @@ class Search:
         name = f"search {Path(self.config.model.name_or_path).name} {self.search.n_trials} trials seed={self.search.seed}"
         cfg_tracking = self.config.tracking.model_copy(update={"log_system_metrics": False})
         with (
-            _graceful_stop(self),
+            _graceful_stop(),
             tracking.start_run(cfg_tracking, name, tags, resume_run_id=resume) as run,
         ):
             if state is None:
@@ -477,7 +476,7 @@ class Search:
 
     def _loop(self, run: tracking.TrackedRun, client: Client, state: SearchState, t_session: float) -> None:
         while len(state.finished()) < state.n_trials:
-            if self.stop_requested:
+            if STOP_REQUESTED.is_set():
                 raise _Interrupted("stop requested between trials")
             elapsed = state.wall_seconds + time.perf_counter() - t_session
             if self.search.budget_minutes and elapsed >= self.search.budget_minutes * 60:
@@ -525,7 +524,6 @@ class Search:
         t0 = time.perf_counter()
         try:
             cfg = with_overrides(self.trial_base, record.parameters)
-            self.in_trial = True
             result = run_trial(
                 cfg,
                 role=names.ROLE_TRIAL,
@@ -536,9 +534,7 @@ class Search:
                 on_eval=on_eval,
                 quiet=self.quiet,
             )
-            self.in_trial = False
         except KeyboardInterrupt as e:
-            self.in_trial = False
             record.status, record.failure_reason = KILLED, "interrupted"
             record.run_id = getattr(e, "run_id", record.run_id)
             record.wall_seconds = time.perf_counter() - t0
@@ -549,7 +545,6 @@ class Search:
                 tracking.tag_run(record.run_id, {names.TRIAL_STATUS: KILLED})
             raise
         except Exception as e:  # any failure of one trial fails that trial, not the search
-            self.in_trial = False
             record.wall_seconds = time.perf_counter() - t0
             record.run_id = getattr(e, "run_id", None)
             record.failure_reason = " ".join(f"{type(e).__name__}: {e}".split())[:500]
@@ -672,7 +667,9 @@ class Search:
         report.write_report(context, report_dir)
         run.log_artifacts(report_dir, names.REPORT_DIR)
         if best is not None:
-            run.set_tags({"mlflow.note.content": report.description(context)})
+            run.set_tags(
+                {"mlflow.note.content": report.description(context), names.SEARCH_BEST_RUN: best.run_id}
+            )
         self._echo(
             f"report: {report_dir / names.REPORT_FILE} (and artifact {names.REPORT_DIR}/ of run {run.run_id})"
         )

@@ -34,6 +34,13 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or DEFAULT_TRACKING_URI
 
 
+def use_store(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store only (no experiment is chosen or created)."""
+    uri = resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def setup(cfg: TrackingConfig) -> str:
     """Point MLflow at the store and the experiment. Returns the tracking URI."""
     uri = resolve_tracking_uri(cfg)

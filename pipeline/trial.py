@@ -12,7 +12,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,10 +126,12 @@ def run_trial(
     resources: Resources | None = None,
     on_eval: EvalHook | None = None,
     quiet: bool = False,
+    on_complete: Callable[[tracking.TrackedRun, TrialResult], None] | None = None,
 ) -> TrialResult:
     """Fine-tune a LoRA adapter with `config` in its own MLflow run and return the result.
 
-    Raises PipelineError on bad input (before the run starts where possible) and TrialFailed when
+    `on_complete(run, result)` runs inside the run, after the adapter is logged (the retrain
+    writes its report and registers the adapter there). Raises PipelineError on bad input (before the run starts where possible) and TrialFailed when
     the loss becomes NaN/inf; in both cases any run started here ends FAILED with its reason.
     """
     t0 = time.perf_counter()
@@ -162,26 +164,28 @@ def run_trial(
             status, outcome, final = _train_in_run(
                 run, config, base, tokenizer, data, metric, plan, reused, name, on_eval, quiet
             )
+            result = TrialResult(
+                run_id=run.run_id,
+                status=status,
+                eval_loss=outcome.eval_loss,
+                metrics={k: float(v) for k, v in final.items() if math.isfinite(float(v))},
+                steps=outcome.steps,
+                max_steps=outcome.max_steps,
+                config=config,
+                config_fingerprint=cfg_fp,
+                data_fingerprint=data.fingerprint,
+                eval_fingerprint=data.eval_fingerprint,
+                adapter_uri=run.artifact_uri(names.ADAPTER_DIR),
+                wall_seconds=time.perf_counter() - t0,
+                evals=outcome.evals,
+            )
+            if on_complete is not None:
+                on_complete(run, result)
     except BaseException as e:  # KeyboardInterrupt too: the search tags the killed run
         if run is not None:
             e.run_id = run.run_id  # the caller (the search) records which run failed
         raise
-
-    return TrialResult(
-        run_id=run.run_id,
-        status=status,
-        eval_loss=outcome.eval_loss,
-        metrics={k: float(v) for k, v in final.items() if math.isfinite(float(v))},
-        steps=outcome.steps,
-        max_steps=outcome.max_steps,
-        config=config,
-        config_fingerprint=cfg_fp,
-        data_fingerprint=data.fingerprint,
-        eval_fingerprint=data.eval_fingerprint,
-        adapter_uri=run.artifact_uri(names.ADAPTER_DIR),
-        wall_seconds=time.perf_counter() - t0,
-        evals=outcome.evals,
-    )
+    return result
 
 
 def _train_in_run(
@@ -248,6 +252,7 @@ def _train_in_run(
             names.DATA_TRUNCATED: data.stats.truncated,
             names.DATA_DROPPED: data.stats.dropped,
             names.MODEL_LOAD_S: 0.0 if reused else base.load_seconds,
+            **({names.BEST_EVAL_STEP: outcome.best_step} if outcome.best_step is not None else {}),
             **memory.peaks(),
         }
         if metric is not None and config.eval.generation_samples and data.generation:

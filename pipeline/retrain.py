@@ -1,0 +1,239 @@
+"""Retrain: the best configuration of a search, trained longer, registered, promoted if better.
+
+Where the configuration comes from, in order of precedence: a YAML file (`best_config`), a given
+search run (`from_search`), or the search run behind the current champion of
+`registry.model_name` (the default). The retrain trains `retrain.epochs` with a decaying learning
+rate, evaluates every `eval_steps`, stops on an eval-loss plateau and restores the best
+evaluation's adapter; then it compares itself with the search's baseline and best trial on the
+same eval data, registers the adapter and moves `champion` only if it wins.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import names, registry, report, tracking
+from pipeline.config import (
+    PipelineConfig,
+    apply_overrides,
+    load_config,
+    parse_overrides,
+    select_overrides,
+    to_dict,
+    to_yaml,
+    validate,
+    with_overrides,
+)
+from pipeline.errors import PipelineError
+from pipeline.trial import Resources, TrialResult, run_trial
+
+
+@dataclass
+class RetrainSource:
+    kind: str  # champion | search | file
+    description: str  # e.g. "champion pydoc-llama-lora v3 (search run abc)"
+    config: PipelineConfig
+    search_run_id: str | None = None
+
+
+@dataclass
+class RetrainResult:
+    result: TrialResult
+    source: RetrainSource
+    promotion: registry.Promotion | None
+    report_path: Path
+
+
+def _search_run(run_id: str) -> Any:
+    run = tracking.get_run(run_id)
+    if run is None:
+        raise PipelineError(f"from_search: no run {run_id!r} in the tracking store")
+    if run.data.tags.get(names.ROLE) != names.ROLE_SEARCH:
+        raise PipelineError(
+            f"from_search: run {run_id} is not a search run (pipeline.role={run.data.tags.get(names.ROLE)!r})"
+        )
+    return run
+
+
+def _config_of_search(run_id: str, overrides: list[str]) -> PipelineConfig:
+    _search_run(run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = tracking.download_artifacts(run_id, names.BEST_CONFIG_FILE, tmp)
+        except Exception:
+            raise PipelineError(
+                f"from_search: search run {run_id} has no {names.BEST_CONFIG_FILE} (did it finish?)"
+            ) from None
+        return load_config(path, overrides)
+
+
+def resolve_source(
+    base: PipelineConfig, overrides: list[str], from_search: str | None, best_config: str | None
+) -> RetrainSource:
+    """The configuration to retrain and where it came from."""
+    tracking.setup(base.tracking)
+    # The retrain has no search: search.* overrides (shared `set` strings) do not apply to it.
+    overrides = select_overrides(overrides, "search.", keep=False)
+    if best_config:
+        return RetrainSource("file", f"file {best_config}", load_config(best_config, overrides))
+    if from_search:
+        return RetrainSource(
+            "search", f"search run {from_search}", _config_of_search(from_search, overrides), from_search
+        )
+    name = base.registry.model_name
+    champion = registry.champion(name)
+    if champion is None:
+        raise PipelineError(
+            f"retrain: registered model {name!r} has no {names.CHAMPION_ALIAS} and neither from_search nor "
+            "best_config was given; run the search first, or pass -P from_search=<search run id>"
+        )
+    search_id = champion.tags.get("search_run_id")
+    if not search_id:
+        raise PipelineError(
+            f"retrain: {name} v{champion.version} records no search_run_id; pass -P from_search=..."
+        )
+    config = _config_of_search(search_id, overrides)
+    return RetrainSource(
+        "champion", f"champion {name} v{champion.version} (search run {search_id})", config, search_id
+    )
+
+
+def retrain_config(config: PipelineConfig, train_examples: int, overrides: list[str]) -> PipelineConfig:
+    """The best config with the retrain settings in force (and the command line's overrides last)."""
+    r = config.retrain
+    updates: dict[str, Any] = {
+        "train.epochs": r.epochs,
+        "train.max_steps": r.max_steps,
+        "train.early_stopping_patience": r.early_stopping_patience,
+        "train.early_stopping_min_delta": r.early_stopping_min_delta,
+        "train.restore_best": True,
+        "search": None,
+    }
+    for key in ("scheduler", "warmup_ratio", "gradient_accumulation_steps"):
+        if getattr(r, key) is not None:
+            updates[f"train.{key}"] = getattr(r, key)
+    accumulation = updates.get("train.gradient_accumulation_steps", config.train.gradient_accumulation_steps)
+    steps = (
+        r.max_steps
+        if r.max_steps > 0
+        else math.ceil(math.ceil(train_examples / (config.train.batch_size * accumulation)) * r.epochs)
+    )
+    updates["train.eval_steps"] = r.eval_steps or max(1, steps // 10)
+    config = with_overrides(config, updates)
+    # The command line wins over the retrain section (e.g. -P set="train.eval_steps=50").
+    train_overrides = select_overrides(overrides, "train.")
+    if train_overrides:
+        data = apply_overrides(to_dict(config), parse_overrides(train_overrides))
+        config = validate(data, "--set", overridden={k for k, _ in parse_overrides(train_overrides)})
+    return config
+
+
+def _best_trial_run(search: Any) -> Any | None:
+    """The search's winning trial run (its tag; for older searches, the best completed child)."""
+    run_id = search.data.tags.get(names.SEARCH_BEST_RUN)
+    if run_id:
+        return tracking.get_run(run_id)
+    children = tracking.find_runs(
+        [search.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{search.info.run_id}' and tags.`{names.TRIAL_STATUS}` = 'completed'",
+    )
+    scored = [r for r in children if names.EVAL_LOSS in r.data.metrics]
+    return min(scored, key=lambda r: r.data.metrics[names.EVAL_LOSS]) if scored else None
+
+
+def _metrics_of(run: Any) -> dict[str, float]:
+    return dict(run.data.metrics) if run is not None else {}
+
+
+def run_retrain(
+    config_path: str,
+    overrides: list[str],
+    from_search: str | None = None,
+    best_config: str | None = None,
+    allow_duplicate: bool = False,
+    quiet: bool = False,
+) -> RetrainResult:
+    """The retrain entry point."""
+    base = load_config(config_path, overrides)
+    source = resolve_source(base, overrides, from_search, best_config)
+    resources = Resources()
+    data = resources.data(source.config)
+    config = retrain_config(source.config, data.stats.train_examples, overrides)
+    search = tracking.get_run(source.search_run_id) if source.search_run_id else None
+    baseline = (
+        tracking.get_run(search.data.tags[names.SEARCH_BASELINE_RUN])
+        if search and names.SEARCH_BASELINE_RUN in search.data.tags
+        else None
+    )
+    best = (
+        tracking.get_run(search.data.tags[names.SEARCH_BEST_RUN])
+        if search and names.SEARCH_BEST_RUN in search.data.tags
+        else None
+    )
+    out_dir = Path(config.train.output_dir) / "retrain"
+    holder: dict[str, Any] = {}
+
+    def finish(run: tracking.TrackedRun, result: TrialResult) -> None:
+        promotion = registry.promote(
+            model_name=config.registry.model_name,
+            adapter_run_id=result.run_id,
+            eval_loss=result.eval_loss,
+            eval_fingerprint=result.eval_fingerprint,
+            tags={
+                "search_run_id": source.search_run_id,
+                "data_fingerprint": result.data_fingerprint,
+                "retrain_source": source.description,
+            },
+            description=to_yaml(config),
+            allow_duplicate=allow_duplicate,
+        )
+        rows = [
+            (
+                "baseline",
+                baseline.info.run_id if baseline else None,
+                _metrics_of(baseline),
+                baseline.data.tags.get(names.EVAL_FINGERPRINT) if baseline else None,
+            ),
+            (
+                "search best",
+                best.info.run_id if best else None,
+                _metrics_of(best),
+                best.data.tags.get(names.EVAL_FINGERPRINT) if best else None,
+            ),
+            ("retrained", result.run_id, result.metrics, result.eval_fingerprint),
+        ]
+        ctx = report.RetrainContext(
+            config=config,
+            source=source.description,
+            rows=rows,
+            evals=result.evals,
+            steps_per_epoch=math.ceil(
+                data.stats.train_examples
+                / (config.train.batch_size * config.train.gradient_accumulation_steps)
+            ),
+            promotion=promotion,
+            best_step=int(result.metrics.get(names.BEST_EVAL_STEP, 0)) or None,
+        )
+        path = report.write_retrain_report(ctx, out_dir / run.run_id)
+        run.log_artifacts(path.parent, names.REPORT_DIR)
+        run.set_tags({"mlflow.note.content": f"Retrain of {source.description}. {promotion.message}."})
+        holder.update(promotion=promotion, report=path)
+        print(f"registry: {promotion.message}", flush=True)
+
+    tags = {names.RETRAIN_SOURCE: source.description, names.SEARCH_SOURCE_RUN: source.search_run_id}
+    lora, tr = config.lora, config.train
+    name = f"retrain r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size} {tr.epochs:g} epochs"
+    result = run_trial(
+        config,
+        role=names.ROLE_RETRAIN,
+        run_name=name,
+        tags=tags,
+        resources=resources,
+        quiet=quiet,
+        on_complete=finish,
+    )
+    return RetrainResult(result, source, holder.get("promotion"), holder["report"])
