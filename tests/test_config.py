@@ -193,3 +193,12 @@ def test_with_overrides_validates():
 def test_validate_rejects_non_mapping():
     with pytest.raises(ConfigError):
         validate(["x"])
+
+
+def test_select_overrides_splits_shared_set_strings():
+    from pipeline.config import select_overrides
+
+    items = ["train.max_steps=5 search.n_trials=2", "lora.r=4", "search.output_dir='/a b'"]
+    assert select_overrides(items, "search.") == ["search.n_trials=2", "'search.output_dir=/a b'"]
+    assert parse_overrides(select_overrides(items, "search."))[1] == ("search.output_dir", "/a b")
+    assert select_overrides(items, "search.", keep=False) == ["train.max_steps=5", "lora.r=4"]
