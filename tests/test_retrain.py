@@ -168,6 +168,9 @@ def test_registered_champion_round_trips_and_generates(tmp_path, monkeypatch, ca
     from pipeline.registry import download_adapter
 
     folder = download_adapter(f"models:/{MODEL}@champion", tmp_path / "dl")
+    model_dir = folder.parent.parent
+    assert not list(model_dir.rglob("*.pkl")), "the registered model is code + safetensors, no pickle"
+    assert (folder / "adapter_model.safetensors").is_file() and (folder / names.BASE_REFERENCE_FILE).is_file()
     plain = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base.model.name_or_path), folder
     ).eval()
