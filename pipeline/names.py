@@ -32,6 +32,10 @@ BEST_EVAL_STEP = "best_eval_step"  # step of the best evaluation (the weights ke
 GENERATION_METRIC_PREFIX = "eval_"  # + metric key, e.g. eval_rougeL
 
 # --- tags ---
+# Experiment tag read by the MLflow 3 UI to choose its layout (runs table, not GenAI traces).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+
 ROLE = "pipeline.role"  # baseline | search | trial | retrain
 ROLE_BASELINE = "baseline"
 ROLE_SEARCH = "search"

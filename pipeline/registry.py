@@ -240,12 +240,16 @@ def _requirements() -> list[str]:
 class AdapterModel(mlflow.pyfunc.PythonModel):
     """Loads the base model named in `pipeline_base.json`, applies the adapter, generates."""
 
+    # Prompts come as a str, a list or a DataFrame: no type hints on `predict`, so no schema
+    # validation, and this flag (MLflow's own, used by its ChatModel) skips the warning about it.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         from pipeline.serving import load_adapter
 
         self.model, self.tokenizer = load_adapter(context.artifacts["adapter"])
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
+    def predict(self, context, model_input, params=None):
         from pipeline.serving import generate_answers, prompts_from
 
         params = params or {}

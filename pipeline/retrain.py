@@ -11,7 +11,6 @@ same eval data, registers the adapter and moves `champion` only if it wins.
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,27 +47,9 @@ class RetrainResult:
     report_path: Path
 
 
-def _search_run(run_id: str) -> Any:
-    run = tracking.get_run(run_id)
-    if run is None:
-        raise PipelineError(f"from_search: no run {run_id!r} in the tracking store")
-    if run.data.tags.get(names.ROLE) != names.ROLE_SEARCH:
-        raise PipelineError(
-            f"from_search: run {run_id} is not a search run (pipeline.role={run.data.tags.get(names.ROLE)!r})"
-        )
-    return run
-
-
 def _config_of_search(run_id: str, overrides: list[str]) -> PipelineConfig:
-    _search_run(run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = tracking.download_artifacts(run_id, names.BEST_CONFIG_FILE, tmp)
-        except Exception:
-            raise PipelineError(
-                f"from_search: search run {run_id} has no {names.BEST_CONFIG_FILE} (did it finish?)"
-            ) from None
-        return load_config(path, overrides)
+    tracking.search_run(run_id, "from_search")
+    return tracking.run_config(run_id, names.BEST_CONFIG_FILE, overrides, "from_search")
 
 
 def resolve_source(

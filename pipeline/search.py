@@ -825,26 +825,8 @@ def run_search(
     return Search(config, quiet=quiet).run(resume=resume)
 
 
-def _search_parent(run_id: str) -> Any:
-    """The run to resume; PipelineError unless it is a search parent run."""
-    parent = tracking.get_run(run_id)
-    if parent is None:
-        raise PipelineError(f"resume: no run {run_id!r} in the tracking store")
-    role = parent.data.tags.get(names.ROLE)
-    if role != names.ROLE_SEARCH:
-        raise PipelineError(f"resume: run {run_id} is not a search parent run (pipeline.role={role!r})")
-    return parent
-
-
 def _config_of(parent_run_id: str, given: PipelineConfig, overrides: list[str]) -> PipelineConfig:
     """A resumed search continues with its own config (plus this call's overrides)."""
     tracking.setup(given.tracking)
-    _search_parent(parent_run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = tracking.download_artifacts(parent_run_id, names.CONFIG_FILE, tmp)
-        except Exception:
-            raise PipelineError(
-                f"resume: run {parent_run_id} has no {names.CONFIG_FILE}; is it a search run?"
-            ) from None
-        return load_config(path, overrides)
+    tracking.search_run(parent_run_id, "resume")
+    return tracking.run_config(parent_run_id, names.CONFIG_FILE, overrides, "resume")

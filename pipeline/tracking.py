@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,10 +20,12 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import names
-from pipeline.config import TrackingConfig
+from pipeline.config import PipelineConfig, TrackingConfig, load_config
+from pipeline.errors import PipelineError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
@@ -32,6 +35,22 @@ BATCH = 100  # params per log_batch call (MLflow's limit)
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     """`MLFLOW_TRACKING_URI` (set by `mlflow run`) > config > sqlite:///mlflow.db."""
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or DEFAULT_TRACKING_URI
+
+
+def server_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """`mlflow server` over the store at `uri`, bound to `host` (loopback by default).
+
+    Runs logged by the pipeline keep their own artifact locations (a local folder by default),
+    which the server reads directly; `--default-artifact-root` only concerns experiments the
+    server itself creates, so it points at the same `./mlruns` folder the pipeline uses.
+    """
+    import sys
+
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    cmd += ["--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:") or "://" not in uri:
+        cmd += ["--default-artifact-root", Path("mlruns").resolve().as_uri(), "--no-serve-artifacts"]
+    return cmd
 
 
 def use_store(cfg: TrackingConfig) -> str:
@@ -48,8 +67,26 @@ def setup(cfg: TrackingConfig) -> str:
     # Under `mlflow run` the run (and so its experiment) already exists, and nested runs go to
     # their parent's experiment: only pick the configured experiment when neither holds.
     if not os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
+        _ensure_experiment(uri, cfg.experiment_name)
         mlflow.set_experiment(cfg.experiment_name)
     return uri
+
+
+def _ensure_experiment(uri: str, name: str) -> None:
+    """Create the experiment with its artifacts next to a sqlite store's file.
+
+    MLflow's default is `./mlruns` of whatever directory the process runs in, which scatters one
+    store's artifacts over several folders; keeping them beside `mlflow.db` keeps the store whole.
+    """
+    if not uri.startswith("sqlite:///") or mlflow.get_experiment_by_name(name) is not None:
+        return
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    try:
+        mlflow.create_experiment(name, artifact_location=(db.parent / "mlruns" / slug).as_uri())
+    except MlflowException:
+        if mlflow.get_experiment_by_name(name) is None:  # not a concurrent creation: a real error
+            raise
 
 
 def _one_line(text: str, limit: int = 500) -> str:
@@ -153,6 +190,7 @@ def start_run(
         kwargs.pop("description")
     active = mlflow.start_run(**kwargs)
     run = TrackedRun(active.info.run_id, cfg.log_every_s)
+    _mark_training_experiment(active.info.experiment_id)
     try:
         yield run
     except BaseException as e:
@@ -172,6 +210,14 @@ def start_run(
             mlflow.end_run("FINISHED")
 
 
+def _mark_training_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training, so the MLflow UI opens it on its runs table
+    (MLflow 3 opens untagged experiments on its GenAI traces overview)."""
+    client = MlflowClient()
+    if names.EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, names.EXPERIMENT_KIND, names.EXPERIMENT_KIND_TRAINING)
+
+
 def mark_failed(run_id: str, message: str, tracking_uri: str | None = None) -> None:
     """End a run FAILED with its reason (used when an entry point fails before its own run starts)."""
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -183,8 +229,31 @@ def get_run(run_id: str) -> Any | None:
     """The run, or None when no run has this id."""
     try:
         return MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
+    except MlflowException:
         return None
+
+
+def search_run(run_id: str, option: str) -> Any:
+    """The search parent run `run_id`; PipelineError naming `option` (resume, from_search) if not."""
+    run = get_run(run_id)
+    if run is None:
+        raise PipelineError(f"{option}: no run {run_id!r} in the tracking store")
+    role = run.data.tags.get(names.ROLE)
+    if role != names.ROLE_SEARCH:
+        raise PipelineError(f"{option}: run {run_id} is not a search run (pipeline.role={role!r})")
+    return run
+
+
+def run_config(run_id: str, artifact: str, overrides: list[str], option: str) -> PipelineConfig:
+    """A config file logged on a run (config.yaml, best_config.yaml), loaded with overrides."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = download_artifacts(run_id, artifact, tmp)
+        except Exception:
+            raise PipelineError(
+                f"{option}: run {run_id} has no {artifact} (did the search finish?)"
+            ) from None
+        return load_config(path, overrides)
 
 
 def current_experiment_id(cfg: TrackingConfig) -> str | None:

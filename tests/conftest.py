@@ -78,3 +78,59 @@ def venv_env(tmp_path: Path) -> dict[str, str]:
         env.pop(var, None)  # set by in-process runs of the same test; `mlflow run` takes its own
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def mlflow_run_command(entry_point: str, experiment: str, *params: str) -> list[str]:
+    """`mlflow run <repo> -e <entry point> --env-manager local` with `-P` params."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        entry_point,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+    ]
+    for p in params:
+        cmd += ["-P", p]
+    return cmd
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """`python -m pipeline <args>` in-process: (exit code, stdout, stderr)."""
+    from pipeline.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+PROBE = [[5, 17, 99, 400, 1023, 7, 8]]
+
+
+@pytest.fixture
+def trained_logits(monkeypatch):
+    """Logits on PROBE of the trained model as it is when run_trial detaches its adapter."""
+    import torch
+
+    from pipeline import trial
+
+    captured: dict[str, object] = {}
+    real_detach = trial.detach_lora
+
+    def capture(model):
+        model.eval()
+        with torch.no_grad():
+            captured["logits"] = model(input_ids=torch.tensor(PROBE)).logits.clone()
+        return real_detach(model)
+
+    monkeypatch.setattr(trial, "detach_lora", capture)
+    return captured

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import mlflow
 import pytest
@@ -11,14 +10,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import names, trial
-from pipeline.cli import main
 from pipeline.config import load_config, to_yaml, with_overrides
 from pipeline.metrics import eval_loss
 from pipeline.retrain import run_retrain
 from pipeline.search import run_search
 from pipeline.trial import run_trial
 
-from .conftest import DEMO_CONFIG, ROOT, tiny_overrides, venv_env
+from .conftest import DEMO_CONFIG, PROBE, mlflow_run_command, run_cli, tiny_overrides, venv_env
 
 MODEL = "retrain-lora"
 RETRAIN = ["retrain.max_steps=20", "retrain.eval_steps=5", "retrain.early_stopping_patience=2"]
@@ -45,34 +43,10 @@ def searched(tmp_path):
     return result
 
 
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.e2e
 def test_search_then_retrain_through_mlflow_run(searched, tmp_path):
     env = venv_env(tmp_path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(ROOT),
-        "-e",
-        "retrain",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        "tests",
-        "-P",
-        "set=" + " ".join([*overrides(tmp_path), *RETRAIN]),
-    ]
+    cmd = mlflow_run_command("retrain", "tests", "set=" + " ".join([*overrides(tmp_path), *RETRAIN]))
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     client = MlflowClient()
@@ -121,8 +95,8 @@ def test_search_then_retrain_through_mlflow_run(searched, tmp_path):
         assert float(loss) == pytest.approx(r.data.metrics[names.EVAL_LOSS], abs=5e-5)
         assert float(rouge) == pytest.approx(r.data.metrics["eval_rougeL"], abs=5e-5)
     assert "same eval data" in report and "| yes |" in report
-    plots = {a.path for a in client.list_artifacts(run.info.run_id, names.REPORT_DIR)}
-    assert f"{names.REPORT_DIR}/retrain_eval_loss.png" in plots
+    plots = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, names.REPORT_DIR)}
+    assert plots[f"{names.REPORT_DIR}/retrain_eval_loss.png"] > 10_000
 
     # The same retrain again: the identical adapter is not registered twice.
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -131,22 +105,13 @@ def test_search_then_retrain_through_mlflow_run(searched, tmp_path):
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
 
 
-def test_registered_champion_round_trips_and_generates(tmp_path, monkeypatch, capsys):
+def test_registered_champion_round_trips_and_generates(tmp_path, trained_logits, capsys):
     """Logits of the in-memory retrained model == those of models:/<name>@champion (1e-5)."""
     base = load_config(DEMO_CONFIG, overrides(tmp_path))
     best_config = tmp_path / "best_config.yaml"
     best_config.write_text(to_yaml(with_overrides(base, {"lora.r": 16, "train.learning_rate": 3e-3})))
-    probe = torch.tensor([[5, 17, 99, 400, 1023, 7, 8]])
-    captured = {}
-    real_detach = trial.detach_lora
-
-    def capture(model):
-        model.eval()
-        with torch.no_grad():
-            captured["logits"] = model(input_ids=probe).logits.clone()
-        return real_detach(model)
-
-    monkeypatch.setattr(trial, "detach_lora", capture)
+    probe = torch.tensor(PROBE)
+    captured = trained_logits
     out = run_retrain(
         str(DEMO_CONFIG), [*overrides(tmp_path), *RETRAIN], best_config=str(best_config), quiet=True
     )
@@ -177,7 +142,7 @@ def test_registered_champion_round_trips_and_generates(tmp_path, monkeypatch, ca
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=probe).logits, captured["logits"], atol=1e-5)
 
-    code, stdout, err = cli(
+    code, stdout, err = run_cli(
         [
             "generate",
             "--model",
@@ -191,7 +156,7 @@ def test_registered_champion_round_trips_and_generates(tmp_path, monkeypatch, ca
     )
     assert code == 0, err
     assert stdout.startswith("> What is the signature of `re.sub`?\n") and len(stdout.splitlines()) >= 2
-    code, stdout, _ = cli(
+    code, stdout, _ = run_cli(
         [
             "generate",
             "--model",
@@ -252,29 +217,29 @@ def test_plateau_stops_training_and_the_best_evaluation_is_restored(tiny_config,
 
 def test_bad_retrain_and_generate_input(tmp_path, capsys):
     sets = [f"--set={o}" for o in overrides(tmp_path)]
-    code, _, err = cli(["retrain", "--quiet", *sets], capsys)
+    code, _, err = run_cli(["retrain", "--quiet", *sets], capsys)
     assert (
         code == 2
         and f"error: retrain: registered model '{MODEL}' has no champion and neither from_search" in err
     )
-    code, _, err = cli(
+    code, _, err = run_cli(
         ["retrain", "--quiet", *sets, "--from-search", "0123456789abcdef0123456789abcdef"], capsys
     )
     assert code == 2 and "error: from_search: no run '0123456789abcdef0123456789abcdef'" in err
     baseline = run_trial(
         with_overrides(load_config(DEMO_CONFIG, overrides(tmp_path)), {"train.max_steps": 2}), quiet=True
     )
-    code, _, err = cli(["retrain", "--quiet", *sets, "--from-search", baseline.run_id], capsys)
+    code, _, err = run_cli(["retrain", "--quiet", *sets, "--from-search", baseline.run_id], capsys)
     assert code == 2 and f"error: from_search: run {baseline.run_id} is not a search run" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "model:\n  name_or_path: models/pydoc-llama\ndata:\n  path: data/pydoc_qa.jsonl\nlora:\n  r: -1\n"
     )
-    code, _, err = cli(["retrain", "--quiet", *sets, "--best-config", str(bad)], capsys)
+    code, _, err = run_cli(["retrain", "--quiet", *sets, "--best-config", str(bad)], capsys)
     assert code == 2 and f"error: invalid config {bad}: {bad}:6: lora.r" in err
     assert not MlflowClient().search_registered_models()
 
-    code, _, err = cli(["generate", "--model", "models:/nobody@champion", "--prompt", "x"], capsys)
+    code, _, err = run_cli(["generate", "--model", "models:/nobody@champion", "--prompt", "x"], capsys)
     assert code == 2 and "error: --model: no registered model 'nobody'" in err
     from pipeline.registry import promote
 
@@ -282,7 +247,7 @@ def test_bad_retrain_and_generate_input(tmp_path, capsys):
     with mlflow.start_run():
         promote("has-no-alias", baseline.run_id, 9.0, baseline.eval_fingerprint)
     MlflowClient().delete_registered_model_alias("has-no-alias", names.CHAMPION_ALIAS)
-    code, _, err = cli(["generate", "--model", "models:/has-no-alias@best", "--prompt", "x"], capsys)
+    code, _, err = run_cli(["generate", "--model", "models:/has-no-alias@best", "--prompt", "x"], capsys)
     assert (
         code == 2
         and "error: --model: registered model 'has-no-alias' has no alias 'best' (aliases: none)" in err

@@ -9,10 +9,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, trial
+from pipeline import names
 from pipeline.config import with_overrides
 from pipeline.errors import TrialFailed
 from pipeline.trial import Resources, run_trial
+
+from .conftest import PROBE
 
 
 def test_run_trial_tracks_everything(tiny_config):
@@ -81,22 +83,13 @@ def test_metrics_are_sent_in_batches(tiny_config, monkeypatch):
     assert calls["log_batch"] < values / 5, (calls, values)
 
 
-def test_adapter_round_trip_gives_the_same_logits(tiny_config, monkeypatch, tmp_path):
+def test_adapter_round_trip_gives_the_same_logits(tiny_config, trained_logits, tmp_path):
     """The logged adapter, reloaded with plain peft onto a fresh base, reproduces the trained model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    probe = torch.tensor([[5, 17, 99, 400, 1023, 7, 8]])
-    captured = {}
-    real_detach = trial.detach_lora
-
-    def capture(model):
-        model.eval()
-        with torch.no_grad():
-            captured["logits"] = model(input_ids=probe).logits.clone()
-        return real_detach(model)
-
-    monkeypatch.setattr(trial, "detach_lora", capture)
+    probe = torch.tensor(PROBE)
+    captured = trained_logits
     result = run_trial(tiny_config, quiet=True)
 
     import mlflow
