@@ -260,6 +260,34 @@ def config_check(paths: tuple[str, ...]) -> None:
         raise SystemExit(USER_ERROR_EXIT_CODE)
 
 
+@cli.command()
+@_config_option
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback by default)."
+)
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(config_path: str, host: str, port: int) -> None:
+    """Serve the MLflow UI over the config's tracking store (the one the runs were logged to)."""
+    import subprocess
+
+    from pipeline import tracking
+
+    config = load_config(config_path)
+    uri = tracking.resolve_tracking_uri(config.tracking)
+    if uri.startswith("http"):
+        raise PipelineError(f"tracking store {uri} is already a server: open it in a browser")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise PipelineError(
+            f"tracking store {uri}: no such file here; run a baseline or search first, or set "
+            "MLFLOW_TRACKING_URI"
+        )
+    click.echo(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)")
+    try:
+        raise SystemExit(subprocess.call(tracking.server_command(uri, host, port)))
+    except KeyboardInterrupt:
+        raise SystemExit(0) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn user errors into one line and exit code 2."""
     # `mlflow run` creates the run before this process starts; if we fail before resuming it,

@@ -439,9 +439,13 @@ def description(ctx: ReportContext) -> str:
     n = len(s.finished())
     text = f"Ax search of {n} trials over {', '.join(ctx.config.search.parameters)}."
     if best is not None:
-        text += f" Best: trial {best.index} ([run {best.run_id}](#/experiments/{ctx.experiment_id}/runs/{best.run_id})) eval_loss {best.eval_loss:.4f}"
+        label = best.run_name or f"trial {best.index}"
+        link = f"#/experiments/{ctx.experiment_id}/runs/{best.run_id}"
+        text += f" Best: [{label}]({link}), eval_loss {best.eval_loss:.4f}"
         if base is not None:
-            text += f", {_pct(best.eval_loss, base.eval_loss)} vs the baseline ({base.eval_loss:.4f})"
+            gain = (base.eval_loss - best.eval_loss) / base.eval_loss * 100
+            change = f"a {gain:.1f}% improvement on" if gain >= 0 else f"{-gain:.1f}% worse than"
+            text += f", {change} the baseline ({base.eval_loss:.4f})"
         text += "."
     if ctx.promotion is not None:
         text += f" Registry: {ctx.promotion.message}."
