@@ -5,6 +5,7 @@ each, and the ratios last.
 
     python bench/throughput.py                                   # demo model, 60 steps
     python bench/throughput.py --config configs/smollm2-cpu.yaml --steps 8 --batch-size 4
+    python bench/throughput.py --set model.load_in_4bit=true     # QLoRA: the base in 4-bit NF4
     python bench/throughput.py --steps 5 --quiet                 # the CI smoke size
 
 Each variant trains `--repeats` times (fresh adapter, same seed); the median is reported.
@@ -113,9 +114,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="Config overrides, e.g. --set model.load_in_4bit=true (the QLoRA path) or model.dtype=bfloat16.",
+    )
     args = ap.parse_args()
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     overrides = {
         "train.max_steps": args.steps,
         "train.eval_steps": None,
@@ -130,7 +138,8 @@ def main() -> None:
     data = prepare_data(config.data, tok)
     base = load_base_model(config.model, plan)
     print(
-        f"model {config.model.name_or_path} on {plan.name}; {args.steps} steps x batch {config.train.batch_size}; "
+        f"model {config.model.name_or_path} ({'4-bit ' if config.model.load_in_4bit else ''}{plan.precision}) "
+        f"on {plan.name}; {args.steps} steps x batch {config.train.batch_size}; "
         f"mean example {data.stats.mean_len:.0f} tokens, max_seq_len {config.data.max_seq_len}"
     )
 

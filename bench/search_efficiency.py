@@ -1,0 +1,296 @@
+"""Search efficiency on the tabular benchmark: the pipeline's Ax setup vs random search vs TPE.
+
+Replays searches against bench/data/lora_grid.csv (240 real LoRA runs of the demo space, made by
+bench/grid.py) instead of training: a proposed configuration gets the eval loss its grid point
+measured. Each method searches the pipeline's own space (configs/demo-cpu.yaml: r, alpha and
+batch size as choices, the learning rate as a log range, snapped to the nearest grid value in
+log space), starts from the baseline config as the pipeline does, and stops once its best is
+within 1 % of the grid's best. Reported: the median number of trials to get there over the
+seeds (a seed that never gets there counts as budget + 1), and the median best-so-far curves.
+
+    python bench/search_efficiency.py                      # 20 seeds, budget 60 trials
+    python bench/search_efficiency.py --seeds 2 --budget 8 # CI smoke size
+
+- ax: `pipeline.search.build_client` on the config's search section (center + Sobol
+  initialization, then BoTorch), the baseline attached as the status-quo arm.
+- random: uniform choices, log-uniform learning rate (what `search.method: random` does).
+- tpe: Optuna's TPESampler (a bench-only dependency), the baseline enqueued first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+
+KEYS = ["lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"]
+Params = dict[str, float]
+
+
+class Table:
+    """The grid: configuration -> measured final eval loss."""
+
+    def __init__(self, path: Path):
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        self.loss = {self.key(r): float(r["eval_loss"]) for r in rows}
+        steps = sorted(int(k.split("@")[1]) for k in rows[0] if k.startswith("eval_loss@"))
+        self.curves = {self.key(r): [(s, float(r[f"eval_loss@{s}"])) for s in steps] for r in rows}
+        self.max_steps = steps[-1]
+        self.lrs = sorted({float(r["train.learning_rate"]) for r in rows})
+        self.best = min(self.loss.values())
+
+    @staticmethod
+    def key(p: dict) -> tuple:
+        return (
+            int(p["lora.r"]),
+            int(p["lora.alpha"]),
+            float(p["train.learning_rate"]),
+            int(p["train.batch_size"]),
+        )
+
+    def snap(self, p: dict) -> Params:
+        lr = min(self.lrs, key=lambda v: abs(math.log(v) - math.log(float(p["train.learning_rate"]))))
+        return {**p, "train.learning_rate": lr}
+
+    def __call__(self, p: dict) -> float:
+        return self.loss[self.key(self.snap(p))]
+
+    def curve(self, p: dict) -> list[tuple[int, float]]:
+        return self.curves[self.key(self.snap(p))]
+
+
+def run_ax(table: Table, config, baseline: Params, seed: int, budget: int, target: float) -> list[float]:
+    from pipeline.search import build_client
+
+    search = config.search.model_copy(update={"seed": seed})
+    client = build_client(search, name=f"replay-{seed}")
+    index = client.attach_baseline(parameters=baseline)
+    losses = [table(baseline)]
+    client.complete_trial(index, raw_data={"eval_loss": losses[0]})
+    while len(losses) < budget and min(losses) > target:
+        for index, params in client.get_next_trials(max_trials=1).items():
+            losses.append(table(params))
+            client.complete_trial(index, raw_data={"eval_loss": losses[-1]})
+    return losses
+
+
+def run_ax_early_stopping(
+    table: Table, config, baseline: Params, seed: int, n_trials: int, percentile: float | None
+) -> tuple[list[float], list[int]]:
+    """A fixed-length Ax search whose trials report their eval curve to Ax's percentile rule, as
+    the pipeline's evaluation hook does; a trial asked to stop keeps its last eval loss."""
+    from pipeline.config import with_overrides
+    from pipeline.search import build_client, early_stopping_strategy
+
+    cfg = with_overrides(
+        config, {"search.seed": seed, "train.eval_steps": table.curves[table.key(baseline)][0][0]}
+    )
+    client = build_client(cfg.search, name=f"replay-es-{seed}")
+    if percentile is not None:
+        cfg = with_overrides(
+            cfg, {"search.early_stopping.enabled": True, "search.early_stopping.percentile": percentile}
+        )
+        client.set_early_stopping_strategy(early_stopping_strategy(cfg))
+    losses, steps = [], []
+
+    def run(index: int, params: dict) -> None:
+        for step, loss in table.curve(params):
+            client.attach_data(index, {"eval_loss": loss}, progression=step)
+            if percentile is not None and step < table.max_steps and client.should_stop_trial_early(index):
+                client.mark_trial_early_stopped(index)
+                break
+        else:
+            client.complete_trial(index)
+        losses.append(loss)
+        steps.append(step)
+
+    run(client.attach_baseline(parameters=baseline), baseline)
+    while len(losses) < n_trials + 1:
+        for index, params in client.get_next_trials(max_trials=1).items():
+            run(index, params)
+    return losses, steps
+
+
+def run_random(table: Table, config, baseline: Params, seed: int, budget: int, target: float) -> list[float]:
+    rng = random.Random(seed)
+    space = config.search.parameters
+    lo, hi = (math.log(b) for b in space["train.learning_rate"].bounds)
+    losses = [table(baseline)]
+    while len(losses) < budget and min(losses) > target:
+        p = {k: rng.choice(space[k].values) for k in ("lora.r", "lora.alpha", "train.batch_size")}
+        p["train.learning_rate"] = math.exp(rng.uniform(lo, hi))
+        losses.append(table(p))
+    return losses
+
+
+def run_tpe(table: Table, config, baseline: Params, seed: int, budget: int, target: float) -> list[float]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = config.search.parameters
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction="minimize")
+    study.enqueue_trial(baseline)
+    losses: list[float] = []
+
+    def objective(trial) -> float:
+        p = {
+            k: trial.suggest_categorical(k, space[k].values)
+            for k in ("lora.r", "lora.alpha", "train.batch_size")
+        }
+        lr_bounds = space["train.learning_rate"].bounds
+        p["train.learning_rate"] = trial.suggest_float("train.learning_rate", *lr_bounds, log=True)
+        losses.append(table(p))
+        if min(losses) <= target:
+            study.stop()
+        return losses[-1]
+
+    study.optimize(objective, n_trials=budget)
+    return losses
+
+
+METHODS: dict[str, Callable[..., list[float]]] = {"ax": run_ax, "random": run_random, "tpe": run_tpe}
+
+
+def trials_to_target(losses: list[float], target: float, budget: int) -> int:
+    for i, _ in enumerate(losses, 1):
+        if min(losses[:i]) <= target:
+            return i
+    return budget + 1
+
+
+def best_so_far(losses: list[float], budget: int) -> list[float]:
+    curve = [min(losses[: i + 1]) for i in range(len(losses))]
+    return curve + [curve[-1]] * (budget - len(curve))  # held after the stop: an upper bound
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", default=str(ROOT / "bench" / "data" / "lora_grid.csv"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo-cpu.yaml"))
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--budget", type=int, default=60)
+    ap.add_argument("--within", type=float, default=0.01, help="Target: best * (1 + within).")
+    ap.add_argument("--methods", default="ax,random,tpe")
+    ap.add_argument("--plot", default=str(ROOT / "bench" / "results" / "search_efficiency.png"))
+    ap.add_argument(
+        "--early-stopping",
+        default=None,
+        metavar="P1,P2,..",
+        help="Instead: replay fixed-length Ax searches without and with Ax's percentile rule at "
+        "these percentiles (compute saved vs best loss lost).",
+    )
+    ap.add_argument("--es-trials", type=int, default=15, help="Trials per search with --early-stopping.")
+    args = ap.parse_args()
+    logging.getLogger("ax").setLevel(logging.WARNING)
+    logging.disable(logging.INFO)
+
+    table = Table(Path(args.table))
+    config = load_config(args.config)
+    baseline = {k: getattr(getattr(config, k.split(".")[0]), k.split(".")[1]) for k in KEYS}
+    target = table.best * (1 + args.within)
+    n_hit = sum(v <= target for v in table.loss.values())
+    print(
+        f"table: {len(table.loss)} runs, best eval_loss {table.best:.4f}, target <= {target:.4f} "
+        f"({n_hit} of {len(table.loss)} grid points); baseline {table(baseline):.4f}"
+    )
+    if args.early_stopping:
+        early_stopping_study(table, config, baseline, args)
+        return
+    results: dict[str, dict] = {}
+    for method in args.methods.split(","):
+        t0 = time.monotonic()
+        counts, curves = [], []
+        for seed in range(args.seeds):
+            losses = METHODS[method](table, config, baseline, seed, args.budget, target)
+            counts.append(trials_to_target(losses, target, args.budget))
+            curves.append(best_so_far(losses, args.budget))
+        results[method] = {"counts": counts, "curves": curves}
+        hit = sum(c <= args.budget for c in counts)
+        print(
+            f"{method:>6}: median {statistics.median(counts):5.1f} trials to within {args.within:.0%} "
+            f"(reached in {hit}/{args.seeds} seeds; per seed {counts}) [{time.monotonic() - t0:.0f}s]",
+            flush=True,
+        )
+    if args.plot:
+        plot(results, table.best, target, Path(args.plot))
+        print(f"plot: {args.plot}")
+    if "ax" in results and "random" in results:
+        ratio = statistics.median(results["ax"]["counts"]) / statistics.median(results["random"]["counts"])
+        print(f"ax / random median trials to within {args.within:.0%} of the grid's best: {ratio:.2f}")
+
+
+def early_stopping_study(table: Table, config, baseline: Params, args) -> None:
+    """Per percentile: training steps saved and best eval loss lost, paired by seed vs no rule."""
+    t0 = time.monotonic()
+    plain = [
+        run_ax_early_stopping(table, config, baseline, s, args.es_trials, None) for s in range(args.seeds)
+    ]
+    full_steps = sum(sum(steps) for _, steps in plain)
+    print(
+        f"no early stopping: {args.seeds} searches of {args.es_trials} trials, {full_steps} steps [{time.monotonic() - t0:.0f}s]"
+    )
+    summary = []
+    for pct in (float(x) for x in args.early_stopping.split(",")):
+        t0 = time.monotonic()
+        saved, lost = [], []
+        for seed, (plain_losses, plain_steps) in enumerate(plain):
+            losses, steps = run_ax_early_stopping(table, config, baseline, seed, args.es_trials, pct)
+            saved.append(1 - sum(steps) / sum(plain_steps))
+            lost.append(100 * (min(losses) - min(plain_losses)) / min(plain_losses))
+        summary.append((pct, statistics.mean(saved) * 100, statistics.median(lost), max(lost)))
+        print(
+            f"percentile {pct:g}: steps saved {summary[-1][1]:.1f}% (mean), best eval_loss "
+            f"{summary[-1][2]:+.2f}% (median; worst seed {summary[-1][3]:+.2f}%) [{time.monotonic() - t0:.0f}s]",
+            flush=True,
+        )
+    ok = [row for row in summary if row[1] >= 30 and row[2] <= 1]
+    pick = max(ok, key=lambda r: r[1]) if ok else None
+    print(
+        f"early stopping: percentile {pick[0]:g} saves {pick[1]:.1f}% of steps at {pick[2]:+.2f}% best eval_loss"
+        if pick
+        else "early stopping: no percentile saves >= 30% at <= 1% worse best eval_loss"
+    )
+
+
+def plot(results: dict[str, dict], best: float, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, r in results.items():
+        curves = r["curves"]
+        xs = range(1, len(curves[0]) + 1)
+        med = [statistics.median(c[i] for c in curves) for i in range(len(curves[0]))]
+        lo = [sorted(c[i] for c in curves)[len(curves) // 4] for i in range(len(curves[0]))]
+        hi = [sorted(c[i] for c in curves)[(3 * len(curves)) // 4] for i in range(len(curves[0]))]
+        (line,) = ax.plot(xs, med, label=f"{method} (median of {len(curves)} seeds)")
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.axhline(best, color="black", lw=0.8, label=f"grid best {best:.3f}")
+    ax.axhline(target, color="gray", ls=":", lw=0.8, label="within 1%")
+    ax.set_xlabel("trials (the baseline is trial 1)")
+    ax.set_ylabel("best eval_loss so far")
+    ax.set_title("Search efficiency on the tabular LoRA benchmark (IQR shaded)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
