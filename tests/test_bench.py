@@ -96,3 +96,27 @@ def test_early_stopping_benchmark_smoke(tmp_path):
         tmp_path,
     )
     assert lines[-1].startswith("early stopping saved ") and "best eval_loss" in lines[-1]
+
+
+def test_search_efficiency_replay_smoke(tmp_path):
+    plot = tmp_path / "eff.png"
+    lines = _bench(
+        [
+            "bench/search_efficiency.py",
+            "--seeds",
+            "2",
+            "--budget",
+            "6",
+            "--budget-cheap",
+            "6",
+            "--plot",
+            str(plot),
+        ],
+        tmp_path,
+    )
+    assert lines[-1].startswith("ax / random median trials to within 1% of the grid's best: ")
+    assert plot.stat().st_size > 10_000
+    lines = _bench(
+        ["bench/search_efficiency.py", "--seeds", "1", "--early-stopping", "50", "--es-trials", "5"], tmp_path
+    )
+    assert lines[-1].startswith("early stopping: ")
