@@ -8,19 +8,7 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.cli import main
-
-from .conftest import DEMO_CONFIG, ROOT, tiny_overrides, venv_env
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from .conftest import DEMO_CONFIG, ROOT, run_cli, tiny_overrides, venv_env
 
 
 def no_run_left_running() -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import mlflow
 import pytest
@@ -14,29 +13,19 @@ from pipeline import names
 from pipeline.config import load_config
 from pipeline.data import prepare_data
 
-from .conftest import DEMO_CONFIG, ROOT, tiny_overrides, venv_env
+from .conftest import DEMO_CONFIG, mlflow_run_command, tiny_overrides, venv_env
 
 pytestmark = pytest.mark.e2e
 
 
 def mlflow_run(tmp_path, *params: str, experiment: str = "e2e") -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(ROOT),
-        "-e",
-        "baseline",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        experiment,
-    ]
-    for p in params:
-        cmd += ["-P", p]
     return subprocess.run(
-        cmd, cwd=tmp_path, env=venv_env(tmp_path), capture_output=True, text=True, timeout=900
+        mlflow_run_command("baseline", experiment, *params),
+        cwd=tmp_path,
+        env=venv_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 

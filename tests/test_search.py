@@ -22,7 +22,7 @@ from pipeline import names
 from pipeline.cli import main
 from pipeline.search import run_search
 
-from .conftest import DEMO_CONFIG, ROOT, tiny_overrides, venv_env
+from .conftest import DEMO_CONFIG, ROOT, mlflow_run_command, tiny_overrides, venv_env
 
 pytestmark = pytest.mark.e2e
 
@@ -76,23 +76,12 @@ def summary_numbers(report: str) -> dict[str, str]:
 def test_search_through_mlflow_run(tmp_path):
     """`mlflow run . -e search -P n_trials=6`: the structure, the report, the promotion."""
     env = venv_env(tmp_path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(ROOT),
-        "-e",
+    cmd = mlflow_run_command(
         "search",
-        "--env-manager",
-        "local",
-        "--experiment-name",
         "e2e-search",
-        "-P",
         "n_trials=6",
-        "-P",
         "set=" + " ".join(overrides(tmp_path, **{"search.early_stopping.enabled": True})),
-    ]
+    )
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     progress = [line for line in p.stdout.splitlines() if line.startswith("[")]
