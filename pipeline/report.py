@@ -234,6 +234,13 @@ def recommendations(ctx: ReportContext) -> list[str]:
 # Plots
 
 
+def _save(fig: Any, path: Path) -> None:
+    """Every report plot: laid out, written at one resolution, and closed (no figure leaks)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_trace(ctx: ReportContext, path: Path) -> None:
     trials = [t for t in ctx.state.trials if t.status != KILLED]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -282,9 +289,7 @@ def _plot_trace(ctx: ReportContext, path: Path) -> None:
     ax.set_ylabel("eval_loss")
     ax.set_title("Optimization trace")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_curves(ctx: ReportContext, path: Path) -> None:
@@ -313,9 +318,7 @@ def _plot_curves(ctx: ReportContext, path: Path) -> None:
     ax.set_ylabel("eval_loss")
     ax.set_title("Eval loss of every trial")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def important_parameters(ctx: ReportContext, k: int = 2) -> list[str]:
@@ -375,9 +378,7 @@ def _plot_slices(ctx: ReportContext, path: Path, params: list[str]) -> None:
         "eval_loss against the most important parameters (star: best, orange: early-stopped, dashed: baseline)",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_pareto(ctx: ReportContext, path: Path) -> None:
@@ -399,9 +400,7 @@ def _plot_pareto(ctx: ReportContext, path: Path) -> None:
     ax.set_ylabel(f"{b} ({'min' if objectives[1].minimize else 'max'})")
     ax.set_title("Pareto front")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,7 +743,5 @@ def write_retrain_report(ctx: RetrainContext, out_dir: Path) -> Path:
     ax.set_ylabel("eval_loss")
     ax.set_title("Retrain: eval loss over epochs")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "retrain_eval_loss.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out_dir / "retrain_eval_loss.png")
     return out_dir / names.RETRAIN_REPORT_FILE
