@@ -11,37 +11,20 @@ the best eval loss each found. The ratios come last.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from search_bench import fresh_store, parse_args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo-cpu.yaml"))
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-es-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    args = parse_args(__doc__)
+    tmp, common = fresh_store("bench-es-", args)
     from pipeline.search import run_search
 
-    common = [
-        f"train.output_dir={tmp / 'out'}",
-        "tracking.log_system_metrics=false",
-        "search.reuse_baseline=false",
-        *" ".join(args.overrides).split(),
-    ]
     results = {}
     for label, enabled in (("without", "false"), ("with", "true")):
         overrides = [
+            "search.reuse_baseline=false",
             *common,
             f"search.output_dir={tmp / label}",
             f"tracking.experiment_name=bench-es-{label}",

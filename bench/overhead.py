@@ -14,37 +14,23 @@ trials, baseline, state, report, registry). Pure work is training steps plus eva
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from search_bench import fresh_store, parse_args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo-cpu.yaml"))
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    args = parse_args(__doc__)
+    tmp, common = fresh_store("bench-overhead-", args)
     from mlflow.tracking import MlflowClient
 
     from pipeline.search import run_search
 
     overrides = [
         f"search.output_dir={tmp / 'search'}",
-        f"train.output_dir={tmp / 'out'}",
         "tracking.experiment_name=bench-overhead",
-        "tracking.log_system_metrics=false",
         "registry.model_name=bench-overhead",
-        *" ".join(args.overrides).split(),
+        *common,
     ]
     t0 = time.perf_counter()
     result = run_search(args.config, overrides, n_trials=args.trials, quiet=True)
