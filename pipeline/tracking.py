@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -44,8 +45,6 @@ def server_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[
     which the server reads directly; `--default-artifact-root` only concerns experiments the
     server itself creates, so it points at the same `./mlruns` folder the pipeline uses.
     """
-    import sys
-
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     cmd += ["--host", host, "--port", str(port)]
     if uri.startswith("sqlite:") or "://" not in uri:
