@@ -19,7 +19,7 @@ from search_bench import fresh_store, parse_args
 def main() -> None:
     args = parse_args(__doc__)
     tmp, common = fresh_store("bench-es-", args)
-    from pipeline.search import run_search
+    from pipeline.search import run_search, search_config
 
     results = {}
     for label, enabled in (("without", "false"), ("with", "true")):
@@ -32,7 +32,7 @@ def main() -> None:
             f"search.early_stopping.enabled={enabled}",
         ]
         t0 = time.perf_counter()
-        r = run_search(args.config, overrides, n_trials=args.trials, quiet=True)
+        r = run_search(search_config(args.config, overrides, n_trials=args.trials), quiet=True)
         wall = time.perf_counter() - t0
         trials = [t for t in r.state.trials if t.scored]
         steps = sum(t.steps for t in trials)

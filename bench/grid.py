@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config, with_overrides
-from pipeline.trial import Resources, run_trial
+from pipeline.trial import Resources, discard_local_adapter, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo search space (configs/demo-cpu.yaml); the learning rate, a log range there, on 5
@@ -82,6 +82,7 @@ def main() -> None:
     for i, values in enumerate(todo, 1):
         params = dict(zip(GRID, values, strict=True))
         result = run_trial(with_overrides(base, params), resources=resources, quiet=True)
+        discard_local_adapter(result.adapter_dir)  # 240 adapters: they are on their runs
         evals = dict(result.evals)
         row = {
             **params,

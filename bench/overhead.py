@@ -24,7 +24,7 @@ def main() -> None:
     tmp, common = fresh_store("bench-overhead-", args)
     from mlflow.tracking import MlflowClient
 
-    from pipeline.search import run_search
+    from pipeline.search import run_search, search_config
 
     overrides = [
         f"search.output_dir={tmp / 'search'}",
@@ -33,7 +33,7 @@ def main() -> None:
         *common,
     ]
     t0 = time.perf_counter()
-    result = run_search(args.config, overrides, n_trials=args.trials, quiet=True)
+    result = run_search(search_config(args.config, overrides, n_trials=args.trials), quiet=True)
     wall = time.perf_counter() - t0
 
     client = MlflowClient()

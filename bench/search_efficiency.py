@@ -73,7 +73,7 @@ class Table:
 
 
 def run_ax(table: Table, config, baseline: Params, seed: int, budget: int, target: float) -> list[float]:
-    from pipeline.search import build_client
+    from pipeline.search.space import build_client
 
     search = config.search.model_copy(update={"seed": seed})
     client = build_client(search, name=f"replay-{seed}")
@@ -99,7 +99,7 @@ def run_ax_early_stopping(
     """A fixed-length Ax search whose trials report their eval curve to Ax's percentile rule, as
     the pipeline's evaluation hook does; a trial asked to stop keeps its last eval loss."""
     from pipeline.config import with_overrides
-    from pipeline.search import build_client, early_stopping_strategy
+    from pipeline.search.space import build_client, early_stopping_strategy
 
     cfg = with_overrides(
         config, {"search.seed": seed, "train.eval_steps": table.curves[table.key(baseline)][0][0]}

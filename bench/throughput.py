@@ -24,24 +24,14 @@ from transformers import TrainerCallback
 from pipeline.config import load_config, with_overrides
 from pipeline.data import prepare_data
 from pipeline.model import attach_lora, detach_lora, load_base_model, load_tokenizer, plan_device
-from pipeline.train import train
+from pipeline.train import TrainJob, train
 
 
 def pipeline_tokens_per_second(config, plan, tok, data, base) -> float:
     """The pipeline's own training path (train.train), as run_trial uses it."""
     model = attach_lora(base.model, config.lora, config.train.seed)
     try:
-        _, outcome = train(
-            model,
-            tok,
-            data,
-            config.train,
-            config.eval,
-            config.data.max_seq_len,
-            plan,
-            sink=lambda m, s: None,
-            quiet=True,
-        )
+        _, outcome = train(model, TrainJob(config, plan, tok, data, quiet=True), sink=lambda m, s: None)
     finally:
         base.model = detach_lora(model)
     return outcome.tokens / outcome.step_seconds

@@ -64,12 +64,11 @@ def _setup_logging(quiet: bool) -> None:
     for noisy in ("transformers", "mlflow", "peft", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR if quiet else logging.WARNING)
     if quiet:
-        # MLflow sets its own log level and progress bars when it is imported: ask it by env.
+        # MLflow and transformers set their own log levels when first used (later than this,
+        # unless a test imported them already): ask them by env too.
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 
@@ -87,14 +86,14 @@ def baseline(config_path: str, overrides: tuple[str, ...], quiet: bool) -> None:
     """One LoRA (or 4-bit QLoRA) fine-tune with the config, tracked as an MLflow run."""
     _setup_logging(quiet)
     config = load_config(config_path, overrides)
-    from pipeline.trial import run_trial
+    from pipeline.trial import RunSpec, run_trial
 
-    result = run_trial(config, role=names.ROLE_BASELINE, quiet=quiet)
+    result = run_trial(config, RunSpec(names.ROLE_BASELINE), quiet=quiet)
     parts = [f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("eval_")]
     click.echo(
         f"baseline run {result.run_id}: {' '.join(parts)} ({result.steps} steps, {result.wall_seconds:.0f}s)"
     )
-    click.echo(f"adapter: {result.adapter_uri}")
+    click.echo(f"adapter: {result.adapter_uri} (local copy: {result.adapter_dir})")
 
 
 @cli.command()
@@ -121,10 +120,11 @@ def search(
 ) -> None:
     """Bayesian search (Ax) over the config's search space; every trial a nested MLflow run."""
     _setup_logging(quiet)
-    from pipeline.search import SearchAborted, run_search
+    from pipeline.search import SearchAborted, run_search, search_config
 
+    config = search_config(config_path, list(overrides), resume or None, n_trials, budget_minutes)
     try:
-        result = run_search(config_path, list(overrides), n_trials, resume or None, budget_minutes, quiet)
+        result = run_search(config, resume=resume or None, quiet=quiet)
     except SearchAborted as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(1) from None
@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(outer_run, str(e))
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
     except TrialFailed as e:
+        if isinstance(e.__cause__, PipelineError):  # bad input found only once training began
+            _fail(outer_run, str(e.__cause__))
+            raise SystemExit(USER_ERROR_EXIT_CODE) from None
         _fail(outer_run, f"trial failed: {e}")
         raise SystemExit(1) from None
 

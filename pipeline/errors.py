@@ -1,4 +1,5 @@
-"""Errors the user can fix. The CLI prints each as one line and exits with code 2."""
+"""Errors. User errors (bad input) print as one line and exit with code 2; a trial that ran and
+failed is a TrialFailed (exit code 1), and one stopped by Ctrl-C/SIGTERM a TrialInterrupted."""
 
 from __future__ import annotations
 
@@ -29,4 +30,29 @@ class ModelError(PipelineError):
 
 
 class TrialFailed(Exception):
-    """A trial ran but its result is unusable (for example a NaN loss). Not the user's input."""
+    """A trial's run failed: a NaN loss, out of memory, an error while training.
+
+    `run_id` is the failed run, `status` what the trial ended as (`failed`, or `abandoned` when
+    it ran out of memory: the same config would again), `reason` one line for logs and tags.
+    The original error, when there was one, is ``__cause__``.
+    """
+
+    def __init__(self, reason: str, run_id: str | None = None, status: str = "failed"):
+        super().__init__(reason)
+        self.reason = reason
+        self.run_id = run_id
+        self.status = status
+
+
+class TrialInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a trial while it trained; its run ended KILLED."""
+
+    def __init__(self, run_id: str):
+        super().__init__(f"trial interrupted (run {run_id})")
+        self.run_id = run_id
+
+
+def one_line(text: object, limit: int = 500) -> str:
+    """`text` on one line, at most `limit` characters (tags, progress lines, error messages)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -85,7 +85,8 @@ def eval_loss(
     eval_loss is a mean of per-batch means and changes with batch composition). Batches are
     taken in a fixed order, each padded to its longest example.
     """
-    from pipeline.data import IGNORE_INDEX, build_collator
+    from pipeline.batching import build_collator
+    from pipeline.data import IGNORE_INDEX
 
     collate = build_collator("length_grouped", tokenizer, 0)
     device = next(model.parameters()).device

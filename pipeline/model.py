@@ -6,8 +6,10 @@ small ``build_*`` functions below; our config objects never reach library classe
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,17 @@ def plan_device(
         )
     name = gpu_name if cuda else f"cpu ({torch.get_num_threads()} threads)"
     return DevicePlan("cuda" if cuda else "cpu", name or "cuda", dtype, precision)
+
+
+def hardware() -> dict[str, str]:
+    """CPU and, when present, GPU description (for a report's provenance)."""
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_threads": str(torch.get_num_threads())}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gb"] = f"{props.total_memory / 2**30:.1f}"
+        info["gpu_count"] = str(torch.cuda.device_count())
+    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,3 +263,19 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A CUDA (or CPU allocator) out-of-memory error: the same config would run out again."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free_memory() -> None:
+    """Give memory back after a failed trial, so the next one starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

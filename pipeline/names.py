@@ -30,6 +30,7 @@ DATA_DROPPED = "data_dropped_examples"
 MODEL_LOAD_S = "model_load_s"
 BEST_EVAL_STEP = "best_eval_step"  # step of the best evaluation (the weights kept with restore_best)
 GENERATION_METRIC_PREFIX = "eval_"  # + metric key, e.g. eval_rougeL
+EVAL_ROUGE_L = "eval_rougeL"  # the default generation metric's score
 
 # --- tags ---
 # Experiment tag read by the MLflow 3 UI to choose its layout (runs table, not GenAI traces).
@@ -51,6 +52,9 @@ DEVICE = "pipeline.device"
 PRECISION = "pipeline.precision"
 ERROR = "pipeline.error"  # one line, set on a FAILED run
 PIPELINE_VERSION = "pipeline.version"
+# MLflow's own tags that the pipeline sets or reads.
+NOTE = "mlflow.note.content"  # the run's description in the UI (markdown)
+PARENT_RUN_ID = "mlflow.parentRunId"
 
 # --- artifacts ---
 ADAPTER_DIR = "adapter"  # adapter_model.safetensors, adapter_config.json, tokenizer files
@@ -82,10 +86,20 @@ def is_trial_metric(name: str) -> bool:
     return name in TRIAL_METRICS or name.startswith(GENERATION_METRIC_PREFIX)
 
 
+# --- trial statuses: values of the `trial.status` tag, and of the search's trial records ---
+COMPLETED = "completed"
+EARLY_STOPPED = "early_stopped"  # stopped by the search's early-stopping rule; a partial result
+FAILED = "failed"  # an error or a NaN loss; Ax may propose the region again
+ABANDONED = "abandoned"  # out of memory: the same config would fail again, Ax will not retry it
+KILLED = "killed"  # interrupted (Ctrl-C, SIGTERM, a crash): a resumed search runs it again
+RUNNING = "running"
+FINISHED_STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, ABANDONED)
+SCORED_STATUSES = (COMPLETED, EARLY_STOPPED)
+
 # --- search: tags and metrics of the parent run and its trials ---
 AX_TRIAL_INDEX = "ax.trial_index"
 AX_GENERATION_METHOD = "ax.generation_method"  # Sobol | BoTorch | CenterOfSearchSpace | Manual
-TRIAL_STATUS = "trial.status"  # completed | early_stopped | failed | abandoned | killed
+TRIAL_STATUS = "trial.status"  # one of the statuses above; every run of run_trial tags its own
 TRIAL_FAILURE_REASON = "trial.failure_reason"
 SEARCH_BASELINE_RUN = "search.baseline_run_id"
 SEARCH_BEST_RUN = "search.best_run_id"
@@ -106,13 +120,33 @@ STEPS_SAVED_PCT = "early_stopping_steps_saved_pct"
 # --- search artifacts (on the parent run) ---
 REPORT_DIR = "report"  # search_report.md + PNG plots
 REPORT_FILE = "search_report.md"
-RETRAIN_REPORT_FILE = "retrain_report.md"
+REPORT_PLOTS = {
+    "trace": "optimization_trace.png",
+    "curves": "eval_loss_curves.png",
+    "slices": "parameter_slices.png",
+    "pareto": "pareto_front.png",
+}
+RETRAIN_REPORT_FILE = "retrain_report.md"  # in report/ of a retrain run
+RETRAIN_PLOT_FILE = "retrain_eval_loss.png"
 BEST_CONFIG_FILE = "best_config.yaml"
 STATE_DIR = "search_state"  # ax_state.json + trials.json, updated after every trial
 AX_STATE_FILE = "ax_state.json"
 TRIALS_FILE = "trials.json"
 
+# --- local folders (under train.output_dir) ---
+ADAPTERS_DIR = "adapters"  # adapters/<run id>/adapter/: the local copy of a run's adapter/ artifact
+
 # --- registry ---
 CHAMPION_ALIAS = "champion"
 PREVIOUS_ALIAS = "previous"
 MODEL_ARTIFACT = "model"  # the pyfunc model logged for registration
+# Tags of a registered model version.
+VERSION_SOURCE_RUN = "source_run_id"  # the run whose adapter this version holds
+VERSION_EVAL_LOSS = "eval_loss"
+VERSION_EVAL_FINGERPRINT = "eval_fingerprint"  # versions compare only on the same eval data
+VERSION_ADAPTER_SHA = "adapter_sha256"
+VERSION_BASE_MODEL = "base_model"
+VERSION_SEARCH_RUN = "search_run_id"  # the search behind it (retrain retrains that search's best)
+VERSION_IMPROVEMENT_PCT = "improvement_pct"
+VERSION_DATA_FINGERPRINT = "data_fingerprint"
+VERSION_RETRAIN_SOURCE = "retrain_source"

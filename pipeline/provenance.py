@@ -1,4 +1,4 @@
-"""Where a result came from: git commit, package versions, hardware."""
+"""Where a result came from: git commit and package versions (the hardware: `model.hardware`)."""
 
 from __future__ import annotations
 
@@ -50,16 +50,3 @@ def git_commit(path: str | Path = ".") -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return sha + ("-dirty" if dirty else "")
-
-
-def hardware() -> dict[str, str]:
-    """CPU and, when present, GPU description."""
-    import torch
-
-    info = {"cpu": platform.processor() or platform.machine(), "cpu_threads": str(torch.get_num_threads())}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = props.name
-        info["gpu_memory_gb"] = f"{props.total_memory / 2**30:.1f}"
-        info["gpu_count"] = str(torch.cuda.device_count())
-    return info

@@ -27,13 +27,39 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import names
+from pipeline.errors import PipelineError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-TAG_EVAL_LOSS = "eval_loss"
-TAG_EVAL_FINGERPRINT = "eval_fingerprint"
-TAG_SOURCE_RUN = "source_run_id"
-TAG_ADAPTER_SHA = "adapter_sha256"
-TAG_BASE_MODEL = "base_model"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An adapter offered to the registry: the run that trained it and how it scored.
+
+    `adapter_dir` is the local copy of the run's `adapter/` when the caller still has it (then
+    nothing is downloaded); otherwise the run's artifact is fetched from the store."""
+
+    run_id: str
+    eval_loss: float
+    eval_fingerprint: str
+    adapter_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """A registered model version, as the pipeline reads it."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+
+    @property
+    def search_run_id(self) -> str | None:
+        return self.tags.get(names.VERSION_SEARCH_RUN)
+
+
+def _version(mv: Any) -> VersionRecord:
+    return VersionRecord(mv.name, str(mv.version), dict(mv.tags or {}))
 
 
 @dataclass
@@ -54,31 +80,31 @@ def adapter_sha256(adapter_dir: str | Path) -> str:
     return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
 
 
-def _champion(client: MlflowClient, name: str, alias: str = names.CHAMPION_ALIAS) -> Any | None:
+def _champion(client: MlflowClient, name: str, alias: str = names.CHAMPION_ALIAS) -> VersionRecord | None:
     try:
-        return client.get_model_version_by_alias(name, alias)
+        return _version(client.get_model_version_by_alias(name, alias))
     except MlflowException:
         return None
 
 
-def champion(name: str) -> Any | None:
+def champion(name: str) -> VersionRecord | None:
     """The version holding the `champion` alias, or None."""
     return _champion(MlflowClient(), name)
 
 
-def decide(eval_loss: float, eval_fingerprint: str, champion: Any | None) -> tuple[bool, str]:
+def decide(eval_loss: float, eval_fingerprint: str, champion: VersionRecord | None) -> tuple[bool, str]:
     """Whether a new version should become champion, and why (a sentence)."""
     if not math.isfinite(eval_loss):
         return False, f"eval_loss {eval_loss} is not finite"
     if champion is None:
         return True, "no champion yet"
-    old_fp = champion.tags.get(TAG_EVAL_FINGERPRINT)
+    old_fp = champion.tags.get(names.VERSION_EVAL_FINGERPRINT)
     if old_fp != eval_fingerprint:
         return False, (
             f"champion v{champion.version} was evaluated on other eval data (fingerprint {old_fp} vs "
             f"{eval_fingerprint}), so the losses do not compare; promote by hand if intended"
         )
-    old = float(champion.tags.get(TAG_EVAL_LOSS, "inf"))
+    old = float(champion.tags.get(names.VERSION_EVAL_LOSS, "inf"))
     if eval_loss < old:
         return True, f"eval_loss {eval_loss:.4f} beats champion v{champion.version} ({old:.4f})"
     return False, f"eval_loss {eval_loss:.4f} does not beat champion v{champion.version} ({old:.4f})"
@@ -86,14 +112,12 @@ def decide(eval_loss: float, eval_fingerprint: str, champion: Any | None) -> tup
 
 def promote(
     model_name: str,
-    adapter_run_id: str,
-    eval_loss: float,
-    eval_fingerprint: str,
+    candidate: Candidate,
     tags: dict[str, Any] | None = None,
     description: str = "",
     allow_duplicate: bool = False,
 ) -> Promotion:
-    """Register the adapter of `adapter_run_id` as a new version; move `champion` if it wins.
+    """Register the candidate's adapter as a new version; move `champion` if it wins.
 
     The model is logged into the active run (the search or retrain run that decided this). An
     adapter identical to an existing version's (same weights) is not registered twice unless
@@ -101,18 +125,20 @@ def promote(
     """
     client = MlflowClient()
     champion = _champion(client, model_name)
-    promoted, reason = decide(eval_loss, eval_fingerprint, champion)
+    promoted, reason = decide(candidate.eval_loss, candidate.eval_fingerprint, champion)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir = mlflow.artifacts.download_artifacts(
-            run_id=adapter_run_id, artifact_path=names.ADAPTER_DIR, dst_path=tmp
-        )
+        adapter_dir = candidate.adapter_dir
+        if adapter_dir is None or not (Path(adapter_dir) / names.BASE_REFERENCE_FILE).is_file():
+            adapter_dir = mlflow.artifacts.download_artifacts(
+                run_id=candidate.run_id, artifact_path=names.ADAPTER_DIR, dst_path=tmp
+            )
         sha = adapter_sha256(adapter_dir)
         if not allow_duplicate:
             for mv in _versions(client, model_name):
-                if mv.tags.get(TAG_ADAPTER_SHA) == sha:
+                if mv.tags.get(names.VERSION_ADAPTER_SHA) == sha:
                     return Promotion(
                         model_name,
-                        str(mv.version),
+                        mv.version,
                         False,
                         f"{model_name} v{mv.version} already holds this adapter (sha {sha}); no new version",
                         duplicate=True,
@@ -121,16 +147,16 @@ def promote(
         info = mlflow.pyfunc.log_model(
             name=names.MODEL_ARTIFACT,
             python_model=str(Path(__file__)),
-            artifacts={"adapter": adapter_dir},
+            artifacts={"adapter": str(adapter_dir)},
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=_requirements(),
         )
     version_tags = {
-        TAG_SOURCE_RUN: adapter_run_id,
-        TAG_EVAL_LOSS: f"{eval_loss:.6f}",
-        TAG_EVAL_FINGERPRINT: eval_fingerprint,
-        TAG_ADAPTER_SHA: sha,
-        TAG_BASE_MODEL: base.get("name_or_path", ""),
+        names.VERSION_SOURCE_RUN: candidate.run_id,
+        names.VERSION_EVAL_LOSS: f"{candidate.eval_loss:.6f}",
+        names.VERSION_EVAL_FINGERPRINT: candidate.eval_fingerprint,
+        names.VERSION_ADAPTER_SHA: sha,
+        names.VERSION_BASE_MODEL: base.get("name_or_path", ""),
         **{
             k: (f"{v:.4f}" if isinstance(v, float) else str(v))
             for k, v in (tags or {}).items()
@@ -157,9 +183,9 @@ def promote(
         str(mv.version),
         promoted,
         message,
-        previous_champion=str(champion.version) if champion else None,
-        previous_eval_loss=float(champion.tags[TAG_EVAL_LOSS])
-        if champion and TAG_EVAL_LOSS in champion.tags
+        previous_champion=champion.version if champion else None,
+        previous_eval_loss=float(champion.tags[names.VERSION_EVAL_LOSS])
+        if champion and names.VERSION_EVAL_LOSS in champion.tags
         else None,
     )
 
@@ -168,8 +194,6 @@ def check_model_uri(uri: str) -> str:
     """A `models:/name@alias` or `models:/name/version` URI whose model and alias/version exist.
 
     Raises PipelineError naming what is missing (and what is there)."""
-    from pipeline.errors import PipelineError
-
     m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))?", uri)
     if not m:
         raise PipelineError(f"--model: {uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
@@ -208,9 +232,9 @@ def load_registered(uri: str) -> Any:
     return mlflow.pyfunc.load_model(check_model_uri(uri))
 
 
-def _versions(client: MlflowClient, name: str) -> list[Any]:
+def _versions(client: MlflowClient, name: str) -> list[VersionRecord]:
     try:
-        return list(client.search_model_versions(f"name = '{name}'"))
+        return [_version(mv) for mv in client.search_model_versions(f"name = '{name}'")]
     except MlflowException:
         return []
 

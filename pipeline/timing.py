@@ -15,18 +15,22 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
+Clock = Callable[[], float]
 
 
 class PhaseTimer:
-    """Exclusive seconds per phase; `with timer.phase("x"):` or `timer.wrap("x", fn)`."""
+    """Exclusive seconds per phase; `with timer.phase("x"):` or `timer.wrap("x", fn)`.
 
-    def __init__(self) -> None:
+    `clock` is injectable (tests drive a fake one instead of sleeping)."""
+
+    def __init__(self, clock: Clock = time.perf_counter) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = defaultdict(float)
         self._stack: list[str] = []
-        self._since = time.perf_counter()
+        self._since = clock()
 
     def _switch(self) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         if self._stack:
             self.seconds[self._stack[-1]] += now - self._since
         self._since = now

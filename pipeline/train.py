@@ -9,7 +9,6 @@ layer), stops training on a non-finite loss, and asks an optional ``on_eval`` ho
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,17 +19,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from pipeline import names
-from pipeline.config import EvalConfig, TrainConfig
-from pipeline.data import PreparedData, TokenDataset, build_collator
+from pipeline.batching import TokenDataset, build_collator
+from pipeline.config import EvalConfig, PipelineConfig, TrainConfig
+from pipeline.data import PreparedData
+from pipeline.interrupt import STOP_REQUESTED
 from pipeline.metrics import MemoryMonitor, eval_loss, perplexity
 from pipeline.model import DevicePlan
 
 MetricSink = Callable[[dict[str, float], int], None]
 
-# Set by a signal handler (the search's, on Ctrl-C or SIGTERM) to stop the training in progress.
-# Checked after each optimizer step, where raising is safe: a signal handler that raises at an
-# arbitrary point can land inside library code that swallows the exception.
-STOP_REQUESTED = threading.Event()
 EvalHook = Callable[[int, float], bool]  # (step, eval_loss) -> stop?
 Evaluator = Callable[[Any], float]  # model -> eval loss
 
@@ -214,6 +211,17 @@ class _StepBar(ProgressCallback):
         return
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """What training needs besides the model: the config, where it runs, tokenizer and data."""
+
+    config: PipelineConfig
+    plan: DevicePlan
+    tokenizer: Any
+    data: PreparedData
+    quiet: bool = False
+
+
 @dataclass
 class TrainOutcome:
     """What training produced (the trainer itself is returned alongside)."""
@@ -236,22 +244,17 @@ class TrainOutcome:
 
 def train(
     model: Any,
-    tokenizer: Any,
-    data: PreparedData,
-    train_cfg: TrainConfig,
-    eval_cfg: EvalConfig,
-    max_seq_len: int,
-    plan: DevicePlan,
+    job: TrainJob,
     sink: MetricSink,
     on_eval: EvalHook | None = None,
-    quiet: bool = False,
     memory: MemoryMonitor | None = None,
 ) -> tuple[Trainer, TrainOutcome]:
     """Train the LoRA model, evaluate at the end, and report what happened."""
-    args = build_training_args(train_cfg, eval_cfg, plan, train_cfg.output_dir, quiet)
+    train_cfg, eval_cfg, plan, tokenizer = job.config.train, job.config.eval, job.plan, job.tokenizer
+    args = build_training_args(train_cfg, eval_cfg, plan, train_cfg.output_dir, job.quiet)
     # Eval batches of similar lengths waste less compute on padding; eval_loss is token-weighted,
     # so the order and batch size do not change its value.
-    eval_set = sorted(data.eval, key=lambda e: len(e["input_ids"]), reverse=True)
+    eval_set = sorted(job.data.eval, key=lambda e: len(e["input_ids"]), reverse=True)
 
     def evaluate(m: Any) -> float:
         return eval_loss(m, eval_set, tokenizer, eval_cfg.batch_size, plan.precision)
@@ -270,11 +273,11 @@ def train(
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=TokenDataset(data.train),
+        train_dataset=TokenDataset(job.data.train),
         data_collator=build_collator(
             train_cfg.batching,
             tokenizer,
-            max_seq_len,
+            job.config.data.max_seq_len,
             pad_to_multiple_of=8 if plan.device == "cuda" else None,
         ),
         processing_class=tokenizer,
@@ -284,7 +287,7 @@ def train(
     # all with --quiet.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if not quiet:
+    if not job.quiet:
         trainer.add_callback(_StepBar())
     result = trainer.train()
     step = trainer.state.global_step

@@ -1,8 +1,15 @@
-"""`run_trial(config) -> TrialResult`: one LoRA fine-tune, fully tracked. Baseline, every search
-trial and retrain go through here.
+"""One LoRA fine-tune, fully tracked. Baseline, every search trial and retrain go through here.
 
-Order: device plan -> tokenizer -> data -> base model (all of which can fail on bad input before
-any run exists) -> MLflow run -> LoRA -> train -> metrics -> adapter artifact.
+Two steps, as in litgpt's recipes:
+
+- `setup(config)`: device plan -> tokenizer -> data -> generation metric -> base model. All that
+  can fail on bad input fails here, before any MLflow run exists.
+- `fit(trial, spec)`: MLflow run -> LoRA -> train -> metrics -> adapter (logged, and kept in
+  `train.output_dir/adapters/<run id>/`) -> the run tags its own `trial.status`.
+
+`run_trial(config, spec)` is both in one call. A failure inside the run ends the run FAILED and
+raises `TrialFailed` (with the run id and whether the trial failed or was abandoned); Ctrl-C or
+SIGTERM while training ends it KILLED and raises `TrialInterrupted`.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +27,7 @@ from typing import Any
 from pipeline import __version__, names, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, fingerprint, flatten, to_dict, to_yaml
 from pipeline.data import PreparedData, prepare_data
-from pipeline.errors import TrialFailed
+from pipeline.errors import TrialFailed, TrialInterrupted, one_line
 from pipeline.metrics import MemoryMonitor, generate, generation_scores, load_generation_metric, perplexity
 from pipeline.model import (
     BaseModel,
@@ -28,15 +35,27 @@ from pipeline.model import (
     attach_lora,
     count_parameters,
     detach_lora,
+    free_memory,
+    is_out_of_memory,
     load_base_model,
     load_tokenizer,
     plan_device,
 )
 from pipeline.provenance import git_commit, package_versions
 from pipeline.timing import PhaseTimer
-from pipeline.train import EvalHook, TrainOutcome, train
+from pipeline.train import EvalHook, TrainJob, TrainOutcome, train
 
 log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Who a trial's MLflow run is: its role, name, parent run (a search) and extra tags."""
+
+    role: str = names.ROLE_BASELINE
+    name: str | None = None  # None: tracking.run_name, else derived from the config
+    parent_run_id: str | None = None
+    tags: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,7 +72,8 @@ class TrialResult:
     config_fingerprint: str
     data_fingerprint: str
     eval_fingerprint: str
-    adapter_uri: str
+    adapter_uri: str  # runs:/<run id>/adapter
+    adapter_dir: Path  # the same adapter on local disk (the registry takes it from here)
     wall_seconds: float
     evals: list[tuple[int, float]] = field(default_factory=list)
     # Exclusive seconds per phase (load, tracking, lora, train, eval_hook, generation, adapter,
@@ -96,6 +116,246 @@ class Resources:
         return base, False
 
 
+@dataclass
+class TrialSetup:
+    """Everything a trial needs before its run starts (what `setup` built)."""
+
+    job: TrainJob
+    base: BaseModel
+    reused: bool  # the base model came from an earlier trial
+    metric: Any | None  # the generation metric (an `evaluate` module), or None
+    timer: PhaseTimer
+    started: float  # perf_counter() when setup began: the trial's wall time counts from here
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.job.config
+
+
+def setup(config: PipelineConfig, resources: Resources | None = None, quiet: bool = False) -> TrialSetup:
+    """Resolve the device, load tokenizer, data, metric and base model (raises PipelineError on
+    bad input, before any run exists). Near instant when `resources` already hold them."""
+    timer, started = PhaseTimer(), time.perf_counter()
+    resources = resources or Resources()
+    with timer.phase("load"):
+        plan = plan_device(config.model, config.train)
+        tokenizer = resources.tokenizer(config)
+        data = resources.data(config)
+        gen = config.eval.generation_metric
+        metric = load_generation_metric(gen) if gen else None
+        base, reused = resources.base_model(config, plan)
+    return TrialSetup(TrainJob(config, plan, tokenizer, data, quiet), base, reused, metric, timer, started)
+
+
+def run_trial(
+    config: PipelineConfig,
+    spec: RunSpec | None = None,
+    *,
+    resources: Resources | None = None,
+    on_eval: EvalHook | None = None,
+    on_complete: Callable[[tracking.TrackedRun, TrialResult], None] | None = None,
+    quiet: bool = False,
+) -> TrialResult:
+    """`setup` then `fit`: fine-tune a LoRA adapter with `config` in its own MLflow run."""
+    return fit(setup(config, resources, quiet), spec or RunSpec(), on_eval, on_complete)
+
+
+def fit(
+    trial: TrialSetup,
+    spec: RunSpec,
+    on_eval: EvalHook | None = None,
+    on_complete: Callable[[tracking.TrackedRun, TrialResult], None] | None = None,
+) -> TrialResult:
+    """Train in a new MLflow run and return the result.
+
+    `on_eval(step, eval_loss) -> stop?` is asked at every evaluation (the search's early
+    stopping). `on_complete(run, result)` runs inside the run, after the adapter is logged (the
+    retrain writes its report and registers the adapter there).
+    """
+    config, job, timer = trial.config, trial.job, trial.timer
+    tags = {
+        names.ROLE: spec.role,
+        names.BASE_MODEL: config.model.name_or_path
+        + (f"::{config.model.gguf_file}" if config.model.gguf_file else ""),
+        names.DATA_FINGERPRINT: job.data.fingerprint,
+        names.EVAL_FINGERPRINT: job.data.eval_fingerprint,
+        names.CONFIG_FINGERPRINT: config_fingerprint(config),
+        names.GIT_COMMIT: git_commit(Path(__file__).parent),
+        names.PACKAGE_VERSIONS: json.dumps(package_versions(), sort_keys=True),
+        names.DEVICE: job.plan.name,
+        names.PRECISION: job.plan.precision,
+        names.PIPELINE_VERSION: __version__,
+        **spec.tags,
+    }
+    name = spec.name or config.tracking.run_name or default_run_name(config, spec.role)
+    run_id: str | None = None
+    failure: tuple[str, str] | None = None  # (status, reason) of a failure inside the run
+    try:
+        with (
+            timer.phase("tracking"),
+            tracking.start_run(config.tracking, name, tags, parent_run_id=spec.parent_run_id) as run,
+            timer.phase("other"),
+        ):
+            run_id = run.run_id
+            try:
+                outcome, final, adapter_dir = _train_in_run(run, trial, name, on_eval)
+                result = TrialResult(
+                    run_id=run.run_id,
+                    status=names.COMPLETED if outcome.stopped_early_at is None else names.EARLY_STOPPED,
+                    eval_loss=outcome.eval_loss,
+                    metrics={k: float(v) for k, v in final.items() if math.isfinite(float(v))},
+                    steps=outcome.steps,
+                    max_steps=outcome.max_steps,
+                    config=config,
+                    config_fingerprint=tags[names.CONFIG_FINGERPRINT],
+                    data_fingerprint=job.data.fingerprint,
+                    eval_fingerprint=job.data.eval_fingerprint,
+                    adapter_uri=run.artifact_uri(names.ADAPTER_DIR),
+                    adapter_dir=adapter_dir,
+                    wall_seconds=time.perf_counter() - trial.started,
+                    evals=outcome.evals,
+                )
+                if on_complete is not None:
+                    with timer.phase("finish"):  # the retrain's report and registration
+                        on_complete(run, result)
+            except BaseException as e:
+                failure = _failure(e)
+                status, reason = failure
+                run.set_tags({names.TRIAL_STATUS: status, names.TRIAL_FAILURE_REASON: reason})
+                raise
+            with timer.phase("tracking"):
+                run.set_tags({names.TRIAL_STATUS: result.status})
+                run.log_metrics(timer.metrics(), outcome.steps, flush=True)
+            result.timings = dict(timer.seconds)
+            result.wall_seconds = time.perf_counter() - trial.started
+    except KeyboardInterrupt as e:
+        if run_id is None:
+            raise
+        raise TrialInterrupted(run_id) from e
+    except Exception as e:
+        if run_id is None or failure is None:  # the store itself failed: nothing to attribute
+            raise
+        status, reason = failure
+        if isinstance(e, TrialFailed):  # raised inside the run (divergence): it has its reason
+            e.run_id, e.status = run_id, status
+            raise
+        raise TrialFailed(reason, run_id, status) from e
+    return result
+
+
+def _failure(e: BaseException) -> tuple[str, str]:
+    """(trial status, one-line reason) of an error inside a trial's run."""
+    if isinstance(e, KeyboardInterrupt):
+        return names.KILLED, "interrupted"
+    if isinstance(e, TrialFailed):
+        return names.FAILED, e.reason
+    reason = one_line(f"{type(e).__name__}: {e}")
+    if is_out_of_memory(e):
+        free_memory()
+        return names.ABANDONED, reason  # the same config would run out of memory again
+    return names.FAILED, reason
+
+
+def _train_in_run(
+    run: tracking.TrackedRun, trial: TrialSetup, name: str, on_eval: EvalHook | None
+) -> tuple[TrainOutcome, dict[str, float], Path]:
+    """Inside the run: log the config, train, measure, save the adapter. Always detaches LoRA."""
+    config, job, timer, base = trial.config, trial.job, trial.timer, trial.base
+    data = job.data
+    with timer.phase("tracking"):
+        run.log_params(flatten(to_dict(config)))
+        run.log_text(to_yaml(config, f"resolved config of run {run.run_id}"), names.CONFIG_FILE)
+        run.log_dict(data.stats_dict(), names.DATA_STATS_FILE)
+    with timer.phase("lora"):
+        model = attach_lora(base.model, config.lora, config.train.seed)
+    try:
+        trainable, total = count_parameters(model)
+        log.info(
+            "%s: %d train / %d eval examples, %s of %s parameters trainable, %s on %s",
+            name,
+            data.stats.train_examples,
+            data.stats.eval_examples,
+            f"{trainable:,}",
+            f"{total:,}",
+            job.plan.precision,
+            job.plan.name,
+        )
+        memory = MemoryMonitor()
+        with timer.phase("train"):  # training steps and evaluations; the hooks are timed apart
+            _, outcome = train(
+                model,
+                job,
+                sink=timer.wrap("tracking", run.log_metrics),
+                on_eval=timer.wrap("eval_hook", on_eval) if on_eval is not None else None,
+                memory=memory,
+            )
+        if outcome.diverged:
+            step, value = outcome.diverged
+            raise TrialFailed(f"loss became {value} at step {step} (learning rate too high?)")
+
+        final: dict[str, float] = {
+            names.EVAL_LOSS: outcome.eval_loss,
+            names.EVAL_PERPLEXITY: perplexity(outcome.eval_loss),
+            names.TRAIN_LOSS_MEAN: outcome.train_loss,
+            names.TRAIN_RUNTIME_S: outcome.step_seconds,
+            names.TRAIN_TOKENS: outcome.tokens,
+            names.TRAIN_STEPS: outcome.steps,
+            names.TRAIN_TOKENS_PER_SECOND: outcome.tokens_per_second,
+            names.TRAINABLE_PARAMS: trainable,
+            names.TOTAL_PARAMS: total,
+            names.TRAINABLE_PCT: 100.0 * trainable / total,
+            names.DATA_TRAIN_EXAMPLES: data.stats.train_examples,
+            names.DATA_EVAL_EXAMPLES: data.stats.eval_examples,
+            names.DATA_TRUNCATED: data.stats.truncated,
+            names.DATA_DROPPED: data.stats.dropped,
+            names.MODEL_LOAD_S: 0.0 if trial.reused else base.load_seconds,
+            **({names.BEST_EVAL_STEP: outcome.best_step} if outcome.best_step is not None else {}),
+            **memory.peaks(),
+        }
+        if trial.metric is not None and config.eval.generation_samples and data.generation:
+            final.update(_generation_scores(run, trial, model))
+        # eval_loss and eval_perplexity at the last step were streamed by the callback already.
+        streamed = {names.EVAL_LOSS, names.EVAL_PERPLEXITY}
+        with timer.phase("tracking"):
+            run.log_metrics({k: v for k, v in final.items() if k not in streamed}, outcome.steps, flush=True)
+
+        with timer.phase("adapter"):
+            # adapters/<run id>/adapter/: the same folder name as the run's artifact
+            adapter_dir = Path(config.train.output_dir) / names.ADAPTERS_DIR / run.run_id / names.ADAPTER_DIR
+            model.save_pretrained(adapter_dir)
+            job.tokenizer.save_pretrained(adapter_dir)
+            (adapter_dir / names.BASE_REFERENCE_FILE).write_text(
+                json.dumps(base_reference(config, job.plan), indent=2)
+            )
+            run.log_artifacts(adapter_dir, names.ADAPTER_DIR)
+    finally:
+        base.model = detach_lora(model)
+    return outcome, final, adapter_dir.resolve()
+
+
+def _generation_scores(run: tracking.TrackedRun, trial: TrialSetup, model: Any) -> dict[str, float]:
+    """Answer held-out prompts greedily, score them with the generation metric, log the answers."""
+    cfg, job = trial.config.eval, trial.job
+    sample = job.data.generation[: cfg.generation_samples]
+    with trial.timer.phase("generation"):
+        predictions = generate(
+            model, job.tokenizer, [s["prompt"] for s in sample], cfg.max_new_tokens, cfg.batch_size
+        )
+        scores = generation_scores(trial.metric, predictions, [s["reference"] for s in sample])
+    with trial.timer.phase("tracking"):
+        run.log_dict(
+            [{**s, "prediction": p} for s, p in zip(sample, predictions, strict=True)], names.GENERATIONS_FILE
+        )
+    return scores
+
+
+def discard_local_adapter(adapter_dir: str | Path) -> None:
+    """Delete the local copy of a run's adapter (the run keeps its `adapter/` artifact)."""
+    folder = Path(adapter_dir).parent  # adapters/<run id>/
+    if folder.parent.name == names.ADAPTERS_DIR:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def default_run_name(config: PipelineConfig, role: str) -> str:
     lora, tr = config.lora, config.train
     return f"{role} r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size}"
@@ -118,193 +378,3 @@ def base_reference(config: PipelineConfig, plan: DevicePlan) -> dict[str, Any]:
         "double_quant": m.double_quant,
         "trust_remote_code": m.trust_remote_code,
     }
-
-
-def run_trial(
-    config: PipelineConfig,
-    *,
-    role: str = names.ROLE_BASELINE,
-    run_name: str | None = None,
-    parent_run_id: str | None = None,
-    tags: Mapping[str, Any] | None = None,
-    resources: Resources | None = None,
-    on_eval: EvalHook | None = None,
-    quiet: bool = False,
-    on_complete: Callable[[tracking.TrackedRun, TrialResult], None] | None = None,
-) -> TrialResult:
-    """Fine-tune a LoRA adapter with `config` in its own MLflow run and return the result.
-
-    `on_complete(run, result)` runs inside the run, after the adapter is logged (the retrain
-    writes its report and registers the adapter there). Raises PipelineError on bad input (before the run starts where possible) and TrialFailed when
-    the loss becomes NaN/inf; in both cases any run started here ends FAILED with its reason.
-    """
-    t0 = time.perf_counter()
-    timer = PhaseTimer()
-    resources = resources or Resources()
-    with timer.phase("load"):  # near zero when the search's Resources already hold it all
-        plan = plan_device(config.model, config.train)
-        tokenizer = resources.tokenizer(config)
-        data = resources.data(config)
-        metric = (
-            load_generation_metric(config.eval.generation_metric) if config.eval.generation_metric else None
-        )
-        base, reused = resources.base_model(config, plan)
-    cfg_fp = config_fingerprint(config)
-
-    run_tags = {
-        names.ROLE: role,
-        names.BASE_MODEL: config.model.name_or_path
-        + (f"::{config.model.gguf_file}" if config.model.gguf_file else ""),
-        names.DATA_FINGERPRINT: data.fingerprint,
-        names.EVAL_FINGERPRINT: data.eval_fingerprint,
-        names.CONFIG_FINGERPRINT: cfg_fp,
-        names.GIT_COMMIT: git_commit(Path(__file__).parent),
-        names.PACKAGE_VERSIONS: json.dumps(package_versions(), sort_keys=True),
-        names.DEVICE: plan.name,
-        names.PRECISION: plan.precision,
-        names.PIPELINE_VERSION: __version__,
-        **(tags or {}),
-    }
-    name = run_name or config.tracking.run_name or default_run_name(config, role)
-    run = None
-    try:
-        with (
-            timer.phase("tracking"),
-            tracking.start_run(config.tracking, name, run_tags, parent_run_id=parent_run_id) as run,
-            timer.phase("other"),
-        ):
-            status, outcome, final = _train_in_run(
-                run, config, base, tokenizer, data, metric, plan, reused, name, on_eval, quiet, timer
-            )
-            result = TrialResult(
-                run_id=run.run_id,
-                status=status,
-                eval_loss=outcome.eval_loss,
-                metrics={k: float(v) for k, v in final.items() if math.isfinite(float(v))},
-                steps=outcome.steps,
-                max_steps=outcome.max_steps,
-                config=config,
-                config_fingerprint=cfg_fp,
-                data_fingerprint=data.fingerprint,
-                eval_fingerprint=data.eval_fingerprint,
-                adapter_uri=run.artifact_uri(names.ADAPTER_DIR),
-                wall_seconds=time.perf_counter() - t0,
-                evals=outcome.evals,
-            )
-            if on_complete is not None:
-                with timer.phase("finish"):  # the retrain's report and registration
-                    on_complete(run, result)
-            with timer.phase("tracking"):
-                run.log_metrics(timer.metrics(), outcome.steps, flush=True)
-            result.timings = dict(timer.seconds)
-    except BaseException as e:  # KeyboardInterrupt too: the search tags the killed run
-        if run is not None:
-            e.run_id = run.run_id  # the caller (the search) records which run failed
-        raise
-    return result
-
-
-def _train_in_run(
-    run: tracking.TrackedRun,
-    config: PipelineConfig,
-    base: BaseModel,
-    tokenizer: Any,
-    data: PreparedData,
-    metric: Any,
-    plan: DevicePlan,
-    reused: bool,
-    name: str,
-    on_eval: EvalHook | None,
-    quiet: bool,
-    timer: PhaseTimer,
-) -> tuple[str, TrainOutcome, dict[str, float]]:
-    """Inside the run: log the config, train, measure, save the adapter. Always detaches LoRA."""
-    with timer.phase("tracking"):
-        run.log_params(flatten(to_dict(config)))
-        run.log_text(to_yaml(config, f"resolved config of run {run.run_id}"), names.CONFIG_FILE)
-        run.log_dict(data.stats_dict(), names.DATA_STATS_FILE)
-    with timer.phase("lora"):
-        model = attach_lora(base.model, config.lora, config.train.seed)
-    try:
-        trainable, total = count_parameters(model)
-        log.info(
-            "%s: %d train / %d eval examples, %s of %s parameters trainable, %s on %s",
-            name,
-            data.stats.train_examples,
-            data.stats.eval_examples,
-            f"{trainable:,}",
-            f"{total:,}",
-            plan.precision,
-            plan.name,
-        )
-        memory = MemoryMonitor()
-        with timer.phase("train"):  # training steps and evaluations; the hooks are timed apart
-            _, outcome = train(
-                model,
-                tokenizer,
-                data,
-                config.train,
-                config.eval,
-                config.data.max_seq_len,
-                plan,
-                sink=timer.wrap("tracking", run.log_metrics),
-                on_eval=timer.wrap("eval_hook", on_eval) if on_eval is not None else None,
-                quiet=quiet,
-                memory=memory,
-            )
-        if outcome.diverged:
-            step, value = outcome.diverged
-            raise TrialFailed(f"loss became {value} at step {step} (learning rate too high?)")
-
-        final: dict[str, float] = {
-            names.EVAL_LOSS: outcome.eval_loss,
-            names.EVAL_PERPLEXITY: perplexity(outcome.eval_loss),
-            names.TRAIN_LOSS_MEAN: outcome.train_loss,
-            names.TRAIN_RUNTIME_S: outcome.step_seconds,
-            names.TRAIN_TOKENS: outcome.tokens,
-            names.TRAIN_STEPS: outcome.steps,
-            names.TRAIN_TOKENS_PER_SECOND: outcome.tokens_per_second,
-            names.TRAINABLE_PARAMS: trainable,
-            names.TOTAL_PARAMS: total,
-            names.TRAINABLE_PCT: 100.0 * trainable / total,
-            names.DATA_TRAIN_EXAMPLES: data.stats.train_examples,
-            names.DATA_EVAL_EXAMPLES: data.stats.eval_examples,
-            names.DATA_TRUNCATED: data.stats.truncated,
-            names.DATA_DROPPED: data.stats.dropped,
-            names.MODEL_LOAD_S: 0.0 if reused else base.load_seconds,
-            **({names.BEST_EVAL_STEP: outcome.best_step} if outcome.best_step is not None else {}),
-            **memory.peaks(),
-        }
-        if metric is not None and config.eval.generation_samples and data.generation:
-            sample = data.generation[: config.eval.generation_samples]
-            with timer.phase("generation"):
-                predictions = generate(
-                    model,
-                    tokenizer,
-                    [s["prompt"] for s in sample],
-                    config.eval.max_new_tokens,
-                    config.eval.batch_size,
-                )
-                final.update(generation_scores(metric, predictions, [s["reference"] for s in sample]))
-            with timer.phase("tracking"):
-                run.log_dict(
-                    [{**s, "prediction": p} for s, p in zip(sample, predictions, strict=True)],
-                    names.GENERATIONS_FILE,
-                )
-        # eval_loss and eval_perplexity at the last step were streamed by the callback already.
-        streamed = {names.EVAL_LOSS, names.EVAL_PERPLEXITY}
-        with timer.phase("tracking"):
-            run.log_metrics({k: v for k, v in final.items() if k not in streamed}, outcome.steps, flush=True)
-
-        with timer.phase("adapter"), tempfile.TemporaryDirectory() as tmp:
-            adapter_dir = Path(tmp) / names.ADAPTER_DIR
-            model.save_pretrained(adapter_dir)
-            tokenizer.save_pretrained(adapter_dir)
-            (adapter_dir / names.BASE_REFERENCE_FILE).write_text(
-                json.dumps(base_reference(config, plan), indent=2)
-            )
-            run.log_artifacts(adapter_dir, names.ADAPTER_DIR)
-    finally:
-        base.model = detach_lora(model)
-    status = "early_stopped" if outcome.stopped_early_at is not None else "completed"
-    return status, outcome, final

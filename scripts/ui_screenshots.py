@@ -19,8 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlflow.tracking import MlflowClient  # noqa: E402
-
 from pipeline import names, tracking  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from tests import browser  # noqa: E402
@@ -33,40 +31,29 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     uri = tracking.use_store(config.tracking)
-    client = MlflowClient()
-    searches = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        f"tags.`{names.ROLE}` = '{names.ROLE_SEARCH}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not searches:
+    search = tracking.latest_finished_search()
+    if search is None:
         sys.exit(f"error: no finished search run in {uri}; run `mlflow run . -e search` first")
-    search = searches[0]
-    experiment = search.info.experiment_id
-    trials = client.search_runs(
-        [experiment],
-        f"tags.mlflow.parentRunId = '{search.info.run_id}' and tags.`{names.ROLE}` = '{names.ROLE_TRIAL}'",
-        order_by=["attributes.start_time ASC"],
-    )
+    experiment = search.experiment_id
+    trials = tracking.trials_of(search)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Path(tempfile.mkdtemp()) / "server.log"
     with browser.mlflow_server(uri, log) as base, browser.chromium(1500, 900) as d:
-        browser.open_page(d, browser.experiment_runs_url(base, experiment), search.info.run_name)
-        browser.expand_run(d, search.info.run_id)
-        browser.wait_for_text(d, trials[0].info.run_name)
+        browser.open_page(d, browser.experiment_runs_url(base, experiment), search.name)
+        browser.expand_run(d, search.run_id)
+        browser.wait_for_text(d, trials[0].name)
         browser.settle()
         d.save_screenshot(str(out / "ui-runs.png"))
 
-        ids = [t.info.run_id for t in trials]
+        ids = [t.run_id for t in trials]
         browser.open_page(d, browser.compare_url(base, experiment, ids), "lora.r", timeout_s=90)
         browser.settle()
         browser.choose_parallel_coordinates(d, ["train.learning_rate"], names.EVAL_LOSS)
         browser.settle(3)
         d.save_screenshot(str(out / "ui-compare.png"))
 
-        browser.open_page(d, browser.run_url(base, experiment, search.info.run_id), "Description")
+        browser.open_page(d, browser.run_url(base, experiment, search.run_id), "Description")
         browser.settle()
         d.save_screenshot(str(out / "ui-search-run.png"))
 

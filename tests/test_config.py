@@ -202,3 +202,77 @@ def test_select_overrides_splits_shared_set_strings():
     assert select_overrides(items, "search.") == ["search.n_trials=2", "'search.output_dir=/a b'"]
     assert parse_overrides(select_overrides(items, "search."))[1] == ("search.output_dir", "/a b")
     assert select_overrides(items, "search.", keep=False) == ["train.max_steps=5", "lora.r=4"]
+
+
+def test_search_problems_are_found_by_config_check_with_their_lines(tmp_path):
+    """What the search used to find only when it ran: value types against the config field,
+    early stopping without evaluations; now reported with every other problem, with lines."""
+    text = DEMO_CONFIG.read_text()
+    text = text.replace("  eval_steps: 50\n", "").replace(
+        "  early_stopping:\n",
+        "  outcome_constraints: ['peak_rss_gb <= 2', 'gpu < 3']\n  early_stopping:\n    enabled: true\n",
+    )
+    text = text.replace(
+        "lora.r: {type: choice, values: [4, 8, 16, 32]}", "lora.r: {type: range, bounds: [4.5, 32]}"
+    )
+    path = tmp_path / "search.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    lines = {line.split(": ", 1)[0] for line in e.value.problems}
+    msg = str(e.value)
+    assert "search.parameters: lora.r is an integer; bounds must be integers" in msg
+    assert "search.outcome_constraints.1: 'gpu < 3' must read `metric <= number`" in msg
+    row = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("  parameters:"))
+    assert f"{path}:{row}" in lines
+    # The cross-section check runs once the sections themselves are valid, and points at its key.
+    fixed = text.replace("[4.5, 32]", "[4, 32]").replace(", 'gpu < 3'", "")
+    path.write_text(fixed)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    row = next(i for i, line in enumerate(fixed.splitlines(), 1) if line.strip() == "enabled: true")
+    assert e.value.problems == [
+        f"{path}:{row}: search.early_stopping.enabled: needs train.eval_steps "
+        "(trials must evaluate while they train)"
+    ]
+
+
+def test_outcome_constraints_are_parsed_once_and_written_back_as_text():
+    c = with_overrides(
+        load_config(DEMO_CONFIG), {"search.outcome_constraints": ["peak_rss_gb<=15", "eval_rougeL >= 0.1"]}
+    )
+    first, second = c.search.outcome_constraints
+    assert (first.metric, first.op, first.bound) == ("peak_rss_gb", "<=", 15)
+    assert first.holds(15.0) and not first.holds(15.5) and not first.holds(None)
+    assert second.holds(0.2) and not second.holds(0.05)
+    assert to_dict(c)["search"]["outcome_constraints"] == ["peak_rss_gb <= 15", "eval_rougeL >= 0.1"]
+    assert flatten(to_dict(c))["search.outcome_constraints"] == ["peak_rss_gb <= 15", "eval_rougeL >= 0.1"]
+    assert c.search.required_metrics() == ["eval_loss", "peak_rss_gb", "eval_rougeL"]
+
+
+def test_cli_options_are_validated_as_config_keys(tmp_path):
+    from pipeline.search import search_config
+
+    config = search_config(DEMO_CONFIG, ["lora.r=4"], n_trials=3, budget_minutes=1.5)
+    assert (config.search.n_trials, config.search.budget_minutes, config.lora.r) == (3, 1.5, 4)
+    with pytest.raises(ConfigError) as e:
+        search_config(DEMO_CONFIG, [], n_trials=0, budget_minutes=-1)
+    assert e.value.problems == [
+        "--n-trials: Input should be greater than 0 (got 0)",
+        "--budget-minutes: Input should be greater than 0 (got -1)",
+    ]
+    no_search = DEMO_CONFIG.read_text().split("# The search space")[0]
+    path = tmp_path / "no-search.yaml"
+    path.write_text(no_search)
+    with pytest.raises(ConfigError, match="the config has no search section"):
+        search_config(path, [], n_trials=2)
+
+
+def test_every_section_but_search_can_be_searched():
+    from pipeline.config import config_field
+    from pipeline.config.sections import SECTIONS
+
+    assert set(SECTIONS) == set(PipelineConfig.model_fields) - {"search"}
+    assert config_field("lora.r") is not None and config_field("retrain.epochs") is not None
+    for path in ("search.n_trials", "lora", "lora.rank", "lora.r.x", "nothing"):
+        assert config_field(path) is None, path

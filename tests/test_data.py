@@ -8,11 +8,11 @@ import json
 
 import pytest
 
+from pipeline.batching import build_collator
 from pipeline.config import DataConfig
 from pipeline.data import (
     FALLBACK_CHAT_TEMPLATE,
     IGNORE_INDEX,
-    build_collator,
     prepare_data,
     read_records,
     split_records,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 
+import pytest
 import tomllib
 import yaml
 
@@ -50,24 +51,160 @@ def test_configuration_reference_is_current():
     assert doc == reference_markdown(), "regenerate: python -m pipeline config docs > docs/configuration.md"
 
 
-def _imports(path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    mods = set()
-    for node in ast.walk(tree):
+# The stages of the data flow (config -> data -> model -> train -> metrics -> tracking -> search
+# -> registry), as modules import one another: a module may import its own stage or an earlier
+# one, never a later one. Packages other than `search` are one stage each; the search package's
+# modules are stages of their own, in the order its loop uses them.
+STAGES = [
+    {"", "names", "errors", "timing", "provenance", "interrupt", "plotting"},  # the foundation
+    {"config"},
+    {"data"},
+    {"batching"},
+    {"model"},
+    {"metrics"},
+    {"train"},
+    {"serving"},
+    {"tracking"},
+    {"registry"},
+    {"trial"},
+    {"search.space"},
+    {"search.state"},
+    {"search.summary"},
+    {"search.plots"},
+    {"search.report"},
+    {"search.executor"},
+    {"search.baseline"},
+    {"search.loop"},
+    {"search"},
+    {"retrain"},
+    {"cli", "__main__"},
+]
+RANK = {module: i for i, stage in enumerate(STAGES) for module in stage}
+# Third-party imports allowed in a few stages only.
+ONLY_IN = {
+    "mlflow": {"tracking", "registry"},
+    "ax": {"search.space"},
+    "torch": {"batching", "model", "metrics", "train", "serving"},
+    "transformers": {"batching", "model", "metrics", "train", "serving"},
+    "peft": {"batching", "model", "metrics", "train", "serving"},
+    "bitsandbytes": {"batching", "model", "metrics", "train", "serving"},
+}
+MAX_LINES = 400
+# Reading MLflow's run objects or writing its search filters belongs to tracking and registry.
+MLFLOW_READS = re.compile(
+    r"\.data\.(tags|metrics|params)\b|\.info\.\w+|search_runs\(|tags\.`|attributes\.status"
+)
+
+
+def _stage(dotted: str) -> str:
+    """`pipeline.search.loop` -> `search.loop`; `pipeline.config.load` -> `config`; `pipeline` -> ``."""
+    parts = dotted.split(".")[1:]
+    if not parts:
+        return ""
+    if parts[0] == "search" and len(parts) > 1:
+        return f"search.{parts[1]}"
+    return parts[0]
+
+
+def _module(path: str) -> str:
+    """The dotted module of a file path under the repository root."""
+    parts = path.removesuffix(".py").split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(source: str) -> list[tuple[str, int]]:
+    """(imported module, line) for every import in the source, function-level ones included."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            mods |= {a.name.split(".")[0] for a in node.names}
+            out += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            mods.add(node.module.split(".")[0])
-    return mods
+            if (
+                node.module.split(".")[0] == "pipeline"
+            ):  # the name may be a module: `from pipeline import names`
+                out += [(f"{node.module}.{a.name}", node.lineno) for a in node.names]
+            else:
+                out.append((node.module, node.lineno))
+    return out
 
 
-def test_only_tracking_and_registry_import_mlflow_only_search_imports_ax():
-    for path in (ROOT / "pipeline").rglob("*.py"):
-        mods = _imports(path)
-        if "mlflow" in mods:
-            assert path.stem in {"tracking", "registry"}, f"{path} imports mlflow"
-        if "ax" in mods:
-            assert path.stem == "search", f"{path} imports ax"
+def layering_violations(files: dict[str, str]) -> list[str]:
+    """Every broken rule in {path: source} of `pipeline/` files, one line each."""
+    problems = []
+    for path, source in sorted(files.items()):
+        stage = _stage(_module(path))
+        if stage not in RANK:
+            problems.append(f"{path}: module is in no stage (add it to STAGES)")
+            continue
+        for target, line in _imports(source):
+            top = target.split(".")[0]
+            if top in ONLY_IN and stage not in ONLY_IN[top]:
+                problems.append(f"{path}:{line}: imports {top} (only {', '.join(sorted(ONLY_IN[top]))} may)")
+            if top == "pipeline":
+                other = _stage(target)
+                if other not in RANK:  # `pipeline.search.run_search`: a name, not a module
+                    other = _stage(target.rsplit(".", 1)[0])
+                if RANK.get(other, 0) > RANK[stage]:
+                    problems.append(
+                        f"{path}:{line}: imports {target}, a later stage than {stage or 'pipeline'}"
+                    )
+        if stage not in ONLY_IN["mlflow"]:
+            for line, text in enumerate(source.splitlines(), 1):
+                if MLFLOW_READS.search(text):
+                    problems.append(f"{path}:{line}: reads an MLflow run or filters runs (ask tracking)")
+        n = source.count("\n")
+        if n > MAX_LINES:
+            problems.append(f"{path}: {n} lines (keep modules under {MAX_LINES}: one job each)")
+    return problems
+
+
+def test_layering_of_the_package():
+    files = {
+        str(p.relative_to(ROOT)): p.read_text()
+        for p in (ROOT / "pipeline").rglob("*.py")
+        if "evaluate_metrics" not in p.parts  # metric scripts that `evaluate.load` runs, not modules
+    }
+    assert "pipeline/search/space.py" in files and "pipeline/tracking/runs.py" in files
+    assert layering_violations(files) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "source", "expected"),
+    [
+        ("pipeline/data.py", "import mlflow\n", "pipeline/data.py:1: imports mlflow"),
+        (
+            "pipeline/search/loop.py",
+            "x = 1\nfrom ax.api import Client\n",
+            "pipeline/search/loop.py:2: imports ax",
+        ),
+        ("pipeline/trial.py", "import torch\n", "pipeline/trial.py:1: imports torch"),
+        ("pipeline/search/summary.py", "from pipeline import tracking\n", ""),  # earlier: allowed
+        (
+            "pipeline/config/load.py",
+            "def f():\n    from pipeline.trial import run_trial\n",
+            "pipeline/config/load.py:2: imports pipeline.trial.run_trial, a later stage than config",
+        ),
+        (
+            "pipeline/search/state.py",
+            "from pipeline.search.loop import Search\n",
+            "pipeline/search/state.py:1: imports pipeline.search.loop.Search, a later stage than search.state",
+        ),
+        ("pipeline/search/newthing.py", "", "pipeline/search/newthing.py: module is in no stage"),
+        (
+            "pipeline/retrain/recipe.py",
+            "best = run.data.tags['search.best_run_id']\n",
+            "pipeline/retrain/recipe.py:1: reads an MLflow run or filters runs",
+        ),
+        ("pipeline/names.py", "x = 1\n" * (MAX_LINES + 1), "pipeline/names.py: 401 lines"),
+    ],
+)
+def test_layering_check_catches_what_it_forbids(path, source, expected):
+    """The rule above, shown failing: each forbidden import is reported with its file and line."""
+    problems = layering_violations({path: source})
+    if expected:
+        assert len(problems) == 1 and problems[0].startswith(expected), problems
+    else:
+        assert problems == []
 
 
 def test_data_and_model_assets_are_documented():

@@ -48,7 +48,8 @@ def test_smollm2_lora_steps_lower_held_out_loss(tmp_path):
     from pipeline import registry
 
     with mlflow.start_run(experiment_id=MlflowClient().get_run(result.run_id).info.experiment_id):
-        promotion = registry.promote("smollm2-test", result.run_id, result.eval_loss, result.eval_fingerprint)
+        candidate = registry.Candidate(result.run_id, result.eval_loss, result.eval_fingerprint)
+        promotion = registry.promote("smollm2-test", candidate)
     assert promotion.promoted
     model = registry.load_registered("models:/smollm2-test@champion")
     answer = model.predict(["What does the function `json.dumps` do?"], params={"max_new_tokens": 12})

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,8 +12,8 @@ from pipeline.trial import Resources, run_trial
 
 
 def champion(version: str, loss: float, fp: str = "fp1"):
-    return SimpleNamespace(
-        version=version, tags={registry.TAG_EVAL_LOSS: str(loss), registry.TAG_EVAL_FINGERPRINT: fp}
+    return registry.VersionRecord(
+        "m", version, {names.VERSION_EVAL_LOSS: str(loss), names.VERSION_EVAL_FINGERPRINT: fp}
     )
 
 
@@ -44,7 +42,12 @@ def two_adapters(tiny_config):
 def promote(result, name="reg-test", **kw):
     mlflow.set_experiment("tests")
     with mlflow.start_run():
-        return registry.promote(name, result.run_id, result.eval_loss, result.eval_fingerprint, **kw)
+        return registry.promote(name, _candidate(result), **kw)
+
+
+def _candidate(result):
+    """What the search and the retrain hand the registry: the run, its score, its adapter folder."""
+    return registry.Candidate(result.run_id, result.eval_loss, result.eval_fingerprint, result.adapter_dir)
 
 
 def test_champion_previous_and_duplicates(two_adapters):
@@ -57,8 +60,8 @@ def test_champion_previous_and_duplicates(two_adapters):
     assert str(client.get_model_version_by_alias("reg-test", names.CHAMPION_ALIAS).version) == "2"
     assert str(client.get_model_version_by_alias("reg-test", names.PREVIOUS_ALIAS).version) == "1"
     mv = client.get_model_version("reg-test", "2")
-    assert mv.tags[registry.TAG_SOURCE_RUN] == good.run_id and mv.tags["search_run_id"] == "abc"
-    assert mv.tags[registry.TAG_EVAL_FINGERPRINT] == good.eval_fingerprint
+    assert mv.tags[names.VERSION_SOURCE_RUN] == good.run_id and mv.tags["search_run_id"] == "abc"
+    assert mv.tags[names.VERSION_EVAL_FINGERPRINT] == good.eval_fingerprint
     # The same adapter again: no new version.
     again = promote(good)
     assert again.duplicate and again.version == "2"
@@ -79,3 +82,32 @@ def test_a_failure_while_registering_leaves_nothing_behind(two_adapters, monkeyp
     with pytest.raises(RuntimeError, match="registry unavailable"):
         promote(good, name="reg-broken")
     assert MlflowClient().search_model_versions("name = 'reg-broken'") == []
+
+
+def test_the_adapter_handed_over_is_not_downloaded_again(two_adapters, monkeypatch):
+    """The search and the retrain give the registry the adapter folder they just wrote."""
+    good, _ = two_adapters
+    assert (good.adapter_dir / "adapter_model.safetensors").is_file()
+    downloads = []
+    real = mlflow.artifacts.download_artifacts
+
+    def counting(*args, **kwargs):
+        downloads.append(kwargs.get("artifact_path"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting)
+    handed = promote(good, name="reg-local")
+    assert handed.promoted and names.ADAPTER_DIR not in downloads
+    # Without the folder (another machine, or deleted), the run's artifact is fetched instead.
+    mlflow.set_experiment("tests")
+    with mlflow.start_run():
+        fetched = registry.promote(
+            "reg-fetched", registry.Candidate(good.run_id, good.eval_loss, good.eval_fingerprint)
+        )
+    assert fetched.promoted and downloads.count(names.ADAPTER_DIR) == 1
+    versions = {
+        v.name: v.tags[names.VERSION_ADAPTER_SHA]
+        for n in ("reg-local", "reg-fetched")
+        for v in MlflowClient().search_model_versions(f"name = '{n}'")
+    }
+    assert versions["reg-local"] == versions["reg-fetched"] == registry.adapter_sha256(good.adapter_dir)

@@ -13,7 +13,7 @@ from pipeline import names, trial
 from pipeline.config import load_config, to_yaml, with_overrides
 from pipeline.metrics import eval_loss
 from pipeline.retrain import run_retrain
-from pipeline.search import run_search
+from pipeline.search import run_search, search_config
 from pipeline.trial import run_trial
 
 from .conftest import DEMO_CONFIG, PROBE, mlflow_run_command, run_cli, tiny_overrides, venv_env
@@ -38,7 +38,7 @@ def overrides(tmp_path, **extra) -> list[str]:
 @pytest.fixture
 def searched(tmp_path):
     """A finished 2-trial search whose winner is the champion."""
-    result = run_search(str(DEMO_CONFIG), overrides(tmp_path), n_trials=2, quiet=True)
+    result = run_search(search_config(DEMO_CONFIG, overrides(tmp_path), n_trials=2), quiet=True)
     assert result.promotion.promoted
     return result
 
@@ -241,11 +241,11 @@ def test_bad_retrain_and_generate_input(tmp_path, capsys):
 
     code, _, err = run_cli(["generate", "--model", "models:/nobody@champion", "--prompt", "x"], capsys)
     assert code == 2 and "error: --model: no registered model 'nobody'" in err
-    from pipeline.registry import promote
+    from pipeline.registry import Candidate, promote
 
     mlflow.set_experiment("tests")
     with mlflow.start_run():
-        promote("has-no-alias", baseline.run_id, 9.0, baseline.eval_fingerprint)
+        promote("has-no-alias", Candidate(baseline.run_id, 9.0, baseline.eval_fingerprint))
     MlflowClient().delete_registered_model_alias("has-no-alias", names.CHAMPION_ALIAS)
     code, _, err = run_cli(["generate", "--model", "models:/has-no-alias@best", "--prompt", "x"], capsys)
     assert (

@@ -20,11 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.cli import main
-from pipeline.search import run_search
+from pipeline.search import run_search, search_config
 
 from .conftest import DEMO_CONFIG, ROOT, mlflow_run_command, tiny_overrides, venv_env
-
-pytestmark = pytest.mark.e2e
 
 MODEL = "tests-lora"
 
@@ -73,6 +71,7 @@ def summary_numbers(report: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_search_through_mlflow_run(tmp_path):
     """`mlflow run . -e search -P n_trials=6`: the structure, the report, the promotion."""
     env = venv_env(tmp_path)
@@ -209,7 +208,8 @@ def _poison(monkeypatch, plan: dict[int, str]):
 def test_failed_nan_and_oom_trials_are_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
     _poison(monkeypatch, {3: "raise", 4: "nan", 5: "oom"})  # call 1 is the baseline
     result = run_search(
-        str(DEMO_CONFIG), overrides(tmp_path, **{"search.max_failure_rate": 1.0}), n_trials=5, quiet=True
+        search_config(DEMO_CONFIG, overrides(tmp_path, **{"search.max_failure_rate": 1.0}), n_trials=5),
+        quiet=True,
     )
     statuses = [t.status for t in result.state.trials]
     assert statuses == ["completed", "failed", "failed", "abandoned", "completed"]
@@ -268,20 +268,22 @@ def test_a_search_that_fails_everything_stops_with_a_clear_message(tmp_path, mon
 
 def test_early_stopping_stops_a_clearly_bad_trial(tmp_path):
     result = run_search(
-        str(DEMO_CONFIG),
-        [
-            *overrides(
-                tmp_path,
-                **{
-                    "search.early_stopping.enabled": True,
-                    "search.early_stopping.min_curves": 2,
-                    "search.initialization_trials": 6,
-                    "train.max_steps": 16,
-                },
-            ),
-            "search.parameters.train.learning_rate.bounds=[1.0e-5,1.0e-2]",
-        ],
-        n_trials=6,
+        search_config(
+            DEMO_CONFIG,
+            [
+                *overrides(
+                    tmp_path,
+                    **{
+                        "search.early_stopping.enabled": True,
+                        "search.early_stopping.min_curves": 2,
+                        "search.initialization_trials": 6,
+                        "train.max_steps": 16,
+                    },
+                ),
+                "search.parameters.train.learning_rate.bounds=[1.0e-5,1.0e-2]",
+            ],
+            n_trials=6,
+        ),
         quiet=True,
     )
     stopped = [t for t in result.state.trials if t.status == "early_stopped"]
@@ -315,6 +317,7 @@ def _wait_for(predicate, proc, log, timeout=600, every=1.0):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_interrupt_and_crash_then_resume(tmp_path):
     """SIGTERM ends the current trial cleanly (KILLED, state saved, exit 130); SIGKILL leaves a
     RUNNING trial that the resumed search marks KILLED and reruns; nothing completed is lost."""
@@ -412,12 +415,14 @@ def test_interrupt_and_crash_then_resume(tmp_path):
 
 def test_multi_objective_search_reports_a_pareto_frontier(tmp_path):
     result = run_search(
-        str(DEMO_CONFIG),
-        [
-            *overrides(tmp_path, **{"search.initialization_trials": 5}),
-            "search.objectives='[{metric: eval_loss, minimize: true}, {metric: trainable_params, minimize: true}]'",
-        ],
-        n_trials=5,
+        search_config(
+            DEMO_CONFIG,
+            [
+                *overrides(tmp_path, **{"search.initialization_trials": 5}),
+                "search.objectives='[{metric: eval_loss, minimize: true}, {metric: trainable_params, minimize: true}]'",
+            ],
+            n_trials=5,
+        ),
         quiet=True,
     )
     report = (result.report_dir / names.REPORT_FILE).read_text()
@@ -445,14 +450,17 @@ def test_multi_objective_search_reports_a_pareto_frontier(tmp_path):
 
 def test_a_worse_search_does_not_move_the_champion_and_reuses_the_baseline(tmp_path):
     first = run_search(
-        str(DEMO_CONFIG), overrides(tmp_path, **{"search.initialization_trials": 4}), n_trials=2, quiet=True
+        search_config(DEMO_CONFIG, overrides(tmp_path, **{"search.initialization_trials": 4}), n_trials=2),
+        quiet=True,
     )
     assert first.promotion.promoted and first.promotion.version == "1"
     # A search confined to a tiny learning rate cannot beat the first one.
     worse = run_search(
-        str(DEMO_CONFIG),
-        [*overrides(tmp_path), "search.parameters.train.learning_rate='{type: fixed, value: 1.0e-6}'"],
-        n_trials=1,
+        search_config(
+            DEMO_CONFIG,
+            [*overrides(tmp_path), "search.parameters.train.learning_rate='{type: fixed, value: 1.0e-6}'"],
+            n_trials=1,
+        ),
         quiet=True,
     )
     assert worse.state.baseline.reused and worse.state.baseline.run_id == first.state.baseline.run_id
@@ -487,7 +495,11 @@ def test_bad_search_input(tmp_path, capsys):
         assert len(err) == 1, err
         return code, err[0]
 
-    assert run("--n-trials", "0") == (2, "error: invalid config --n-trials: n_trials: must be > 0 (got 0)")
+    # Checked by the config's own validation, like any key: the option is named, not a file line.
+    assert run("--n-trials", "0") == (
+        2,
+        f"error: invalid config {DEMO_CONFIG}: --n-trials: Input should be greater than 0 (got 0)",
+    )
     code, err = run("--resume", "0123456789abcdef0123456789abcdef")
     assert code == 2 and "resume: no run '0123456789abcdef0123456789abcdef'" in err
     code, err = run(
@@ -512,7 +524,8 @@ def test_bad_search_input(tmp_path, capsys):
 
 def test_resume_from_another_experiment_is_refused(tmp_path, capsys):
     first = run_search(
-        str(DEMO_CONFIG), overrides(tmp_path, **{"search.initialization_trials": 4}), n_trials=1, quiet=True
+        search_config(DEMO_CONFIG, overrides(tmp_path, **{"search.initialization_trials": 4}), n_trials=1),
+        quiet=True,
     )
     with pytest.raises(SystemExit) as e:
         main(

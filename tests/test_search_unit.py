@@ -8,15 +8,16 @@ import pytest
 
 from pipeline.config import load_config, with_overrides
 from pipeline.errors import ConfigError
-from pipeline.search import (
-    baseline_parameters,
+from pipeline.search.baseline import baseline_parameters
+from pipeline.search.space import (
+    Optimizer,
     build_client,
     build_parameters,
     early_stopping_strategy,
     objective_string,
     outcome_constraints,
-    trial_name,
 )
+from pipeline.search.summary import best_trial, trial_name
 
 from .conftest import DEMO_CONFIG, ROOT
 
@@ -163,11 +164,9 @@ def test_baseline_parameters_and_membership():
     config = demo()
     params = baseline_parameters(config)
     assert params == {"lora.r": 8, "lora.alpha": 16.0, "train.learning_rate": 1e-3, "train.batch_size": 8}
-    from pipeline.search import in_search_space
-
-    client = build_client(config.search)
-    assert in_search_space(client, params)
-    assert not in_search_space(client, {**params, "lora.r": 12})
+    optimizer = Optimizer(build_client(config.search), config)
+    assert optimizer.in_search_space(params)
+    assert not optimizer.in_search_space({**params, "lora.r": 12})
 
 
 def test_early_stopping_auto_and_settings():
@@ -196,8 +195,7 @@ def test_alpha_ratio_derives_alpha():
 
 
 def test_best_trial_respects_status_constraints_and_direction():
-    from pipeline.results import SearchState, TrialRecord
-    from pipeline.search import Search
+    from pipeline.search.state import SearchState, TrialRecord
 
     config = demo(**{"search.outcome_constraints": ["peak_rss_gb <= 2"]})
     state = SearchState(parent_run_id="p", n_trials=4)
@@ -209,7 +207,7 @@ def test_best_trial_respects_status_constraints_and_direction():
         TrialRecord(2, {}, "completed", eval_loss=2.5, metrics={"eval_loss": 2.5, "peak_rss_gb": 1.5}),
         TrialRecord(3, {}, "failed", failure_reason="x"),
     ]
-    assert Search(config).best_trial(state).index == 2
+    assert best_trial(state, config.search).index == 2
     maximize = demo(**{"search.objectives": [{"metric": "eval_rougeL", "minimize": False}]})
     state.trials[0].metrics["eval_rougeL"], state.trials[2].metrics["eval_rougeL"] = 0.4, 0.3
-    assert Search(maximize).best_trial(state).index == 0
+    assert best_trial(state, maximize.search).index == 0

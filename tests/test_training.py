@@ -13,7 +13,7 @@ from pipeline.config import with_overrides
 from pipeline.data import prepare_data
 from pipeline.metrics import MemoryMonitor
 from pipeline.model import attach_lora, count_parameters, load_base_model, load_tokenizer, plan_device
-from pipeline.train import StreamingCallback, build_training_args, train
+from pipeline.train import StreamingCallback, TrainJob, build_training_args, train
 
 
 def _setup(config):
@@ -26,18 +26,8 @@ def _setup(config):
 
 def _train(config, model, tok, data, plan, on_eval=None):
     logged: list[tuple[int, dict]] = []
-    trainer, outcome = train(
-        model,
-        tok,
-        data,
-        config.train,
-        config.eval,
-        config.data.max_seq_len,
-        plan,
-        sink=lambda m, s: logged.append((s, dict(m))),
-        on_eval=on_eval,
-        quiet=True,
-    )
+    job = TrainJob(config, plan, tok, data, quiet=True)
+    trainer, outcome = train(model, job, sink=lambda m, s: logged.append((s, dict(m))), on_eval=on_eval)
     return trainer, outcome, logged
 
 
@@ -104,7 +94,7 @@ def test_padding_free_batches_give_the_padded_loss(tiny_config):
     config = with_overrides(tiny_config, {"data.max_train_examples": 16})
     _plan, tok, data, base = _setup(config)
     model = attach_lora(base.model, config.lora, config.train.seed)
-    from pipeline.data import build_collator
+    from pipeline.batching import build_collator
 
     batch = data.train[:6]
     model.eval()

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.config import with_overrides
-from pipeline.errors import TrialFailed
+from pipeline.errors import TrialFailed, TrialInterrupted
 from pipeline.trial import Resources, run_trial
 
 from .conftest import PROBE
@@ -171,8 +171,10 @@ def test_exception_inside_the_run_ends_it_failed(tiny_config, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(trial_mod, "train", boom)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TrialFailed) as e:
         run_trial(tiny_config, quiet=True)
+    assert isinstance(e.value.__cause__, RuntimeError) and e.value.status == "failed"
+    assert e.value.reason == "RuntimeError: disk full"
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.tags[names.ERROR] == "RuntimeError: disk full"
@@ -185,7 +187,8 @@ def test_interrupt_ends_the_run_killed(tiny_config, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trial_mod, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as e:
         run_trial(tiny_config, quiet=True)
+    assert isinstance(e.value, TrialInterrupted)
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]

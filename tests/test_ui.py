@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.retrain import run_retrain
-from pipeline.search import run_search
+from pipeline.search import run_search, search_config
 
 from . import browser
 from .conftest import DEMO_CONFIG, tiny_overrides
@@ -41,7 +41,7 @@ def searched_store(tmp_path):
             "train.eval_steps": 3,
         },
     )
-    search = run_search(str(DEMO_CONFIG), overrides, n_trials=3, quiet=True)
+    search = run_search(search_config(DEMO_CONFIG, overrides, n_trials=3), quiet=True)
     retrain_overrides = [o for o in overrides if not o.startswith("train.max_steps")]  # retrain.* rules
     retrain = run_retrain(
         str(DEMO_CONFIG), [*retrain_overrides, "retrain.max_steps=60", "retrain.eval_steps=10"], quiet=True
@@ -50,6 +50,7 @@ def searched_store(tmp_path):
 
 
 @pytest.mark.browser
+@pytest.mark.slow  # trains a search and a retrain first, then starts a server and a browser
 def test_mlflow_ui_shows_the_search_the_trials_and_the_champion(searched_store, tmp_path):
     search, retrain = searched_store
     client = MlflowClient()

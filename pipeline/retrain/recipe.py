@@ -11,11 +11,12 @@ same eval data, registers the adapter and moves `champion` only if it wins.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import names, registry, report, tracking
+from pipeline import names, registry, tracking
 from pipeline.config import (
     PipelineConfig,
     apply_overrides,
@@ -28,7 +29,8 @@ from pipeline.config import (
     with_overrides,
 )
 from pipeline.errors import PipelineError
-from pipeline.trial import Resources, TrialResult, run_trial
+from pipeline.retrain.report import RetrainContext, Row, write_retrain_report
+from pipeline.trial import Resources, RunSpec, TrialResult, run_trial
 
 
 @dataclass
@@ -48,8 +50,11 @@ class RetrainResult:
 
 
 def _config_of_search(run_id: str, overrides: list[str]) -> PipelineConfig:
-    tracking.search_run(run_id, "from_search")
-    return tracking.run_config(run_id, names.BEST_CONFIG_FILE, overrides, "from_search")
+    """The best_config.yaml a search logged, with the command line's overrides."""
+    tracking.require_search_run(run_id, "from_search")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.download_run_file(run_id, names.BEST_CONFIG_FILE, tmp, "from_search")
+        return load_config(path, overrides)
 
 
 def resolve_source(
@@ -72,10 +77,10 @@ def resolve_source(
             f"retrain: registered model {name!r} has no {names.CHAMPION_ALIAS} and neither from_search nor "
             "best_config was given; run the search first, or pass -P from_search=<search run id>"
         )
-    search_id = champion.tags.get("search_run_id")
+    search_id = champion.search_run_id
     if not search_id:
         raise PipelineError(
-            f"retrain: {name} v{champion.version} records no search_run_id; pass -P from_search=..."
+            f"retrain: {name} v{champion.version} records no {names.VERSION_SEARCH_RUN}; pass -P from_search=..."
         )
     config = _config_of_search(search_id, overrides)
     return RetrainSource(
@@ -108,26 +113,16 @@ def retrain_config(config: PipelineConfig, train_examples: int, overrides: list[
     # The command line wins over the retrain section (e.g. -P set="train.eval_steps=50").
     train_overrides = select_overrides(overrides, "train.")
     if train_overrides:
-        data = apply_overrides(to_dict(config), parse_overrides(train_overrides))
-        config = validate(data, "--set", overridden={k for k, _ in parse_overrides(train_overrides)})
+        pairs = parse_overrides(train_overrides)
+        data = apply_overrides(to_dict(config), pairs)
+        config = validate(data, "--set", labels={k: f"--set {k}" for k, _ in pairs})
     return config
 
 
-def _best_trial_run(search: Any) -> Any | None:
-    """The search's winning trial run (its tag; for older searches, the best completed child)."""
-    run_id = search.data.tags.get(names.SEARCH_BEST_RUN)
-    if run_id:
-        return tracking.get_run(run_id)
-    children = tracking.find_runs(
-        [search.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{search.info.run_id}' and tags.`{names.TRIAL_STATUS}` = 'completed'",
-    )
-    scored = [r for r in children if names.EVAL_LOSS in r.data.metrics]
-    return min(scored, key=lambda r: r.data.metrics[names.EVAL_LOSS]) if scored else None
-
-
-def _metrics_of(run: Any) -> dict[str, float]:
-    return dict(run.data.metrics) if run is not None else {}
+def _row(label: str, run: tracking.RunRecord | None) -> Row:
+    if run is None:
+        return Row(label, None, {}, None)
+    return Row(label, run.run_id, dict(run.metrics), run.eval_fingerprint)
 
 
 def run_retrain(
@@ -145,76 +140,50 @@ def run_retrain(
     data = resources.data(source.config)
     config = retrain_config(source.config, data.stats.train_examples, overrides)
     search = tracking.get_run(source.search_run_id) if source.search_run_id else None
-    baseline = (
-        tracking.get_run(search.data.tags[names.SEARCH_BASELINE_RUN])
-        if search and names.SEARCH_BASELINE_RUN in search.data.tags
-        else None
-    )
-    best = (
-        tracking.get_run(search.data.tags[names.SEARCH_BEST_RUN])
-        if search and names.SEARCH_BEST_RUN in search.data.tags
-        else None
-    )
+    baseline = tracking.baseline_of(search) if search else None
+    best = tracking.best_trial_of(search) if search else None
     out_dir = Path(config.train.output_dir) / "retrain"
     holder: dict[str, Any] = {}
 
     def finish(run: tracking.TrackedRun, result: TrialResult) -> None:
         promotion = registry.promote(
-            model_name=config.registry.model_name,
-            adapter_run_id=result.run_id,
-            eval_loss=result.eval_loss,
-            eval_fingerprint=result.eval_fingerprint,
+            config.registry.model_name,
+            registry.Candidate(result.run_id, result.eval_loss, result.eval_fingerprint, result.adapter_dir),
             tags={
-                "search_run_id": source.search_run_id,
-                "data_fingerprint": result.data_fingerprint,
-                "retrain_source": source.description,
+                names.VERSION_SEARCH_RUN: source.search_run_id,
+                names.VERSION_DATA_FINGERPRINT: result.data_fingerprint,
+                names.VERSION_RETRAIN_SOURCE: source.description,
             },
             description=to_yaml(config),
             allow_duplicate=allow_duplicate,
         )
-        rows = [
-            (
-                "baseline",
-                baseline.info.run_id if baseline else None,
-                _metrics_of(baseline),
-                baseline.data.tags.get(names.EVAL_FINGERPRINT) if baseline else None,
-            ),
-            (
-                "search best",
-                best.info.run_id if best else None,
-                _metrics_of(best),
-                best.data.tags.get(names.EVAL_FINGERPRINT) if best else None,
-            ),
-            ("retrained", result.run_id, result.metrics, result.eval_fingerprint),
-        ]
-        ctx = report.RetrainContext(
+        ctx = RetrainContext(
             config=config,
             source=source.description,
-            rows=rows,
+            rows=[
+                _row("baseline", baseline),
+                _row("search best", best),
+                Row("retrained", result.run_id, result.metrics, result.eval_fingerprint),
+            ],
             evals=result.evals,
             steps_per_epoch=math.ceil(
                 data.stats.train_examples
                 / (config.train.batch_size * config.train.gradient_accumulation_steps)
             ),
-            promotion=promotion,
+            promotion=promotion.message,
             best_step=int(result.metrics.get(names.BEST_EVAL_STEP, 0)) or None,
         )
-        path = report.write_retrain_report(ctx, out_dir / run.run_id)
+        path = write_retrain_report(ctx, out_dir / run.run_id)
         run.log_artifacts(path.parent, names.REPORT_DIR)
-        run.set_tags({"mlflow.note.content": f"Retrain of {source.description}. {promotion.message}."})
+        run.set_tags({names.NOTE: f"Retrain of {source.description}. {promotion.message}."})
         holder.update(promotion=promotion, report=path)
         print(f"registry: {promotion.message}", flush=True)
 
-    tags = {names.RETRAIN_SOURCE: source.description, names.SEARCH_SOURCE_RUN: source.search_run_id}
     lora, tr = config.lora, config.train
-    name = f"retrain r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size} {tr.epochs:g} epochs"
-    result = run_trial(
-        config,
+    spec = RunSpec(
         role=names.ROLE_RETRAIN,
-        run_name=name,
-        tags=tags,
-        resources=resources,
-        quiet=quiet,
-        on_complete=finish,
+        name=f"retrain r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size} {tr.epochs:g} epochs",
+        tags={names.RETRAIN_SOURCE: source.description, names.SEARCH_SOURCE_RUN: source.search_run_id},
     )
+    result = run_trial(config, spec, resources=resources, on_complete=finish, quiet=quiet)
     return RetrainResult(result, source, holder.get("promotion"), holder["report"])

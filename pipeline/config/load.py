@@ -1,0 +1,225 @@
+"""Loading a config: YAML with line numbers, `--set key=value` overrides, validation that
+reports every problem at once with its key path (and file line), and plain views of a config
+(dict, YAML, dotted params, fingerprints)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config.schema import PROBLEM_SEPARATOR, RESULT_SECTIONS, PipelineConfig
+from pipeline.config.sections import config_field
+from pipeline.errors import ConfigError
+
+
+def _line_map(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                p = (*path, str(key.value))
+                lines[p] = key.start_mark.line + 1
+                walk(value, p)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """Parse `key.path=value` items; each item may hold several, space-separated (shell quoting)."""
+    pairs: list[tuple[str, Any]] = []
+    for item in items:
+        for token in shlex.split(item or ""):
+            key, sep, raw = token.partition("=")
+            if not sep or not key:
+                raise ConfigError("--set", [f"{token!r}: expected key.path=value"])
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
+            pairs.append((key.strip(), value))
+    return pairs
+
+
+def select_overrides(items: Iterable[str], prefix: str, keep: bool = True) -> list[str]:
+    """The `key=value` tokens whose key starts (keep) or does not start (not keep) with prefix."""
+    tokens = [t for item in items for t in shlex.split(item or "")]
+    return [shlex.quote(t) for t in tokens if t.split("=", 1)[0].startswith(prefix) == keep]
+
+
+def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
+    """Set dotted keys in a nested dict (creating sections as needed)."""
+    for key, value in overrides:
+        parts = key.split(".")
+        if parts[:2] == ["search", "parameters"] and len(parts) > 2:
+            _override_search_parameter(data, parts[2:], value)
+            continue
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError("--set", [f"{key}: {where} is a value, not a section"])
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _override_search_parameter(data: dict, rest: list[str], value: Any) -> None:
+    """`search.parameters.lora.r.values=[4,8]`: parameter names hold dots themselves, so the name
+    is the longest prefix that is a parameter already or a config key."""
+    search = data.get("search") if isinstance(data.get("search"), dict) else data.setdefault("search", {})
+    params = (
+        search.get("parameters")
+        if isinstance(search.get("parameters"), dict)
+        else search.setdefault("parameters", {})
+    )
+    known = [
+        c for c in range(len(rest), 0, -1) if ".".join(rest[:c]) in params or config_field(".".join(rest[:c]))
+    ]
+    cut = known[0] if known else len(rest)  # an unknown name is reported by validation
+    name, field_path = ".".join(rest[:cut]), rest[cut:]
+    if not field_path:
+        params[name] = value
+    elif len(field_path) == 1:
+        spec = params.get(name)
+        params[name] = {**(spec if isinstance(spec, dict) else {}), field_path[0]: value}
+    else:
+        raise ConfigError("--set", [f"search.parameters.{'.'.join(rest)}: a parameter has no nested keys"])
+
+
+def _format_problem(err: Mapping[str, Any], lines: dict, labels: Mapping[str, str], source: str) -> list[str]:
+    """One error of pydantic's as lines `file:line: key.path: message` (or `--set key: message`)."""
+    loc = tuple(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        quoted = isinstance(given, str) and repr(given) in msg  # the message names it already
+        if "input" in err and not isinstance(given, dict) and not quoted:
+            msg += f" (got {given!r})"
+    if not loc:
+        # A check across sections: each of its problems is led by the key at fault.
+        out = []
+        for problem in msg.split(PROBLEM_SEPARATOR):
+            key, sep, text = problem.partition(": ")
+            out.append(_place(tuple(key.split(".")), text, lines, labels, source) if sep else problem)
+        return out
+    return [_place(loc, msg, lines, labels, source)]
+
+
+def _place(loc: tuple[str, ...], msg: str, lines: dict, labels: Mapping[str, str], source: str) -> str:
+    path = ".".join(loc)
+    if path in labels:
+        return f"{labels[path]}: {msg}"
+    # The line of the deepest key present in the file.
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in lines:
+            return f"{source}:{lines[loc[:depth]]}: {path}: {msg}"
+    return f"{path}: {msg}"
+
+
+def validate(
+    data: Any, source: str = "<config>", text: str = "", labels: Mapping[str, str] | None = None
+) -> PipelineConfig:
+    """Validate a plain dict into a PipelineConfig; raise ConfigError with every problem.
+
+    `labels` names where overridden keys came from (`--set train.lr`, `--n-trials`): a problem
+    with such a key is reported under that name instead of a file line."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the file must hold a mapping of sections (model:, data:, ...)"])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        lines = _line_map(text)
+        problems = [p for err in e.errors() for p in _format_problem(err, lines, labels or {}, source)]
+        raise ConfigError(source, problems) from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Read a YAML config, apply `key=value` overrides, validate once."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read the file ({e.strerror or e})"]) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(where, [f"not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    pairs = parse_overrides(overrides)
+    if isinstance(data, dict):
+        apply_overrides(data, pairs)
+    return validate(data, str(path), text, {k: f"--set {k}" for k, _ in pairs})
+
+
+# Views of a config
+
+
+def to_dict(config: PipelineConfig) -> dict:
+    return config.model_dump(mode="json")
+
+
+def to_yaml(config: PipelineConfig, header: str | None = None) -> str:
+    body = yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+    return (f"# {header}\n" if header else "") + body
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"lora": {"r": 8}}` -> `{"lora.r": 8}`; lists are kept as values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def fingerprint(payload: Any) -> str:
+    """Short, stable sha256 of JSON-serializable data."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_fingerprint(config: PipelineConfig) -> str:
+    """Fingerprint of what decides a trial's result: model, data, lora, train and eval settings."""
+    d = to_dict(config)
+    d["train"].pop("output_dir", None)
+    return fingerprint({k: d[k] for k in RESULT_SECTIONS})
+
+
+def with_overrides(
+    config: PipelineConfig,
+    values: Mapping[str, Any],
+    source: str = "<overrides>",
+    labels: Mapping[str, str] | None = None,
+) -> PipelineConfig:
+    """A new validated config with dotted keys set (a search trial's parameters, the CLI's
+    --n-trials). Problems are reported under `labels[key]` (default `--set key`)."""
+    data = to_dict(config)
+    pairs = list(values.items())
+    apply_overrides(data, pairs)
+    return validate(data, source, labels={k: (labels or {}).get(k, f"--set {k}") for k, _ in pairs})

@@ -1,0 +1,243 @@
+"""The search section: dimensions (one per config key), objectives, outcome constraints, early
+stopping. Value types are checked against the config field each dimension varies, so
+`config check` reports a bad search space with every other problem, before any trial runs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from pipeline.config.sections import Section, config_field, value_kind
+from pipeline.names import is_trial_metric
+
+
+class ParameterSpec(Section):
+    """One search dimension, mapped one-to-one onto an Ax parameter config."""
+
+    type: Literal["range", "choice", "fixed"] = Field(description="`range`, `choice` or `fixed`.")
+    bounds: list[float] | None = Field(None, description="range: [low, high], low < high.")
+    log: bool = Field(False, description="range: search on a log scale (low > 0).")
+    values: list[int | float | str | bool] | None = Field(None, description="choice: the values.")
+    ordered: bool | None = Field(
+        None, description="choice: values have an order (default: true for numbers and booleans)."
+    )
+    value: int | float | str | bool | None = Field(None, description="fixed: the value.")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParameterSpec:
+        if self.type == "range":
+            if self.bounds is None or len(self.bounds) != 2:
+                raise ValueError("a range needs bounds: [low, high]")
+            low, high = self.bounds
+            if not low < high:
+                raise ValueError(f"bounds are inverted or empty: [{low}, {high}] (need low < high)")
+            if self.log and low <= 0:
+                raise ValueError(f"log scale needs a positive lower bound, got {low}")
+        elif self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty list of values")
+            if len(set(map(str, self.values))) != len(self.values):
+                raise ValueError(f"choice values repeat: {self.values}")
+        elif self.value is None:
+            raise ValueError("a fixed parameter needs a value")
+        extra = {
+            "range": ("values", "value", "ordered"),
+            "choice": ("bounds", "value", "log"),
+            "fixed": ("bounds", "values", "log", "ordered"),
+        }[self.type]
+        set_fields = [k for k in extra if getattr(self, k) not in (None, False)]
+        if set_fields:
+            raise ValueError(f"{', '.join(set_fields)} does not apply to a {self.type} parameter")
+        return self
+
+    def choices(self) -> list[int | float | str | bool]:
+        """The values of a choice, or the one value of a fixed parameter ([] for a range)."""
+        if self.type == "range":
+            return []
+        return list(self.values) if self.type == "choice" else [self.value]
+
+
+class ObjectiveSpec(Section):
+    metric: str = Field("eval_loss", description="A metric every trial logs (see names.TRIAL_METRICS).")
+    minimize: bool = Field(True, description="Minimize (true) or maximize (false).")
+    threshold: float | None = Field(
+        None,
+        description="Multi-objective only: the worst acceptable value (reference point). Give it for "
+        "every objective or for none.",
+    )
+
+
+CONSTRAINT = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_./]*)\s*(<=|>=)\s*(\S+)\s*")
+
+
+class OutcomeConstraint(Section):
+    """A bound on a trial metric, written `metric <= number` or `metric >= number` in YAML.
+
+    Parsed once, here; the search hands it to Ax and the report checks trials against it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str
+    op: Literal["<=", ">="]
+    bound: int | float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, data: Any) -> Any:
+        if not isinstance(data, str):
+            return data
+        m = CONSTRAINT.fullmatch(data)
+        bound = _number(m.group(3)) if m else None
+        if bound is None:
+            raise ValueError(f"{data!r} must read `metric <= number` or `metric >= number`")
+        if not is_trial_metric(m.group(1)):
+            raise ValueError(f"{data!r}: {m.group(1)!r} is not a metric that trials log")
+        return {"metric": m.group(1), "op": m.group(2), "bound": bound}
+
+    @model_serializer
+    def _as_text(self) -> str:
+        return str(self)
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound}"
+
+    def holds(self, value: float | None) -> bool:
+        """Whether a trial's value meets the bound (a missing value does not)."""
+        if value is None:
+            return False
+        return value <= self.bound if self.op == "<=" else value >= self.bound
+
+
+def _number(text: str) -> int | float | None:
+    """An int when written as one (so `<= 15` prints back as 15), else a float; None if neither."""
+    try:
+        return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+    except ValueError:
+        return None
+
+
+class EarlyStoppingSpec(Section):
+    enabled: bool | None = Field(
+        None,
+        description="Stop clearly bad trials early. Null (auto): on when a trial evaluates at "
+        "least 3 times (train.eval_steps set, max_steps >= 3 * eval_steps).",
+    )
+    percentile: float = Field(
+        50.0, gt=0, lt=100, description="Stop a trial whose eval_loss is in this bottom percentile."
+    )
+    min_progression: int | None = Field(
+        None, gt=0, description="Never stop before this step; null: a third of train.max_steps."
+    )
+    min_curves: int = Field(3, gt=0, description="Completed trials needed before any trial is stopped.")
+
+
+class SearchConfig(Section):
+    n_trials: int = Field(10, gt=0, description="Trials to run (the baseline not counted).")
+    seed: int = Field(0, description="Seed of Ax: the same seed gives the same trial sequence.")
+    method: Literal["bayesian", "random"] = Field(
+        "bayesian", description="`bayesian`: Sobol, then BoTorch. `random`: quasi-random only."
+    )
+    initialization_trials: int = Field(
+        4, gt=0, description="Quasi-random trials (center point + Sobol) before BoTorch takes over."
+    )
+    parameters: dict[str, ParameterSpec] = Field(
+        description="Search dimensions by config key path, e.g. `train.learning_rate: {type: "
+        "range, bounds: [1e-5, 1e-3], log: true}`."
+    )
+    constraints: list[str] = Field(
+        default_factory=list,
+        description="Linear parameter constraints, e.g. `lora.alpha <= 4 * lora.r` (range or "
+        "ordered numeric choice parameters, not on log scale).",
+    )
+    objectives: list[ObjectiveSpec] = Field(
+        default_factory=lambda: [ObjectiveSpec()],
+        description="One objective (default: minimize eval_loss) or several (Pareto frontier).",
+    )
+    outcome_constraints: list[OutcomeConstraint] = Field(
+        default_factory=list,
+        description="`metric <= number` or `metric >= number`, e.g. `peak_gpu_mem_gb <= 15`: trials "
+        "that break one do not win.",
+    )
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+    max_failure_rate: float = Field(
+        0.5, gt=0, le=1, description="Stop the search when this share of at least 3 trials failed."
+    )
+    budget_minutes: float | None = Field(
+        None, gt=0, description="Wall-clock budget: no new trial starts after it is spent."
+    )
+    reuse_baseline: bool = Field(
+        True,
+        description="Reuse a finished baseline run with the same config fingerprint in the "
+        "experiment instead of training the baseline again.",
+    )
+    output_dir: str = Field("outputs/search", description="Local copy of reports and search state.")
+
+    @field_validator("parameters")
+    @classmethod
+    def _known_keys_and_types(cls, v: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
+        if not v:
+            raise ValueError("name at least one parameter to search")
+        bad = [k for k in v if config_field(k) is None]
+        if bad:
+            raise ValueError(f"{', '.join(repr(k) for k in bad)} names no config key")
+        problems = []
+        for name, spec in v.items():
+            values = list(spec.bounds or []) if spec.type == "range" else spec.choices()
+            kind = value_kind(name, values)
+            numbers = [x for x in values if not isinstance(x, (str, bool))]
+            if spec.type == "range" and kind not in ("int", "float"):
+                problems.append(f"a range needs a numeric key, {name} is {kind}")
+            elif kind == "int" and any(float(x) != int(x) for x in numbers):
+                what = "bounds must be integers" if spec.type == "range" else f"values {values} are not"
+                problems.append(f"{name} is an integer; {what}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_metrics(cls, v: list[ObjectiveSpec]) -> list[ObjectiveSpec]:
+        if not v:
+            raise ValueError("name at least one objective")
+        for o in v:
+            if not is_trial_metric(o.metric):
+                raise ValueError(f"{o.metric!r} is not a metric that trials log")
+        if len(v) > 1 and 0 < sum(o.threshold is not None for o in v) < len(v):
+            raise ValueError("give a threshold for every objective or for none")
+        return v
+
+    @field_validator("constraints")
+    @classmethod
+    def _parameter_constraints(cls, v: list[str], info: Any) -> list[str]:
+        searched = info.data.get("parameters") or {}
+        problems = []
+        for c in v:
+            unknown = sorted({n for n in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", c) if n not in searched})
+            if unknown:
+                problems.append(f"{c!r} uses {', '.join(unknown)}, not a searched parameter")
+            elif not re.search(r"(<=|>=)", c):
+                problems.append(f"{c!r} must be an inequality with <= or >=")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    def all_outcome_constraints(self) -> list[OutcomeConstraint]:
+        """What Ax is told: the outcome constraints, and with several objectives their thresholds."""
+        out = list(self.outcome_constraints)
+        if len(self.objectives) > 1:
+            out += [
+                OutcomeConstraint(metric=o.metric, op="<=" if o.minimize else ">=", bound=o.threshold)
+                for o in self.objectives
+                if o.threshold is not None
+            ]
+        return out
+
+    def required_metrics(self) -> list[str]:
+        """Metrics every trial must report to Ax: the objectives, then the constrained metrics."""
+        metrics = [o.metric for o in self.objectives]
+        for c in self.outcome_constraints:
+            if c.metric not in metrics:
+                metrics.append(c.metric)
+        return metrics

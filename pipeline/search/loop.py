@@ -1,0 +1,391 @@
+"""The search: ask Ax for trials, hand them to an executor, feed the results back; the budget and
+the failure policy; then the end of a search (summary, best config, registry, report).
+
+One MLflow parent run holds the search; the baseline and every trial are nested child runs made
+by `run_trial` wherever the executor runs them. After every change the Ax state and the trial
+records are saved (`state.py`), so a crashed or interrupted search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import names, registry, tracking
+from pipeline.config import PipelineConfig, config_fingerprint, flatten, load_config, to_yaml, with_overrides
+from pipeline.errors import ConfigError
+from pipeline.interrupt import STOP_REQUESTED, graceful_stop
+from pipeline.model import hardware
+from pipeline.provenance import git_commit, package_versions
+from pipeline.search import baseline
+from pipeline.search import state as store
+from pipeline.search.executor import Executor, LocalExecutor, TrialJob, TrialOutcome
+from pipeline.search.report import ReportContext, description, write_report
+from pipeline.search.space import Optimizer
+from pipeline.search.state import (
+    ABANDONED,
+    COMPLETED,
+    EARLY_STOPPED,
+    FAILED,
+    KILLED,
+    SearchState,
+    TrialRecord,
+)
+from pipeline.search.summary import best_trial, duration, search_metrics, trial_name
+from pipeline.timing import PhaseTimer
+from pipeline.trial import RunSpec, discard_local_adapter
+
+
+def search_config(
+    config_path: str | Path,
+    overrides: list[str] = (),
+    resume: str | None = None,
+    n_trials: int | None = None,
+    budget_minutes: float | None = None,
+) -> PipelineConfig:
+    """A search's final config, validated once: the file (or, resuming, the search's own config
+    logged on its run), the --set overrides, then --n-trials and --budget-minutes."""
+    config = load_config(config_path, overrides)
+    source = str(config_path)
+    if resume:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = store.fetch_config(resume, config, tmp)
+            config, source = load_config(path, overrides), f"{path.name} of search run {resume}"
+    if config.search is None:
+        raise ConfigError(source, ["search: the config has no search section (see configs/demo-cpu.yaml)"])
+    options = {
+        "search.n_trials": ("--n-trials", n_trials),
+        "search.budget_minutes": ("--budget-minutes", budget_minutes),
+    }
+    given = {key: value for key, (_, value) in options.items() if value is not None}
+    if not given:
+        return config
+    return with_overrides(
+        config, given, source=source, labels={k: label for k, (label, _) in options.items()}
+    )
+
+
+def run_search(
+    config: PipelineConfig, resume: str | None = None, quiet: bool = False, executor: Executor | None = None
+) -> SearchResult:
+    """Search with a validated config (the CLI builds it): a new search, or `resume` the search
+    run of that id. Trials run one at a time in this process unless another executor is given."""
+    return Search(config, executor or LocalExecutor(quiet)).run(resume)
+
+
+class SearchAborted(Exception):
+    """The search stopped itself (failure-rate cap). Its state is saved: fix and resume."""
+
+
+class _Interrupted(KeyboardInterrupt):
+    pass
+
+
+@dataclass
+class SearchResult:
+    parent_run_id: str
+    state: SearchState
+    best: TrialRecord | None
+    report_dir: Path
+    best_config_path: Path | None
+    promotion: registry.Promotion | None
+
+
+class Search:
+    """One session of a search: owns the Ax optimizer, the parent run and the records."""
+
+    def __init__(self, config: PipelineConfig, executor: Executor):
+        if config.search is None:
+            raise ValueError("a search needs a config with a search section")
+        self.config = config
+        self.search = config.search
+        self.executor = executor
+        self.trial_base = config.model_copy(update={"search": None})
+        self.required = self.search.required_metrics()
+        # This session's time by phase (ax, trials, baseline, state, report, registry), logged on
+        # the parent run as search_time_<phase>_s; each trial logs its own breakdown.
+        self.timer = PhaseTimer()
+        self.pending: dict[int, TrialRecord] = {}  # submitted, not yet finished, by Ax index
+
+    # --- lifecycle, in order ---------------------------------------------------------------
+
+    def run(self, resume: str | None = None) -> SearchResult:
+        t_session = time.perf_counter()
+        if resume:
+            self.optimizer, loaded = store.load(resume, self.config)
+        else:
+            self.optimizer, loaded = Optimizer.create(self.config, echo=self._echo), None
+        self.optimizer.echo = self._echo
+        with (
+            graceful_stop(),
+            tracking.start_run(self._tracking(), self._run_name(), self._tags(), resume_run_id=resume) as run,
+        ):
+            self.parent_run = run
+            self.state = state = self._open(run, loaded)
+            self.dir = store.search_dir(self.config, run.run_id)
+            try:
+                if state.baseline is None:
+                    with self.timer.phase("baseline"):
+                        self._baseline()
+                    self._save()
+                self._loop(t_session)
+            except (KeyboardInterrupt, SearchAborted) as e:
+                state.stop_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+                state.wall_seconds += time.perf_counter() - t_session
+                self._save()
+                raise
+            finally:
+                self.executor.close()
+            state.wall_seconds += time.perf_counter() - t_session
+            self._save()
+            return self._finish()
+
+    def _open(self, run: tracking.TrackedRun, loaded: SearchState | None) -> SearchState:
+        """A new search's records (and its config on the run), or a resumed one's, reconciled."""
+        if loaded is None:
+            state = SearchState(parent_run_id=run.run_id, n_trials=self.search.n_trials)
+            run.log_params(
+                {f"search.{k}": v for k, v in flatten(self.search.model_dump(mode="json")).items()}
+            )
+            run.log_text(to_yaml(self.config, f"resolved config of search {run.run_id}"), names.CONFIG_FILE)
+        else:
+            state = loaded
+            state.n_trials = self.search.n_trials
+            store.reconcile(self.optimizer, state)
+        state.sessions += 1
+        return state
+
+    def _baseline(self) -> None:
+        """Run (or reuse) the baseline and give it to Ax as the status-quo arm."""
+        record = baseline.find_or_train(self.config, self.parent_run, self.executor, self._echo)
+        record.in_search_space = self.optimizer.in_search_space(record.parameters)
+        if record.in_search_space:
+            progression = int(record.evals[-1][0]) if record.evals else None
+            self.optimizer.attach_baseline(record.parameters, self._raw(record.metrics), progression)
+        self.state.baseline = record
+        self.parent_run.set_tags({names.SEARCH_BASELINE_RUN: record.run_id})
+        self.parent_run.log_metrics({names.BASELINE_EVAL_LOSS: record.eval_loss}, step=0, flush=True)
+
+    def _loop(self, t_session: float) -> None:
+        state = self.state
+        while len(state.finished()) < state.n_trials:
+            if STOP_REQUESTED.is_set():
+                raise _Interrupted("stop requested between trials")
+            elapsed = state.wall_seconds + time.perf_counter() - t_session
+            if self.search.budget_minutes and elapsed >= self.search.budget_minutes * 60:
+                state.stop_reason = f"wall-clock budget of {self.search.budget_minutes:g} minutes spent"
+                self._echo(f"stopping: {state.stop_reason}")
+                return
+            while self.executor.idle() > 0 and len(state.finished()) + len(self.pending) < state.n_trials:
+                self._submit_next()
+            with self.timer.phase("trials"):
+                outcome = self.executor.wait_any()
+            record = self.pending.pop(outcome.job.index)
+            self._record(record, outcome)
+            self._save()
+            self._progress(record, t_session)
+            self._check_failure_rate()
+
+    def _submit_next(self) -> None:
+        """Ask Ax (or rerun an interrupted trial's config first), record the trial, start it."""
+        state = self.state
+        running = [t.parameters for t in self.pending.values()]
+        retry = next((p for p in state.retry if p not in running), None)
+        with self.timer.phase("ax"):
+            if retry is not None:
+                index, params, method = self.optimizer.retry(retry), dict(retry), "retry"
+            else:
+                index, params, method = self.optimizer.ask()
+        record = TrialRecord(index=index, parameters=params, generation_method=method)
+        record.run_name = trial_name(len(state.finished()) + len(self.pending) + 1, params, method)
+        state.trials.append(record)
+        self._save()  # the trial's config survives a crash from here on
+        tags = {names.AX_TRIAL_INDEX: index, names.AX_GENERATION_METHOD: method}
+        spec = RunSpec(names.ROLE_TRIAL, record.run_name, self.parent_run.run_id, tags)
+        self.pending[index] = record
+        self.executor.submit(TrialJob(index, self.trial_base, params, spec), self._on_eval)
+
+    def _on_eval(self, index: int, step: int, loss: float) -> bool:
+        """Each evaluation of a running trial goes to Ax; its answer: stop the trial early?"""
+        if not math.isfinite(loss):
+            return False
+        return self.optimizer.report_evaluation(index, step, loss)
+
+    def _record(self, record: TrialRecord, outcome: TrialOutcome) -> None:
+        """Feed a finished trial back to Ax and into its record (its run tagged itself)."""
+        state, index = self.state, record.index
+        record.wall_seconds = outcome.wall_seconds
+        record.run_id = outcome.run_id or record.run_id
+        if outcome.status == KILLED:
+            record.status, record.failure_reason = KILLED, "interrupted"
+            self.optimizer.fail(index, "interrupted")
+            if record.parameters not in state.retry:
+                state.retry.insert(0, record.parameters)
+            raise outcome.error if isinstance(outcome.error, KeyboardInterrupt) else _Interrupted()
+        if record.generation_method == "retry" and record.parameters in state.retry:
+            state.retry.remove(record.parameters)
+        if outcome.status in (FAILED, ABANDONED):
+            record.status, record.failure_reason = outcome.status, outcome.reason
+            if outcome.status == ABANDONED:
+                self.optimizer.abandon(index)  # the same config would run out of memory again
+            else:
+                self.optimizer.fail(index, outcome.reason or "failed")
+            return
+        result = outcome.result
+        baseline.require_metrics(result.metrics, self.required, f"trial {index}")
+        record.eval_loss, record.metrics, record.evals = result.eval_loss, result.metrics, result.evals
+        record.steps, record.max_steps = result.steps, result.max_steps
+        record.eval_fingerprint, record.adapter_dir = result.eval_fingerprint, str(result.adapter_dir)
+        with self.timer.phase("ax"):
+            self.optimizer.complete(
+                index, self._raw(result.metrics), result.steps, result.status == EARLY_STOPPED
+            )
+        record.status = result.status
+        self._keep_best_adapter()
+
+    def _keep_best_adapter(self) -> None:
+        """Keep the local adapter of the best trial so far (the registry takes it from there);
+        the others are on their runs."""
+        best = best_trial(self.state, self.search)
+        for t in self.state.trials:
+            if t.adapter_dir and t is not best:
+                discard_local_adapter(t.adapter_dir)
+                t.adapter_dir = None
+
+    def _progress(self, record: TrialRecord, t_session: float) -> None:
+        state = self.state
+        n = len(state.finished())
+        best = best_trial(state, self.search)
+        metrics = {}
+        if record.eval_loss is not None:
+            metrics[names.TRIAL_EVAL_LOSS] = record.eval_loss
+        if best is not None:
+            metrics[names.BEST_EVAL_LOSS] = best.eval_loss
+        self.parent_run.log_metrics(metrics, step=n, flush=True)
+        elapsed = state.wall_seconds + time.perf_counter() - t_session
+        eta = elapsed / max(n, 1) * (state.n_trials - n)
+        loss = f"{record.eval_loss:.4f}" if record.eval_loss is not None else "-"
+        best_text = f"best {best.eval_loss:.4f} ({best.run_name.split()[0]})" if best else "best -"
+        failure = (
+            f" | {record.failure_reason}" if record.failure_reason and record.status != COMPLETED else ""
+        )
+        self._echo(
+            f"[{n}/{state.n_trials}] {record.run_name} | eval_loss {loss} {record.status} | {best_text} | "
+            f"{duration(elapsed)} elapsed, ETA {duration(eta)}{failure}"
+        )
+
+    def _check_failure_rate(self) -> None:
+        done = self.state.finished()
+        bad = [t for t in done if t.status in (FAILED, ABANDONED)]
+        if len(done) >= 3 and len(bad) / len(done) >= self.search.max_failure_rate:
+            raise SearchAborted(
+                f"search stopped: {len(bad)} of {len(done)} trials failed (search.max_failure_rate "
+                f"{self.search.max_failure_rate:g}); last failure: {bad[-1].failure_reason}"
+            )
+
+    def _finish(self) -> SearchResult:
+        state, run = self.state, self.parent_run
+        with self.timer.phase("ax"):
+            analysis = self.optimizer.analysis()
+        best = best_trial(state, self.search, [p["index"] for p in analysis["pareto"]])
+        summary = search_metrics(state, best)
+        run.log_metrics(summary, step=len(state.finished()), flush=True)
+        best_config_path = None
+        if best is not None:
+            best_config_path = self.dir / names.BEST_CONFIG_FILE
+            store.write_atomic(
+                best_config_path,
+                to_yaml(
+                    with_overrides(self.config, best.parameters),
+                    f"best config of search {run.run_id}: trial {best.index} (run {best.run_id}), "
+                    f"eval_loss {best.eval_loss:.4f}. Retrain: mlflow run . -e retrain -P best_config=<this file>",
+                ),
+            )
+            run.log_text(best_config_path.read_text(), names.BEST_CONFIG_FILE)
+        promotion = None
+        if best is not None:
+            with self.timer.phase("registry"):
+                promotion = self._promote(best, summary)
+            self._echo(f"registry: {promotion.message}")
+        report_dir = self.dir / names.REPORT_DIR
+        context = ReportContext(
+            config=self.config,
+            state=state,
+            best=best,
+            analysis=analysis,
+            promotion=promotion.message if promotion else None,
+            provenance={
+                "git_commit": git_commit(Path(__file__).parent),
+                "seed": str(self.search.seed),
+                "config_fingerprint": config_fingerprint(self.config),
+                **package_versions(),
+                **hardware(),
+            },
+            experiment_id=run.experiment_id,
+        )
+        with self.timer.phase("report"):
+            write_report(context, report_dir)
+            run.log_artifacts(report_dir, names.REPORT_DIR)
+        if best is not None:
+            run.set_tags({names.NOTE: description(context), names.SEARCH_BEST_RUN: best.run_id})
+        self._echo(
+            f"report: {report_dir / names.REPORT_FILE} (and artifact {names.REPORT_DIR}/ of run {run.run_id})"
+        )
+        run.log_metrics(self.timer.metrics("search_time_"), step=len(state.finished()), flush=True)
+        return SearchResult(run.run_id, state, best, report_dir, best_config_path, promotion)
+
+    def _promote(self, best: TrialRecord, summary: dict[str, Any]) -> registry.Promotion:
+        """Register the winner; a registry failure is reported, it does not cost the report."""
+        try:
+            # Records saved by an older version lack the fingerprint: read it off the run then.
+            fp = best.eval_fingerprint or tracking.get_run(best.run_id).eval_fingerprint
+            adapter = Path(best.adapter_dir) if best.adapter_dir else None
+            return registry.promote(
+                self.config.registry.model_name,
+                registry.Candidate(best.run_id, best.eval_loss, fp, adapter),
+                tags={
+                    names.VERSION_SEARCH_RUN: self.parent_run.run_id,
+                    names.VERSION_IMPROVEMENT_PCT: summary.get(names.IMPROVEMENT_PCT),
+                },
+                description=to_yaml(with_overrides(self.trial_base, best.parameters)),
+            )
+        except Exception as e:
+            message = f"registration failed, nothing registered: {type(e).__name__}: {e}"
+            self.parent_run.set_tags({names.ERROR: message[:500]})
+            return registry.Promotion(self.config.registry.model_name, "", False, message)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        with self.timer.phase("state"):
+            store.save(self.parent_run, self.optimizer, self.state, self.dir)
+
+    def _raw(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The metrics Ax is given: those it optimizes or constrains, and eval_loss."""
+        keys = dict.fromkeys([*self.required, names.EVAL_LOSS])
+        return {k: float(metrics[k]) for k in keys if k in metrics}
+
+    def _tracking(self) -> Any:
+        return self.config.tracking.model_copy(update={"log_system_metrics": False})
+
+    def _run_name(self) -> str:
+        model = Path(self.config.model.name_or_path).name
+        return f"search {model} {self.search.n_trials} trials seed={self.search.seed}"
+
+    def _tags(self) -> dict[str, str]:
+        return {
+            names.ROLE: names.ROLE_SEARCH,
+            names.BASE_MODEL: self.config.model.name_or_path,
+            names.CONFIG_FINGERPRINT: config_fingerprint(self.config),
+            names.GIT_COMMIT: git_commit(Path(__file__).parent),
+            names.PACKAGE_VERSIONS: json.dumps(package_versions(), sort_keys=True),
+        }
+
+    def _echo(self, message: str) -> None:
+        """Progress lines go to stdout, also with --quiet: one line per trial is what CI logs want."""
+        print(message, flush=True)

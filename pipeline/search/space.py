@@ -1,0 +1,248 @@
+"""Config -> Ax, and the one place that talks to Ax (ax-platform 1.3, `ax.api.Client`).
+
+`Optimizer` wraps the Ax Client in the verbs the search loop uses (ask for a trial, report an
+evaluation, complete, fail, abandon, save, load); nothing else in the pipeline imports ax. The
+few reads of Ax's private state (`Client._experiment`, `Client._random_seed`) are all in this
+file, because ax.api 1.3 offers no public way to read a trial's status, generation method or arm,
+nor to set the seed of a client loaded from JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ax.api import ChoiceParameterConfig, Client, RangeParameterConfig
+from ax.core.trial_status import TrialStatus
+from ax.early_stopping.strategies import PercentileEarlyStoppingStrategy
+from ax.utils.common.logger import set_ax_logger_levels
+
+from pipeline import names
+from pipeline.config import PipelineConfig, SearchConfig, value_kind
+from pipeline.errors import ConfigError
+
+set_ax_logger_levels(logging.WARNING)
+CASTS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def build_parameters(search: SearchConfig) -> list[Any]:
+    """Ax parameter configs, one per search dimension (fixed values are one-value choices).
+
+    The config validated the value types already; here they only become Ax's."""
+    params: list[Any] = []
+    for name, spec in search.parameters.items():
+        if spec.type == "range":
+            kind = value_kind(name, list(spec.bounds))
+            low, high = (int(b) for b in spec.bounds) if kind == "int" else spec.bounds
+            scaling = "log" if spec.log else None
+            params.append(
+                RangeParameterConfig(name=name, bounds=(low, high), parameter_type=kind, scaling=scaling)
+            )
+        else:
+            values = spec.choices()
+            kind = value_kind(name, values)
+            ordered = spec.ordered if spec.ordered is not None else kind != "str"
+            params.append(
+                ChoiceParameterConfig(
+                    name=name,
+                    values=[CASTS[kind](v) for v in values],
+                    parameter_type=kind,
+                    is_ordered=ordered if len(values) > 1 else None,
+                )
+            )
+    return params
+
+
+def objective_string(search: SearchConfig) -> str:
+    return ", ".join(("-" if o.minimize else "") + o.metric for o in search.objectives)
+
+
+def outcome_constraints(search: SearchConfig) -> list[str]:
+    """Ax's outcome constraint strings: the constraints, and multi-objective thresholds."""
+    return [str(c) for c in search.all_outcome_constraints()]
+
+
+def build_client(search: SearchConfig, name: str = "lora-search") -> Client:
+    """A configured Ax Client; settings Ax rejects become one ConfigError."""
+    client = Client(random_seed=search.seed)
+    try:
+        client.configure_experiment(
+            parameters=build_parameters(search), parameter_constraints=search.constraints or None, name=name
+        )
+    except Exception as e:  # Ax raises UserInputError / ValueError with a clear text
+        raise ConfigError("search", [f"search.parameters / search.constraints: {e}"]) from None
+    try:
+        client.configure_optimization(
+            objective=objective_string(search), outcome_constraints=outcome_constraints(search) or None
+        )
+    except Exception as e:
+        raise ConfigError("search", [f"search.objectives / search.outcome_constraints: {e}"]) from None
+    client.configure_generation_strategy(
+        method="random_search" if search.method == "random" else "fast",
+        initialization_budget=search.initialization_trials,
+        initialization_random_seed=search.seed,
+        # When failed trials leave too little data for BoTorch, keep exploring with Sobol
+        # instead of refusing to propose a trial.
+        allow_exceeding_initialization_budget=True,
+    )
+    return client
+
+
+def early_stopping_strategy(config: PipelineConfig) -> PercentileEarlyStoppingStrategy | None:
+    """Ax's percentile rule on eval_loss, when enabled (auto: trials evaluate at least 3 times).
+
+    The config has checked that an enabled rule has `train.eval_steps` to work with."""
+    es = config.search.early_stopping
+    tr = config.train
+    evals_per_trial = tr.max_steps // tr.eval_steps if tr.eval_steps and tr.max_steps > 0 else 0
+    enabled = es.enabled if es.enabled is not None else evals_per_trial >= 3
+    if (
+        not enabled
+        or not tr.eval_steps
+        or names.EVAL_LOSS not in [o.metric for o in config.search.objectives]
+    ):
+        return None
+    min_progression = es.min_progression or max(
+        tr.eval_steps, tr.max_steps // 3 if tr.max_steps > 0 else tr.eval_steps
+    )
+    return PercentileEarlyStoppingStrategy(
+        metric_signatures=[names.EVAL_LOSS],
+        percentile_threshold=es.percentile,
+        min_progression=min_progression,
+        min_curves=es.min_curves,
+    )
+
+
+class Optimizer:
+    """The search's Ax Client, in the verbs the loop needs. One owner: the search's driver."""
+
+    def __init__(self, client: Client, config: PipelineConfig, echo: Callable[[str], None] = print):
+        self.client = client
+        self.config = config
+        self.echo = echo
+        self.early_stopping = early_stopping_strategy(config)
+        if self.early_stopping is not None:
+            client.set_early_stopping_strategy(self.early_stopping)
+        self.notes: list[str] = []  # what went wrong on Ax's side, for the report
+
+    @classmethod
+    def create(cls, config: PipelineConfig, echo: Callable[[str], None] = print) -> Optimizer:
+        return cls(build_client(config.search, name=config.tracking.experiment_name), config, echo)
+
+    @classmethod
+    def load(cls, path: Path, config: PipelineConfig, echo: Callable[[str], None] = print) -> Optimizer:
+        client = Client.load_from_json_file(str(path))
+        client._random_seed = config.search.seed  # not kept in Ax's JSON
+        return cls(client, config, echo)
+
+    def save(self, path: Path) -> None:
+        """Ax's JSON, written atomically (a crash mid-write leaves the previous file whole)."""
+        tmp = path.with_name(path.name + ".tmp")
+        self.client.save_to_json_file(str(tmp))
+        os.replace(tmp, path)
+
+    # --- trials ---------------------------------------------------------------------------
+
+    def ask(self) -> tuple[int, dict[str, Any], str]:
+        """The next trial Ax proposes: (index, parameters, generation method)."""
+        ((index, params),) = self.client.get_next_trials(max_trials=1).items()
+        return index, dict(params), self.generation_method(index)
+
+    def retry(self, parameters: dict[str, Any]) -> int:
+        """A new trial for the parameters of an interrupted one."""
+        return self.client.attach_trial(parameters=parameters)
+
+    def attach_baseline(
+        self, parameters: dict[str, Any], metrics: dict[str, float], progression: int | None
+    ) -> None:
+        """The baseline as Ax's status-quo arm, with its results (when it is in the space)."""
+        index = self.client.attach_baseline(parameters=parameters)
+        self.client.attach_data(index, metrics, progression=progression)
+        self.client.complete_trial(index)
+
+    def report_evaluation(self, index: int, step: int, eval_loss: float) -> bool:
+        """Give Ax one evaluation of a running trial; True when the trial should stop early."""
+        self.client.attach_data(index, {names.EVAL_LOSS: eval_loss}, progression=step)
+        if self.early_stopping is None:
+            return False
+        try:
+            return bool(self.client.should_stop_trial_early(index))
+        except Exception as e:  # a rule that cannot decide must not fail the trial
+            note = f"early stopping off for the rest of the search: {type(e).__name__}: {e}"
+            self.echo(note)
+            self.notes.append(note)
+            self.early_stopping = None
+            return False
+
+    def complete(self, index: int, metrics: dict[str, float], progression: int, early_stopped: bool) -> None:
+        self.client.attach_data(index, metrics, progression=progression)
+        if early_stopped:
+            self.client.mark_trial_early_stopped(index)
+        else:
+            self.client.complete_trial(index)
+
+    def fail(self, index: int, reason: str) -> None:
+        self.client.mark_trial_failed(index, failed_reason=reason)
+
+    def abandon(self, index: int) -> None:
+        """Ax will not propose this configuration again (it ran out of memory)."""
+        self.client.mark_trial_abandoned(index)
+
+    def fail_running(self, reason: str) -> list[tuple[int, dict[str, Any]]]:
+        """After a crash: trials Ax still sees as running are failed; returns (index, parameters)."""
+        out = []
+        for index, trial in self.client._experiment.trials.items():
+            if trial.status == TrialStatus.RUNNING:
+                self.fail(index, reason)
+                out.append((index, dict(trial.arm.parameters)))
+        return out
+
+    def generation_method(self, index: int) -> str:
+        return self.client._experiment.trials[index].generation_method_str or "Manual"
+
+    def in_search_space(self, parameters: dict[str, Any]) -> bool:
+        try:
+            return bool(self.client._experiment.search_space.check_membership(parameters, raise_error=False))
+        except Exception:
+            return False
+
+    # --- analysis -------------------------------------------------------------------------
+
+    def analysis(self) -> dict[str, Any]:
+        """Ax's view: sensitivity of the objective to each parameter, the Pareto frontier."""
+        search = self.config.search
+        out: dict[str, Any] = {"sensitivity": {}, "pareto": [], "notes": list(self.notes)}
+        if len(search.objectives) > 1:
+            try:
+                for params, outcome, index, _ in self.client.get_pareto_frontier(use_model_predictions=False):
+                    out["pareto"].append(
+                        {
+                            "index": index,
+                            "parameters": dict(params),
+                            "metrics": {
+                                k: float(v[0] if isinstance(v, tuple) else v) for k, v in outcome.items()
+                            },
+                        }
+                    )
+            except Exception as e:
+                out["notes"].append(f"Pareto frontier not available: {type(e).__name__}: {e}")
+        try:
+            from ax.analysis.plotly import SensitivityAnalysisPlot
+
+            metric = search.objectives[0].metric
+            cards = self.client.compute_analyses(
+                [SensitivityAnalysisPlot(metric_name=metric, order="total", top_k=None)], display=False
+            )
+            df = getattr(cards[0], "df", None)
+            if df is not None and "sensitivity" in getattr(df, "columns", []):
+                out["sensitivity"] = {str(r.parameter_name): float(r.sensitivity) for r in df.itertuples()}
+            else:
+                out["notes"].append(
+                    f"Sensitivity analysis not available yet ({getattr(cards[0], 'title', '')})."
+                )
+        except Exception as e:
+            out["notes"].append(f"Sensitivity analysis not available: {type(e).__name__}: {str(e)[:200]}")
+        return out

@@ -1,0 +1,185 @@
+"""The search's records and their life on disk.
+
+The records are plain and JSON round-trippable. After every change the search saves them with
+Ax's own JSON, locally (each file written to a temporary name, then moved into place, so a crash
+mid-write leaves the previous file whole) and on the parent run (`search_state/`). A resumed
+search loads the local copy, or the run's when this machine has none, and reconciles both with
+MLflow: trials and runs a crash left running are ended KILLED and their configs run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import names, tracking
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
+from pipeline.search.space import Optimizer
+
+# Trial outcomes (the `trial.status` tag's values). `killed` trials were interrupted: they do not
+# count toward n_trials, and a resumed search runs their config again.
+COMPLETED, EARLY_STOPPED, FAILED = names.COMPLETED, names.EARLY_STOPPED, names.FAILED
+ABANDONED, KILLED, RUNNING = names.ABANDONED, names.KILLED, names.RUNNING
+CRASHED = "interrupted: the search process stopped"
+
+
+@dataclass
+class TrialRecord:
+    index: int  # Ax trial index
+    parameters: dict[str, Any]
+    status: str = RUNNING
+    run_id: str | None = None
+    run_name: str = ""
+    generation_method: str = ""
+    eval_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    max_steps: int = 0
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    failure_reason: str | None = None
+    eval_fingerprint: str | None = None
+    adapter_dir: str | None = None  # local copy of the run's adapter, kept for the best trial only
+
+    @property
+    def scored(self) -> bool:
+        return (
+            self.status in names.SCORED_STATUSES
+            and self.eval_loss is not None
+            and math.isfinite(self.eval_loss)
+        )
+
+
+@dataclass
+class BaselineRecord:
+    run_id: str
+    parameters: dict[str, Any]
+    eval_loss: float
+    metrics: dict[str, float]
+    reused: bool
+    in_search_space: bool
+    evals: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SearchState:
+    """Everything the search needs to resume, besides Ax's own JSON."""
+
+    parent_run_id: str
+    n_trials: int
+    trials: list[TrialRecord] = field(default_factory=list)
+    baseline: BaselineRecord | None = None
+    retry: list[dict[str, Any]] = field(default_factory=list)  # configs of killed trials, to rerun
+    wall_seconds: float = 0.0  # accumulated over sessions (a resumed search adds to it)
+    sessions: int = 0
+    stop_reason: str = ""
+
+    def finished(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.status in names.FINISHED_STATUSES]
+
+    def scored(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.scored]
+
+    def record(self, index: int) -> TrialRecord | None:
+        return next((t for t in self.trials if t.index == index), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SearchState:
+        trials = [
+            TrialRecord(**{**t, "evals": [tuple(e) for e in t.get("evals", [])]})
+            for t in data.get("trials", [])
+        ]
+        base = data.get("baseline")
+        baseline = (
+            BaselineRecord(**{**base, "evals": [tuple(e) for e in base.get("evals", [])]}) if base else None
+        )
+        rest = {k: v for k, v in data.items() if k not in ("trials", "baseline")}
+        return cls(trials=trials, baseline=baseline, **rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# On disk
+
+
+def search_dir(config: PipelineConfig, parent_run_id: str) -> Path:
+    """`search.output_dir/<search run id>/`: the state, the report and best_config.yaml."""
+    d = Path(config.search.output_dir) / parent_run_id
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then move it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(run: tracking.TrackedRun, optimizer: Optimizer, state: SearchState, directory: Path) -> None:
+    """Ax's JSON and the records, locally (atomically) and as artifacts of the search run."""
+    d = directory / names.STATE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    optimizer.save(d / names.AX_STATE_FILE)
+    write_atomic(d / names.TRIALS_FILE, json.dumps(state.to_json(), indent=1, default=float))
+    run.log_artifacts(d, names.STATE_DIR)
+
+
+def load(parent_run_id: str, config: PipelineConfig) -> tuple[Optimizer, SearchState]:
+    """An earlier search's state: the local copy if present, else the parent run's artifacts.
+
+    The run must be a search parent of the experiment this invocation logs to."""
+    tracking.setup(config.tracking)
+    parent = tracking.require_search_run(parent_run_id, "resume")
+    here = tracking.current_experiment_id(config.tracking)
+    if parent.experiment_id != here:
+        raise PipelineError(
+            f"resume: run {parent_run_id} belongs to experiment {parent.experiment_id}, not to this one ({here})"
+        )
+    local = Path(config.search.output_dir) / parent_run_id / names.STATE_DIR
+    if not (local / names.AX_STATE_FILE).is_file():
+        try:
+            local = Path(tracking.download_artifacts(parent_run_id, names.STATE_DIR, tempfile.mkdtemp()))
+        except Exception:
+            raise PipelineError(f"resume: run {parent_run_id} has no saved search state") from None
+    optimizer = Optimizer.load(local / names.AX_STATE_FILE, config)
+    state = SearchState.from_json(json.loads((local / names.TRIALS_FILE).read_text()))
+    return optimizer, state
+
+
+def fetch_config(parent_run_id: str, config: PipelineConfig, dst: str | Path) -> Path:
+    """The config.yaml a search logged when it started: a resumed search continues with it.
+
+    `config` (the command line's) says which store to look in."""
+    tracking.setup(config.tracking)
+    tracking.require_search_run(parent_run_id, "resume")
+    return tracking.download_run_file(parent_run_id, names.CONFIG_FILE, dst, "resume")
+
+
+def reconcile(optimizer: Optimizer, state: SearchState) -> None:
+    """After a crash: trials and child runs left running are killed; their configs rerun first."""
+    baseline_index = 0 if state.baseline and state.baseline.in_search_space else None
+    for index, params in optimizer.fail_running(CRASHED):
+        rec = state.record(index)
+        if rec is not None:
+            rec.status, rec.failure_reason = KILLED, CRASHED
+        if index != baseline_index and params not in state.retry:
+            state.retry.append(params)
+    for child in tracking.running_children(state.parent_run_id):
+        tracking.end_killed(child.run_id, CRASHED)
+        rec = state.record(child.trial_index) if child.trial_index is not None else None
+        if rec is not None:
+            rec.run_id = child.run_id

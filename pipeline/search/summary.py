@@ -1,0 +1,307 @@
+"""What a search found, computed from its trial records: pure functions, no MLflow, no Ax.
+
+The best trial (feasible, completed, on the Pareto frontier when there is one), the summary
+metrics of the search run, best-so-far, per-parameter effects, recommendations. The report
+renders these; tests check them on hand-made records.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+from typing import Any
+
+from pipeline import names
+from pipeline.config import OutcomeConstraint, SearchConfig
+from pipeline.search.state import (
+    ABANDONED,
+    COMPLETED,
+    EARLY_STOPPED,
+    FAILED,
+    KILLED,
+    SearchState,
+    TrialRecord,
+)
+
+
+def feasible(t: TrialRecord, constraints: Iterable[OutcomeConstraint]) -> bool:
+    """Whether the trial meets every outcome constraint."""
+    return all(c.holds(t.metrics.get(c.metric)) for c in constraints)
+
+
+def best_trial(state: SearchState, search: SearchConfig, pareto: Iterable[int] = ()) -> TrialRecord | None:
+    """Best scored trial by the first objective, among completed trials that meet the outcome
+    constraints (and, with several objectives, among those on the Pareto frontier)."""
+    objective = search.objectives[0]
+    # An early-stopped trial's loss is from part of the training: it ranks, but does not win.
+    candidates = [
+        t
+        for t in state.scored()
+        if t.status == COMPLETED and objective.metric in t.metrics and feasible(t, search.outcome_constraints)
+    ]
+    pareto = set(pareto)
+    if pareto:
+        candidates = [t for t in candidates if t.index in pareto] or candidates
+    if not candidates:
+        return None
+    sign = 1 if objective.minimize else -1
+    return min(candidates, key=lambda t: sign * t.metrics[objective.metric])
+
+
+def counts(state: SearchState) -> dict[str, int]:
+    """Trials by status."""
+    return {
+        k: sum(t.status == k for t in state.trials)
+        for k in (COMPLETED, EARLY_STOPPED, FAILED, ABANDONED, KILLED)
+    }
+
+
+def improvement_pct(baseline: float, best: float) -> float:
+    """How much lower the best loss is than the baseline's, in percent of the baseline."""
+    return 100.0 * (baseline - best) / baseline
+
+
+def search_metrics(state: SearchState, best: TrialRecord | None) -> dict[str, float]:
+    """The search run's summary metrics."""
+    n = counts(state)
+    out = {
+        names.TRIALS_COMPLETED: n[COMPLETED],
+        names.TRIALS_EARLY_STOPPED: n[EARLY_STOPPED],
+        names.TRIALS_FAILED: n[FAILED],
+        names.TRIALS_ABANDONED: n[ABANDONED],
+        names.SEARCH_WALL_S: state.wall_seconds,
+        names.STEPS_SAVED_PCT: steps_saved_pct(state),
+    }
+    if best is not None:
+        out[names.BEST_EVAL_LOSS] = best.eval_loss
+        if state.baseline and state.baseline.eval_loss:
+            out[names.IMPROVEMENT_PCT] = improvement_pct(state.baseline.eval_loss, best.eval_loss)
+    return out
+
+
+def steps_saved_pct(state: SearchState) -> float:
+    """Training steps early stopping did not spend, as a share of the steps planned."""
+    trials = [t for t in state.trials if t.status in (COMPLETED, EARLY_STOPPED) and t.max_steps]
+    planned = sum(t.max_steps for t in trials)
+    saved = sum(t.max_steps - t.steps for t in trials if t.status == EARLY_STOPPED)
+    return 100.0 * saved / planned if planned else 0.0
+
+
+def fmt(value: Any) -> str:
+    """A parameter or metric value as the report prints it."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+            return f"{value:.2e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def pct(new: float, old: float) -> str:
+    """The relative change from `old` to `new`, e.g. `-14.0%`."""
+    return f"{100.0 * (new - old) / old:+.1f}%" if old else "n/a"
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else None
+
+
+def best_so_far(trials: list[TrialRecord]) -> list[float | None]:
+    """Best eval_loss of the completed trials up to each trial (early-stopped ones never count)."""
+    out, best = [], None
+    for t in trials:
+        if t.scored and t.status == COMPLETED and (best is None or t.eval_loss < best):
+            best = t.eval_loss
+        out.append(best)
+    return out
+
+
+def parameter_effects(search: SearchConfig, state: SearchState) -> list[str]:
+    """One insight per searched parameter, each with the numbers behind it.
+
+    Only completed trials count here: an early-stopped trial's loss is from fewer steps."""
+    scored = [t for t in state.scored() if t.status == COMPLETED]
+    if len(scored) < 2:
+        return [f"- Too few completed trials ({len(scored)}) for per-parameter insights."]
+    lines = [f"Over the {len(scored)} completed trials (early-stopped ones trained for fewer steps):", ""]
+    top = sorted(scored, key=lambda t: t.eval_loss)[:5]
+    for name, spec in search.parameters.items():
+        if spec.type == "fixed":
+            continue
+        values = [t.parameters.get(name) for t in scored]
+        if spec.type == "choice":
+            groups: dict[Any, list[float]] = {}
+            for t in scored:
+                groups.setdefault(t.parameters.get(name), []).append(t.eval_loss)
+            parts = [
+                f"{fmt(v)}: mean {statistics.fmean(ls):.4f}, best {min(ls):.4f} (n={len(ls)})"
+                for v, ls in sorted(groups.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
+            ]
+            best_value = min(groups, key=lambda v: statistics.fmean(groups[v])) if groups else None
+            lines.append(
+                f"- **{name}**: eval_loss by value: {'; '.join(parts)}."
+                + (f" Lowest mean at {fmt(best_value)}." if len(groups) > 1 else "")
+            )
+        else:
+            xs = [float(v) for v in values]
+            rho = spearman(
+                [math.log(x) if spec.log and x > 0 else x for x in xs], [t.eval_loss for t in scored]
+            )
+            top_vals = [float(t.parameters[name]) for t in top]
+            text = (
+                f"- **{name}**: the top {len(top)} trials span {fmt(min(top_vals))} to {fmt(max(top_vals))}"
+                if top
+                else f"- **{name}**:"
+            )
+            if rho is not None:
+                direction = "lower" if rho > 0 else "higher"
+                text += f"; rank correlation with eval_loss {rho:+.2f} ({direction} values did better)"
+            lines.append(text + ".")
+    params = search.parameters
+    if "lora.r" in params and ("lora.alpha" in params or "lora.alpha_ratio" in params) and top:
+        ratios = [
+            float(t.parameters.get("lora.alpha", 0) or 0) / float(t.parameters["lora.r"])
+            if "lora.alpha" in t.parameters
+            else float(t.parameters["lora.alpha_ratio"])
+            for t in top
+        ]
+        all_ratios = [
+            float(t.parameters["lora.alpha"]) / float(t.parameters["lora.r"])
+            if "lora.alpha" in t.parameters
+            else float(t.parameters["lora.alpha_ratio"])
+            for t in scored
+        ]
+        lines.append(
+            f"- **rank:alpha**: alpha/r of the top {len(top)} trials: {', '.join(f'{r:g}' for r in ratios)} "
+            f"(median {statistics.median(ratios):g}; over all scored trials the median is {statistics.median(all_ratios):g})."
+        )
+    return lines
+
+
+def recommendations(search: SearchConfig, state: SearchState, best: TrialRecord | None) -> list[str]:
+    """What to do next, derived from the numbers above."""
+    recs = []
+    base = state.baseline
+    if best is not None:
+        recs.append(
+            f"Retrain the best configuration (trial {best.index}, run `{best.run_id}`) for longer: "
+            f"`mlflow run . -e retrain --env-manager local -P best_config={search.output_dir}/"
+            f"{state.parent_run_id}/{names.BEST_CONFIG_FILE}`."
+        )
+        if base is not None and best.eval_loss >= base.eval_loss * 0.99:
+            recs.append(
+                f"The best trial ({best.eval_loss:.4f}) is within 1% of the baseline ({base.eval_loss:.4f}): the "
+                "search space may not hold a better region, or trials are too short to tell configs apart."
+            )
+        for name, spec in search.parameters.items():
+            value = best.parameters.get(name)
+            if spec.type == "range":
+                low, high = spec.bounds
+                span = (math.log(high) - math.log(low)) if spec.log else (high - low)
+                pos = (math.log(value) - math.log(low)) / span if spec.log else (value - low) / span
+                if pos <= 0.05:
+                    recs.append(
+                        f"Widen `{name}` below {fmt(low)}: the best value {fmt(value)} sits at the lower bound."
+                    )
+                elif pos >= 0.95:
+                    recs.append(
+                        f"Widen `{name}` above {fmt(high)}: the best value {fmt(value)} sits at the upper bound."
+                    )
+            elif (
+                spec.type == "choice"
+                and spec.ordered is not False
+                and len(spec.values) > 2
+                and value in (spec.values[0], spec.values[-1])
+            ):
+                recs.append(
+                    f"Try `{name}` beyond {fmt(value)}: the best trial uses the end of the list {spec.values}."
+                )
+    bad = [t for t in state.trials if t.status in (FAILED, ABANDONED)]
+    if bad:
+        recs.append(
+            f"{len(bad)} trial(s) failed or were abandoned; reasons are in the trial table and on each run (`trial.failure_reason`)."
+        )
+    saved = steps_saved_pct(state)
+    if saved > 0:
+        recs.append(
+            f"Early stopping saved {saved:.0f}% of the planned training steps; keep it on for longer searches."
+        )
+    elif (
+        any(t.status == EARLY_STOPPED for t in state.trials) is False
+        and search.early_stopping.enabled is not False
+    ):
+        recs.append(
+            "No trial was stopped early: set `train.eval_steps` so trials evaluate at least 3 times to let early stopping act."
+        )
+    return recs
+
+
+def important_parameters(
+    search: SearchConfig, state: SearchState, sensitivity: dict[str, float], k: int = 2
+) -> list[str]:
+    """The k parameters that matter most: Ax sensitivity when available, else rank correlation."""
+    varied = [n for n, s in search.parameters.items() if s.type != "fixed"]
+    sens = sensitivity
+    if sens:
+        return sorted((n for n in varied if n in sens), key=lambda n: -abs(sens[n]))[:k]
+    scored = state.scored()
+
+    def strength(name: str) -> float:
+        try:
+            xs = [float(t.parameters[name]) for t in scored]
+        except (TypeError, ValueError):
+            return 0.0
+        rho = spearman(xs, [t.eval_loss for t in scored])
+        return abs(rho) if rho is not None else 0.0
+
+    return sorted(varied, key=lambda n: -strength(n))[:k]
+
+
+# Names and durations in progress lines
+
+SHORT_NAMES = {"lora.r": "r", "lora.alpha": "a", "train.learning_rate": "lr", "train.batch_size": "bs"}
+
+
+def trial_name(number: int, params: dict[str, Any], method: str = "") -> str:
+    """`trial-07 r=32 a=64 lr=1.2e-04 bs=2`: the trial's number and its key params."""
+    parts = [f"trial-{number:02d}"]
+    for key, value in params.items():
+        short = SHORT_NAMES.get(key, key.rsplit(".", 1)[-1])
+        if isinstance(value, float):
+            small_or_big = value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4)
+            text = f"{value:.1e}" if small_or_big else f"{value:g}"
+        else:
+            text = str(value)
+        parts.append(f"{short}={text}")
+    return " ".join(parts) + (f" ({method})" if method == "retry" else "")
+
+
+def duration(seconds: float) -> str:
+    """`4m05s`, `1h02m`: elapsed time and ETA in progress lines."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

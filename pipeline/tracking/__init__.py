@@ -1,0 +1,60 @@
+"""MLflow tracking: the only package (with `registry`) that imports mlflow.
+
+- `store.py`: which store (URI), its experiments, `mlflow server` over it;
+- `runs.py`: writing runs: `start_run` (always ended FINISHED, FAILED with a one-line
+  `pipeline.error` tag, or KILLED on Ctrl-C/SIGTERM), batched metrics (`log_batch`), artifacts;
+- `queries.py`: reading runs as `RunRecord`s, by intent (`find_reusable_baseline`,
+  `running_children`, `trials_of`, ...).
+"""
+
+from pipeline.tracking.queries import (
+    RunRecord,
+    baseline_of,
+    best_trial_of,
+    children_of,
+    download_artifacts,
+    download_run_file,
+    find_reusable_baseline,
+    get_run,
+    latest_finished_search,
+    metric_history,
+    require_search_run,
+    running_children,
+    trials_of,
+)
+from pipeline.tracking.runs import TrackedRun, end_killed, mark_failed, start_run, tag_run
+from pipeline.tracking.store import (
+    DEFAULT_TRACKING_URI,
+    current_experiment_id,
+    resolve_tracking_uri,
+    server_command,
+    setup,
+    use_store,
+)
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "RunRecord",
+    "TrackedRun",
+    "baseline_of",
+    "best_trial_of",
+    "children_of",
+    "current_experiment_id",
+    "download_artifacts",
+    "download_run_file",
+    "end_killed",
+    "find_reusable_baseline",
+    "get_run",
+    "latest_finished_search",
+    "mark_failed",
+    "metric_history",
+    "require_search_run",
+    "resolve_tracking_uri",
+    "running_children",
+    "server_command",
+    "setup",
+    "start_run",
+    "tag_run",
+    "trials_of",
+    "use_store",
+]

@@ -1,0 +1,179 @@
+"""Reading runs: `RunRecord`s (plain data, not MLflow objects) from queries named by what they
+are for. No other module writes an MLflow filter string or reads an MLflow run object."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline import names
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the pipeline reads of a run: its identity, status, tags, final metrics and params."""
+
+    run_id: str
+    name: str
+    experiment_id: str
+    status: str  # RUNNING | FINISHED | FAILED | KILLED (MLflow's)
+    start_time: int
+    tags: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def role(self) -> str | None:
+        return self.tags.get(names.ROLE)
+
+    @property
+    def eval_fingerprint(self) -> str | None:
+        return self.tags.get(names.EVAL_FINGERPRINT)
+
+    @property
+    def eval_loss(self) -> float | None:
+        return self.metrics.get(names.EVAL_LOSS)
+
+    @property
+    def trial_index(self) -> int | None:
+        """The Ax trial index of a search trial's run."""
+        value = self.tags.get(names.AX_TRIAL_INDEX)
+        return int(value) if value is not None else None
+
+    @property
+    def url(self) -> str:
+        """A link to the run in the MLflow UI, relative to the UI's root."""
+        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        name=run.info.run_name or "",
+        experiment_id=run.info.experiment_id,
+        status=run.info.status,
+        start_time=run.info.start_time or 0,
+        tags=dict(run.data.tags),
+        metrics=dict(run.data.metrics),
+        params=dict(run.data.params),
+    )
+
+
+def get_run(run_id: str) -> RunRecord | None:
+    """The run, or None when no run has this id."""
+    try:
+        return _record(MlflowClient().get_run(run_id))
+    except MlflowException:
+        return None
+
+
+def require_search_run(run_id: str, option: str) -> RunRecord:
+    """The search parent run `run_id`; PipelineError naming `option` (resume, from_search) if not."""
+    run = get_run(run_id)
+    if run is None:
+        raise PipelineError(f"{option}: no run {run_id!r} in the tracking store")
+    if run.role != names.ROLE_SEARCH:
+        raise PipelineError(f"{option}: run {run_id} is not a search run (pipeline.role={run.role!r})")
+    return run
+
+
+def _find(
+    experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None, limit: int | None = None
+) -> list[RunRecord]:
+    """Runs matching an MLflow search filter (all pages, or the first `limit`)."""
+    client, runs, token = MlflowClient(), [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string, order_by=order_by, max_results=limit or 1000, page_token=token
+        )
+        runs.extend(_record(r) for r in page)
+        token = page.token
+        if not token or limit:
+            return runs
+
+
+def find_reusable_baseline(
+    experiment_id: str, config_fingerprint: str, required_metrics: list[str]
+) -> RunRecord | None:
+    """The newest finished baseline run of this config that logged every required metric."""
+    candidates = _find(
+        [experiment_id],
+        f"tags.`{names.ROLE}` = '{names.ROLE_BASELINE}' and "
+        f"tags.`{names.CONFIG_FINGERPRINT}` = '{config_fingerprint}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return next((r for r in candidates if all(m in r.metrics for m in required_metrics)), None)
+
+
+def children_of(parent: RunRecord | str) -> list[RunRecord]:
+    """The runs nested under `parent` (a search: its baseline and trials), oldest first."""
+    parent = parent if isinstance(parent, RunRecord) else get_run(parent)
+    if parent is None:
+        return []
+    return _find(
+        [parent.experiment_id],
+        f"tags.`{names.PARENT_RUN_ID}` = '{parent.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def running_children(parent_run_id: str) -> list[RunRecord]:
+    """Child runs still RUNNING: after a crash of the parent's process, nobody will end them."""
+    return [r for r in children_of(parent_run_id) if r.status == "RUNNING"]
+
+
+def trials_of(search: RunRecord | str, status: str | None = None) -> list[RunRecord]:
+    """The trial runs of a search, oldest first; only those with `trial.status` = `status` if given."""
+    return [
+        r
+        for r in children_of(search)
+        if r.role == names.ROLE_TRIAL and (status is None or r.tags.get(names.TRIAL_STATUS) == status)
+    ]
+
+
+def baseline_of(search: RunRecord) -> RunRecord | None:
+    """The baseline run a search compared against (trained in it, or reused)."""
+    run_id = search.tags.get(names.SEARCH_BASELINE_RUN)
+    return get_run(run_id) if run_id else None
+
+
+def best_trial_of(search: RunRecord) -> RunRecord | None:
+    """The search's winning trial run (its tag; for older searches, the best completed trial)."""
+    run_id = search.tags.get(names.SEARCH_BEST_RUN)
+    if run_id:
+        return get_run(run_id)
+    scored = [r for r in trials_of(search, names.COMPLETED) if r.eval_loss is not None]
+    return min(scored, key=lambda r: r.eval_loss) if scored else None
+
+
+def latest_finished_search() -> RunRecord | None:
+    """The newest finished search run in any experiment of the store."""
+    experiments = [e.experiment_id for e in MlflowClient().search_experiments()]
+    newest = ["attributes.start_time DESC"]
+    where = f"tags.`{names.ROLE}` = '{names.ROLE_SEARCH}' and attributes.status = 'FINISHED'"
+    return next(iter(_find(experiments, where, newest, limit=1)), None)
+
+
+def download_artifacts(run_id: str, path: str, dst: str | Path) -> str:
+    """Download an artifact file or folder of a run; returns the local path."""
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+
+
+def download_run_file(run_id: str, artifact: str, dst: str | Path, option: str) -> Path:
+    """A file logged on a run (config.yaml, best_config.yaml); PipelineError naming `option` if
+    the run has none."""
+    try:
+        return Path(download_artifacts(run_id, artifact, dst))
+    except Exception:
+        raise PipelineError(f"{option}: run {run_id} has no {artifact} (did the search finish?)") from None
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]

@@ -1,0 +1,200 @@
+"""The search package's parts on their own: records on disk, the pure summary, the executor seam.
+
+No search runs here; the summary is checked on hand-made records, the executor on one tiny trial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import names
+from pipeline.config import load_config, with_overrides
+from pipeline.search import state as store
+from pipeline.search import summary
+from pipeline.search.executor import LocalExecutor, TrialJob, run_job
+from pipeline.search.space import Optimizer
+from pipeline.search.state import BaselineRecord, SearchState, TrialRecord
+from pipeline.trial import Resources, RunSpec
+
+from .conftest import DEMO_CONFIG
+
+
+def demo(**values):
+    config = load_config(DEMO_CONFIG)
+    return with_overrides(config, values) if values else config
+
+
+def record(index, status, loss=None, steps=150, max_steps=150, **metrics):
+    m = {"eval_loss": loss, **metrics} if loss is not None else dict(metrics)
+    return TrialRecord(
+        index,
+        {"lora.r": 8 * (index + 1)},
+        status,
+        eval_loss=loss,
+        metrics=m,
+        steps=steps,
+        max_steps=max_steps,
+    )
+
+
+# --- records on disk ------------------------------------------------------------------------
+
+
+def test_state_round_trips_through_json_and_reads_older_files():
+    state = SearchState("p", 3, trials=[record(1, "completed", 2.5), record(2, "failed")], sessions=2)
+    state.trials[0].evals = [(50, 3.0), (100, 2.5)]
+    state.baseline = BaselineRecord("b", {"lora.r": 8}, 3.2, {"eval_loss": 3.2}, False, True, [(150, 3.2)])
+    again = SearchState.from_json(json.loads(json.dumps(state.to_json())))
+    assert again == state and again.trials[0].evals == [(50, 3.0), (100, 2.5)]
+    # A trials.json written before records had eval_fingerprint and adapter_dir still loads.
+    old = state.to_json()
+    for t in old["trials"]:
+        del t["eval_fingerprint"], t["adapter_dir"]
+    assert SearchState.from_json(old).trials[0].eval_fingerprint is None
+
+
+def test_write_atomic_keeps_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "trials.json"
+    store.write_atomic(path, "old")
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_atomic(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.json"]  # no temp file left behind
+
+
+def test_optimizer_state_saves_and_loads(tmp_path):
+    config = demo(**{"search.initialization_trials": 2})
+    optimizer = Optimizer.create(config)
+    index, params, method = optimizer.ask()
+    assert method == "CenterOfSearchSpace" and set(params) == set(config.search.parameters)
+    optimizer.complete(index, {"eval_loss": 2.0}, 150, early_stopped=False)
+    running, running_params, _ = optimizer.ask()
+    optimizer.save(tmp_path / "ax.json")
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = Optimizer.load(tmp_path / "ax.json", config)
+    # After a crash, the trial Ax saw running is failed and handed back for a retry.
+    assert loaded.fail_running("crash") == [(running, running_params)]
+    assert loaded.retry(running_params) == running + 1
+
+
+# --- the summary (pure) ---------------------------------------------------------------------
+
+
+def test_best_trial_counts_only_completed_feasible_trials():
+    search = demo(**{"search.outcome_constraints": ["peak_rss_gb <= 2"]}).search
+    state = SearchState("p", 4)
+    state.trials = [
+        record(0, "completed", 2.0, peak_rss_gb=3.0),  # infeasible
+        record(1, "early_stopped", 1.0, peak_rss_gb=1.0),  # partial training: ranks, never wins
+        record(2, "completed", 2.5, peak_rss_gb=1.5),
+        record(3, "completed", 2.6, peak_rss_gb=1.0),
+        record(4, "failed"),
+    ]
+    assert summary.best_trial(state, search).index == 2
+    assert summary.best_trial(state, search, pareto=[3]).index == 3  # restricted to the frontier
+    assert summary.feasible(state.trials[2], search.outcome_constraints)
+    assert not summary.feasible(state.trials[4], search.outcome_constraints)  # no value: not met
+
+
+def test_summary_metrics_and_steps_saved():
+    state = SearchState("p", 4, wall_seconds=60.0)
+    state.baseline = BaselineRecord("b", {}, 4.0, {"eval_loss": 4.0}, False, True)
+    state.trials = [
+        record(0, "completed", 3.0),
+        record(1, "early_stopped", 5.0, steps=50),
+        record(2, "abandoned"),
+        record(3, "killed"),
+    ]
+    best = summary.best_trial(state, demo().search)
+    metrics = summary.search_metrics(state, best)
+    assert metrics[names.BEST_EVAL_LOSS] == 3.0 and metrics[names.IMPROVEMENT_PCT] == pytest.approx(25.0)
+    assert (metrics[names.TRIALS_COMPLETED], metrics[names.TRIALS_EARLY_STOPPED]) == (1, 1)
+    assert metrics[names.TRIALS_ABANDONED] == 1 and metrics[names.TRIALS_FAILED] == 0
+    # 100 of the 300 steps planned for the two scored trials were not spent.
+    assert metrics[names.STEPS_SAVED_PCT] == pytest.approx(100 / 3)
+    assert summary.best_so_far(state.trials) == [3.0, 3.0, 3.0, 3.0]
+
+
+def test_recommendations_point_at_the_edges_of_the_space():
+    search = demo().search
+    state = SearchState("p", 1)
+    state.baseline = BaselineRecord("b", {}, 3.0, {}, False, True)
+    best = TrialRecord(
+        0,
+        {"lora.r": 32, "lora.alpha": 16.0, "train.learning_rate": 1e-2, "train.batch_size": 8},
+        "completed",
+        run_id="r",
+        eval_loss=2.99,
+    )
+    state.trials = [best]
+    recs = summary.recommendations(search, state, best)
+    assert recs[0].startswith("Retrain the best configuration (trial 0, run `r`)")
+    assert any("within 1% of the baseline" in r for r in recs)
+    assert any(r.startswith("Widen `train.learning_rate` above 0.01") for r in recs)
+    assert any(r.startswith("Try `lora.r` beyond 32") for r in recs)
+
+
+def test_trial_names_and_durations():
+    params = {"lora.r": 32, "lora.alpha": 64.0, "train.learning_rate": 1.2e-4, "train.batch_size": 2}
+    assert summary.trial_name(7, params) == "trial-07 r=32 a=64 lr=1.2e-04 bs=2"
+    assert summary.trial_name(3, {"lora.dropout": 0.1}, "retry") == "trial-03 dropout=0.1 (retry)"
+    assert (summary.duration(65), summary.duration(3725)) == ("1m05s", "1h02m")
+
+
+# --- the executor seam ----------------------------------------------------------------------
+
+
+def test_run_job_reports_failures_instead_of_raising(tiny_config, tmp_path, monkeypatch):
+    base = tiny_config.model_copy(update={"search": None})
+    resources = Resources()
+    # Bad input for this trial's config: fails before any run exists.
+    missing = run_job(TrialJob(3, base, {"data.path": str(tmp_path / "none.jsonl")}), resources)
+    assert (missing.status, missing.run_id, missing.result) == ("failed", None, None)
+    assert missing.reason.startswith("DataError: data.path: file not found")
+
+    # Out of memory while training: the run ends FAILED, tagged abandoned, the error kept.
+    import pipeline.trial as trial_mod
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trial_mod, "train", oom)
+    spec = RunSpec(names.ROLE_TRIAL, "trial-01", tags={names.AX_TRIAL_INDEX: 4})
+    evals = []
+    out = run_job(TrialJob(4, base, {"lora.r": 4}, spec), resources, lambda *a: evals.append(a))
+    assert out.status == "abandoned" and out.run_id and "out of memory" in out.reason
+    run = MlflowClient().get_run(out.run_id)
+    assert run.info.status == "FAILED" and run.data.tags[names.TRIAL_STATUS] == "abandoned"
+    assert run.data.tags[names.TRIAL_FAILURE_REASON] == out.reason and run.data.params["lora.r"] == "4"
+
+
+def test_local_executor_runs_one_job_at_a_time_and_streams_evaluations(tiny_config):
+    base = tiny_config.model_copy(update={"search": None})
+    executor = LocalExecutor(quiet=True)
+    heard = []
+
+    def on_eval(index, step, loss):
+        heard.append((index, step))
+        return False
+
+    assert executor.idle() == 1
+    executor.submit(TrialJob(5, base, {"lora.r": 4}, RunSpec(names.ROLE_TRIAL)), on_eval)
+    assert executor.idle() == 0  # one at a time: nothing else until this one is collected
+    out = executor.wait_any()
+    assert out.status == "completed" and out.job.index == 5 and out.result.run_id == out.run_id
+    # Each evaluation but the last (which ends the trial anyway), with the trial's Ax index.
+    assert heard == [(5, 6)]
+    assert out.result.adapter_dir.is_dir() and out.result.eval_fingerprint
+    tags = MlflowClient().get_run(out.run_id).data.tags
+    assert tags[names.TRIAL_STATUS] == "completed"
+    assert executor.idle() == 1
+    executor.close()
