@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +19,57 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF
     os.environ[var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def in_ci() -> bool:
+    """CI=true (as .ci/run sets it): every test must run; a missing system dependency fails."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _chromium() -> bool:
+    from . import browser
+
+    return bool(shutil.which(browser.CHROMIUM) and shutil.which(browser.CHROMEDRIVER))
+
+
+# Markers whose tests need more than Python: what to check, and the one line that says what to
+# install. Without it such a test is skipped with that line, unless CI is set: there it fails.
+SYSTEM_NEEDS = {
+    "browser": (_chromium, "needs Chromium and ChromeDriver: apt-get install chromium chromium-driver"),
+}
+# Markers of tests that cost a minute or more each: they run when CI is set, or when asked for
+# (`-m e2e`), not in the quick default run a newcomer starts with.
+COSTLY = {
+    "e2e": "end to end through `mlflow run`, a minute or more",
+    "slow": "a minute or more",
+    "bench": "benchmark smoke test",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Outside CI: tests whose system needs are missing skip with what to install; costly tests
+    skip with how to run them."""
+    if in_ci():
+        return
+    asked = config.getoption("markexpr") or ""
+    for item in items:
+        marks = [m for m in (*SYSTEM_NEEDS, *COSTLY) if m in item.keywords]
+        missing = [how for m, (available, how) in SYSTEM_NEEDS.items() if m in marks and not available()]
+        costly = [m for m in COSTLY if m in marks]
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=missing[0]))
+        elif costly and not any(m in asked for m in marks):  # `-m e2e`, `-m browser`: asked for
+            reason = f"{COSTLY[costly[0]]}: runs when CI is set (CI=true) or with -m {costly[0]}"
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_runtest_setup(item):
+    """In CI a missing system dependency is a failure, reported before any fixture runs."""
+    if not in_ci():
+        return
+    for marker, (available, how) in SYSTEM_NEEDS.items():
+        if marker in item.keywords and not available():
+            pytest.fail(f"CI is set and this {marker} test {how}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT, venv_env
+
+pytestmark = pytest.mark.bench
 
 
 def _bench(args: list[str], tmp_path, timeout: int = 900) -> list[str]:
