@@ -119,8 +119,7 @@ class Search:
         if resume:
             self.optimizer, loaded = store.load(resume, self.config)
         else:
-            self.optimizer, loaded = Optimizer.create(self.config, echo=self._echo), None
-        self.optimizer.echo = self._echo
+            self.optimizer, loaded = Optimizer.create(self.config), None
         with (
             graceful_stop(),
             tracking.start_run(self._tracking(), self._run_name(), self._tags(), resume_run_id=resume) as run,

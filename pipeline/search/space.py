@@ -25,6 +25,12 @@ from pipeline.config import PipelineConfig, SearchConfig, value_kind
 from pipeline.errors import ConfigError
 
 set_ax_logger_levels(logging.WARNING)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
 CASTS = {"int": int, "float": float, "bool": bool, "str": str}
 
 
@@ -119,7 +125,7 @@ def early_stopping_strategy(config: PipelineConfig) -> PercentileEarlyStoppingSt
 class Optimizer:
     """The search's Ax Client, in the verbs the loop needs. One owner: the search's driver."""
 
-    def __init__(self, client: Client, config: PipelineConfig, echo: Callable[[str], None] = print):
+    def __init__(self, client: Client, config: PipelineConfig, echo: Callable[[str], None] = _say):
         self.client = client
         self.config = config
         self.echo = echo
@@ -129,11 +135,11 @@ class Optimizer:
         self.notes: list[str] = []  # what went wrong on Ax's side, for the report
 
     @classmethod
-    def create(cls, config: PipelineConfig, echo: Callable[[str], None] = print) -> Optimizer:
+    def create(cls, config: PipelineConfig, echo: Callable[[str], None] = _say) -> Optimizer:
         return cls(build_client(config.search, name=config.tracking.experiment_name), config, echo)
 
     @classmethod
-    def load(cls, path: Path, config: PipelineConfig, echo: Callable[[str], None] = print) -> Optimizer:
+    def load(cls, path: Path, config: PipelineConfig, echo: Callable[[str], None] = _say) -> Optimizer:
         client = Client.load_from_json_file(str(path))
         client._random_seed = config.search.seed  # not kept in Ax's JSON
         return cls(client, config, echo)
