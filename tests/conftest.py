@@ -40,8 +40,8 @@ SYSTEM_NEEDS = {
 # Markers of tests that cost a minute or more each: they run when CI is set, or when asked for
 # (`-m e2e`), not in the quick default run a newcomer starts with.
 COSTLY = {
-    "e2e": "end to end through `mlflow run`, a minute or more",
-    "slow": "a minute or more",
+    "e2e": "end to end through `mlflow run` (a minute or more)",
+    "slow": "slow (a minute or more)",
     "bench": "benchmark smoke test",
 }
 
