@@ -224,7 +224,11 @@ def check_model_uri(uri: str) -> str:
 def download_adapter(uri: str, dst: str | Path) -> Path:
     """The adapter folder of a registered version (loads with plain `PeftModel.from_pretrained`)."""
     root = Path(mlflow.artifacts.download_artifacts(check_model_uri(uri), dst_path=str(dst)))
-    return root / "artifacts" / "adapter"
+    # artifacts/adapter/ for every version the pipeline registers; found by its contents anyway.
+    found = sorted((root / "artifacts").rglob(names.BASE_REFERENCE_FILE))
+    if not found:
+        raise PipelineError(f"--model: {uri} holds no adapter ({names.BASE_REFERENCE_FILE} missing)")
+    return found[0].parent
 
 
 def load_registered(uri: str) -> Any:
