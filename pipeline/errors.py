@@ -29,6 +29,11 @@ class ModelError(PipelineError):
     """The base model, its tokenizer or the LoRA target modules cannot be used."""
 
 
+class SearchAborted(Exception):
+    """The search stopped itself (failure-rate cap, broken early stopping, an exhausted space).
+    Its state is saved: fix the cause and resume."""
+
+
 class TrialFailed(Exception):
     """A trial's run failed: a NaN loss, out of memory, an error while training.
 

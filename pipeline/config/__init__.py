@@ -21,6 +21,7 @@ from pipeline.config.load import (
     to_dict,
     to_yaml,
     validate,
+    values_at,
     with_overrides,
 )
 from pipeline.config.reference import reference_markdown
@@ -74,5 +75,6 @@ __all__ = [
     "to_yaml",
     "validate",
     "value_kind",
+    "values_at",
     "with_overrides",
 ]

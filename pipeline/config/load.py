@@ -211,6 +211,18 @@ def config_fingerprint(config: PipelineConfig) -> str:
     return fingerprint({k: d[k] for k in RESULT_SECTIONS})
 
 
+def values_at(config: PipelineConfig, keys: Iterable[str]) -> dict[str, Any]:
+    """The config's values at dotted keys (`lora.r` -> 8): what a trial of these keys trains."""
+    data = to_dict(config)
+    out = {}
+    for key in keys:
+        node: Any = data
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
 def with_overrides(
     config: PipelineConfig,
     values: Mapping[str, Any],

@@ -49,6 +49,14 @@ class PipelineConfig(Section):
             problems.append(
                 "train.eval_steps: must be set for train.early_stopping_patience and train.restore_best"
             )
+        searched = set(self.search.parameters) if self.search is not None else set()
+        if "lora.alpha" in searched and (self.lora.alpha_ratio is not None or "lora.alpha_ratio" in searched):
+            # alpha would be replaced by r x ratio while Ax records the alpha it asked for
+            problems.append(
+                "search.parameters.lora.alpha: lora.alpha_ratio sets lora.alpha (alpha = ratio x r), so a "
+                "searched lora.alpha would not be what trains; search lora.alpha with lora.alpha_ratio "
+                "unset (null), or search lora.alpha_ratio instead"
+            )
         if self.search is not None and self.search.early_stopping.enabled and not self.train.eval_steps:
             problems.append(
                 "search.early_stopping.enabled: needs train.eval_steps (trials must evaluate while they train)"

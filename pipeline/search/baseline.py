@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline import names, tracking
-from pipeline.config import PipelineConfig, config_fingerprint, to_dict
+from pipeline.config import PipelineConfig, config_fingerprint, values_at
 from pipeline.errors import PipelineError
 from pipeline.search.executor import Executor, TrialJob
 from pipeline.search.state import BaselineRecord
@@ -20,14 +20,7 @@ from pipeline.trial import RunSpec, discard_local_adapter
 
 def baseline_parameters(config: PipelineConfig) -> dict[str, Any]:
     """The base config's value of every search dimension."""
-    data = to_dict(config)
-    out = {}
-    for key in config.search.parameters:
-        node: Any = data
-        for part in key.split("."):
-            node = node[part]
-        out[key] = node
-    return out
+    return values_at(config, config.search.parameters)
 
 
 def require_metrics(metrics: dict[str, float], required: list[str], what: str) -> None:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline import names
-from pipeline.config import PipelineConfig, with_overrides
-from pipeline.errors import TrialFailed, TrialInterrupted, one_line
+from pipeline.config import PipelineConfig, values_at, with_overrides
+from pipeline.errors import PipelineError, TrialFailed, TrialInterrupted, one_line
 from pipeline.trial import Resources, RunSpec, TrialResult, run_trial
 
 # (Ax trial index, training step, eval_loss) -> should the trial stop early?
@@ -81,6 +81,7 @@ def run_job(
     hook = (lambda step, loss: on_eval(job.index, step, loss)) if on_eval is not None else None
     try:
         config = with_overrides(job.base, job.parameters) if job.parameters else job.base
+        _check_trains_what_was_asked(config, job.parameters)
         result = run_trial(config, job.spec, resources=resources, on_eval=hook, quiet=quiet)
     except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM while training: the run ended KILLED
         run_id = e.run_id if isinstance(e, TrialInterrupted) else None
@@ -90,6 +91,18 @@ def run_job(
     except Exception as e:  # failed before its run started (this config's data or model)
         return outcome(names.FAILED, reason=one_line(f"{type(e).__name__}: {e}"), error=e)
     return outcome(result.status, result=result, run_id=result.run_id)
+
+
+def _check_trains_what_was_asked(config: PipelineConfig, parameters: dict[str, Any]) -> None:
+    """Ax records the values it asked for: refuse a trial whose config would train others."""
+    held = values_at(config, parameters)
+    wrong = [
+        f"{k}: Ax asked for {v!r}, the trial's config holds {held[k]!r}"
+        for k, v in parameters.items()
+        if held[k] != v
+    ]
+    if wrong:
+        raise PipelineError("; ".join(wrong))
 
 
 class LocalExecutor:

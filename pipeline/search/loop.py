@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import names, registry, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, load_config, to_yaml, with_overrides
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SearchAborted
 from pipeline.interrupt import STOP_REQUESTED, graceful_stop
 from pipeline.model import hardware
 from pipeline.provenance import git_commit, package_versions
@@ -76,10 +76,6 @@ def run_search(
     """Search with a validated config (the CLI builds it): a new search, or `resume` the search
     run of that id. Trials run one at a time in this process unless another executor is given."""
     return Search(config, executor or LocalExecutor(quiet)).run(resume)
-
-
-class SearchAborted(Exception):
-    """The search stopped itself (failure-rate cap). Its state is saved: fix and resume."""
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -189,6 +185,8 @@ class Search:
             self._save()
             self._progress(record, t_session)
             self._check_failure_rate()
+            if self.optimizer.broken:
+                raise SearchAborted(f"search stopped: {self.optimizer.broken}")
 
     def _submit_next(self) -> None:
         """Ask Ax (or rerun an interrupted trial's config first), record the trial, start it."""

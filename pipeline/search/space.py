@@ -22,7 +22,7 @@ from ax.utils.common.logger import set_ax_logger_levels
 
 from pipeline import names
 from pipeline.config import PipelineConfig, SearchConfig, value_kind
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SearchAborted
 
 set_ax_logger_levels(logging.WARNING)
 
@@ -32,6 +32,27 @@ def _say(message: str) -> None:
 
 
 CASTS = {"int": int, "float": float, "bool": bool, "str": str}
+ES_LOGGER = "ax.early_stopping.strategies.base"  # where Ax 1.3 says early stopping gave up
+MAX_DUPLICATE_PROPOSALS = 5
+
+
+class _AxWarnings(logging.Handler):
+    """Collects the warnings one Ax logger emits inside a `with` block."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__(logging.WARNING)
+        self.logger = logging.getLogger(logger)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        self.logger.addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
 
 
 def build_parameters(search: SearchConfig) -> list[Any]:
@@ -133,6 +154,9 @@ class Optimizer:
         if self.early_stopping is not None:
             client.set_early_stopping_strategy(self.early_stopping)
         self.notes: list[str] = []  # what went wrong on Ax's side, for the report
+        # Set when Ax's early stopping could not decide (it only logs a warning, then never stops
+        # a trial again): the loop ends the search loudly instead of running on without it.
+        self.broken: str | None = None
 
     @classmethod
     def create(cls, config: PipelineConfig, echo: Callable[[str], None] = _say) -> Optimizer:
@@ -153,13 +177,30 @@ class Optimizer:
     # --- trials ---------------------------------------------------------------------------
 
     def ask(self) -> tuple[int, dict[str, Any], str]:
-        """The next trial Ax proposes: (index, parameters, generation method)."""
-        ((index, params),) = self.client.get_next_trials(max_trials=1).items()
-        return index, dict(params), self.generation_method(index)
+        """The next trial Ax proposes: (index, parameters, generation method).
+
+        A proposal whose parameters were measured already (Ax deduplicates against every arm but
+        those of failed trials) is abandoned and Ax asked again: a second trial of one arm would
+        make Ax's early stopping give up for the rest of the search."""
+        for _ in range(MAX_DUPLICATE_PROPOSALS):
+            ((index, params),) = self.client.get_next_trials(max_trials=1).items()
+            twin = self._measured_twin(index)
+            if twin is None:
+                return index, dict(params), self.generation_method(index)
+            self.note(f"Ax proposed trial {twin}'s parameters again as trial {index}; not run")
+            self.client.mark_trial_abandoned(index)
+        raise SearchAborted(
+            f"Ax proposed already-measured parameters {MAX_DUPLICATE_PROPOSALS} times in a row: the "
+            "space is exhausted or the search converged; widen search.parameters or stop here"
+        )
 
     def retry(self, parameters: dict[str, Any]) -> int:
-        """A new trial for the parameters of an interrupted one."""
-        return self.client.attach_trial(parameters=parameters)
+        """A new trial for the parameters of an interrupted one (whose partial data is gone)."""
+        index = self.client.attach_trial(parameters=parameters)
+        twin = self._measured_twin(index)
+        if twin is not None:
+            raise SearchAborted(f"retry of trial {twin}'s parameters as trial {index}: trial {twin} has data")
+        return index
 
     def attach_baseline(
         self, parameters: dict[str, Any], metrics: dict[str, float], progression: int | None
@@ -169,19 +210,22 @@ class Optimizer:
         self.client.attach_data(index, metrics, progression=progression)
         self.client.complete_trial(index)
 
-    def report_evaluation(self, index: int, step: int, eval_loss: float) -> bool:
+    def report_evaluation(self, index: int, progression: int, eval_loss: float) -> bool:
         """Give Ax one evaluation of a running trial; True when the trial should stop early."""
-        self.client.attach_data(index, {names.EVAL_LOSS: eval_loss}, progression=step)
-        if self.early_stopping is None:
+        self.client.attach_data(index, {names.EVAL_LOSS: eval_loss}, progression=progression)
+        if self.early_stopping is None or self.broken:
             return False
-        try:
-            return bool(self.client.should_stop_trial_early(index))
-        except Exception as e:  # a rule that cannot decide must not fail the trial
-            note = f"early stopping off for the rest of the search: {type(e).__name__}: {e}"
-            self.echo(note)
-            self.notes.append(note)
-            self.early_stopping = None
-            return False
+        with _AxWarnings(ES_LOGGER) as warnings:
+            try:
+                stop = bool(self.client.should_stop_trial_early(index))
+            except Exception as e:  # a rule that cannot decide must not fail the trial
+                self.note(f"early stopping off for the rest of the search: {type(e).__name__}: {e}")
+                self.early_stopping = None
+                return False
+        given_up = [w for w in warnings if "Cannot proceed with early stopping" in w]
+        if given_up:
+            self.broken = f"Ax's early stopping gave up at trial {index}: {given_up[0]}"
+        return stop
 
     def complete(self, index: int, metrics: dict[str, float], progression: int, early_stopped: bool) -> None:
         self.client.attach_data(index, metrics, progression=progression)
@@ -191,11 +235,32 @@ class Optimizer:
             self.client.complete_trial(index)
 
     def fail(self, index: int, reason: str) -> None:
+        """The trial failed; its partial data goes (Ax may propose its parameters again)."""
         self.client.mark_trial_failed(index, failed_reason=reason)
+        self._drop_data(index)
 
     def abandon(self, index: int) -> None:
         """Ax will not propose this configuration again (it ran out of memory)."""
         self.client.mark_trial_abandoned(index)
+        self._drop_data(index)
+
+    def note(self, message: str) -> None:
+        self.echo(message)
+        self.notes.append(message)
+
+    def _drop_data(self, index: int) -> None:
+        """Forget a trial's (partial) data, so that one arm never has data from two trials."""
+        experiment = self.client._experiment
+        if index in experiment.data.trial_indices:
+            keep = [i for i in experiment.data.trial_indices if i != index]
+            experiment.data = experiment.data.filter(trial_indices=keep)
+
+    def _measured_twin(self, index: int) -> int | None:
+        """Another trial with data for the same arm as trial `index`, if any."""
+        trials = self.client._experiment.trials
+        arm = trials[index].arm.signature
+        measured = self.client._experiment.data.trial_indices
+        return next((i for i in measured if i != index and trials[i].arm.signature == arm), None)
 
     def fail_running(self, reason: str) -> list[tuple[int, dict[str, Any]]]:
         """After a crash: trials Ax still sees as running are failed; returns (index, parameters)."""
