@@ -95,9 +95,13 @@ def run_ax_early_stopping(
     n_trials: int,
     percentile: float | None,
     min_curves: int | None = None,
+    progression: str = "examples",
 ) -> tuple[list[float], list[int]]:
     """A fixed-length Ax search whose trials report their eval curve to Ax's percentile rule, as
-    the pipeline's evaluation hook does; a trial asked to stop keeps its last eval loss."""
+    the pipeline's evaluation hook does; a trial asked to stop keeps its last eval loss.
+
+    `progression`: "examples" (the pipeline's unit: step x batch size, so trials of different
+    batch sizes compare on the same data) or "steps" (the unit before: optimizer steps)."""
     from pipeline.config import with_overrides
     from pipeline.search.space import build_client, early_stopping_strategy
 
@@ -109,13 +113,16 @@ def run_ax_early_stopping(
         es = {"search.early_stopping.enabled": True, "search.early_stopping.percentile": percentile}
         if min_curves:
             es["search.early_stopping.min_curves"] = min_curves
+        if progression == "steps":  # the old default, a third of the steps, counted in steps
+            es["search.early_stopping.min_progression"] = max(cfg.train.eval_steps, table.max_steps // 3)
         cfg = with_overrides(cfg, es)
         client.set_early_stopping_strategy(early_stopping_strategy(cfg))
     losses, steps = [], []
 
     def run(index: int, params: dict) -> None:
+        per_step = int(params["train.batch_size"]) if progression == "examples" else 1
         for step, loss in table.curve(params):
-            client.attach_data(index, {"eval_loss": loss}, progression=step)
+            client.attach_data(index, {"eval_loss": loss}, progression=step * per_step)
             if percentile is not None and step < table.max_steps and client.should_stop_trial_early(index):
                 client.mark_trial_early_stopped(index)
                 break
@@ -211,6 +218,11 @@ def main() -> None:
     ap.add_argument(
         "--es-min-curves", type=int, default=None, help="search.early_stopping.min_curves to use."
     )
+    ap.add_argument(
+        "--progression",
+        default="examples",
+        help="Progression units to compare with --early-stopping: examples (the pipeline's), steps (before).",
+    )
     args = ap.parse_args()
     logging.getLogger("ax").setLevel(logging.WARNING)
     logging.disable(logging.INFO)
@@ -252,7 +264,8 @@ def main() -> None:
 
 
 def early_stopping_study(table: Table, config, baseline: Params, args) -> None:
-    """Per percentile: training steps saved and best eval loss lost, paired by seed vs no rule."""
+    """Per progression unit and percentile: training steps saved and best eval loss lost, paired
+    by seed against the same search without the rule."""
     t0 = time.monotonic()
     plain = [
         run_ax_early_stopping(table, config, baseline, s, args.es_trials, None) for s in range(args.seeds)
@@ -262,28 +275,30 @@ def early_stopping_study(table: Table, config, baseline: Params, args) -> None:
         f"no early stopping: {args.seeds} searches of {args.es_trials} trials, {full_steps} steps [{time.monotonic() - t0:.0f}s]"
     )
     summary = []
-    for pct in (float(x) for x in args.early_stopping.split(",")):
-        t0 = time.monotonic()
-        saved, lost = [], []
-        for seed, (plain_losses, plain_steps) in enumerate(plain):
-            losses, steps = run_ax_early_stopping(
-                table, config, baseline, seed, args.es_trials, pct, args.es_min_curves
+    for unit in args.progression.split(","):
+        for pct in (float(x) for x in args.early_stopping.split(",")):
+            t0 = time.monotonic()
+            saved, lost = [], []
+            for seed, (plain_losses, plain_steps) in enumerate(plain):
+                losses, steps = run_ax_early_stopping(
+                    table, config, baseline, seed, args.es_trials, pct, args.es_min_curves, unit
+                )
+                saved.append(1 - sum(steps) / sum(plain_steps))
+                lost.append(100 * (min(losses) - min(plain_losses)) / min(plain_losses))
+            summary.append((unit, pct, statistics.mean(saved) * 100, statistics.median(lost), max(lost)))
+            print(
+                f"progression in {unit}, percentile {pct:g}: steps saved {summary[-1][2]:.1f}% (mean), best "
+                f"eval_loss {summary[-1][3]:+.2f}% (median; mean {statistics.mean(lost):+.2f}%; worst seed "
+                f"{summary[-1][4]:+.2f}%) [{time.monotonic() - t0:.0f}s]",
+                flush=True,
             )
-            saved.append(1 - sum(steps) / sum(plain_steps))
-            lost.append(100 * (min(losses) - min(plain_losses)) / min(plain_losses))
-        summary.append((pct, statistics.mean(saved) * 100, statistics.median(lost), max(lost)))
-        print(
-            f"percentile {pct:g}: steps saved {summary[-1][1]:.1f}% (mean), best eval_loss "
-            f"{summary[-1][2]:+.2f}% (median; mean {statistics.mean(lost):+.2f}%; worst seed "
-            f"{summary[-1][3]:+.2f}%) [{time.monotonic() - t0:.0f}s]",
-            flush=True,
-        )
-    ok = [row for row in summary if row[1] >= 30 and row[2] <= 1]
-    pick = max(ok, key=lambda r: r[1]) if ok else None
+    ok = [row for row in summary if row[2] >= 30 and row[3] <= 1]
+    pick = max(ok, key=lambda r: r[2]) if ok else None
     print(
-        f"early stopping: percentile {pick[0]:g} saves {pick[1]:.1f}% of steps at {pick[2]:+.2f}% best eval_loss"
+        f"early stopping: progression in {pick[0]}, percentile {pick[1]:g} saves {pick[2]:.1f}% of steps at "
+        f"{pick[3]:+.2f}% best eval_loss"
         if pick
-        else "early stopping: no percentile saves >= 30% at <= 1% worse best eval_loss"
+        else "early stopping: no setting saves >= 30% at <= 1% worse best eval_loss"
     )
 
 

@@ -20,6 +20,8 @@ TRAIN_RUNTIME_S = "train_runtime_s"
 TRAIN_TOKENS = "train_tokens"
 TRAIN_TOKENS_PER_SECOND = "train_tokens_per_second"  # whole-run average of tokens_per_second
 TRAIN_STEPS = "train_steps"
+TRAIN_MAX_STEPS = "train_max_steps"  # the steps planned (train_steps < this when stopped early)
+TRAIN_EXAMPLES_PER_STEP = "train_examples_per_step"  # progression unit: step x this = examples seen
 TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"
 TRAINABLE_PCT = "trainable_pct"

@@ -28,7 +28,9 @@ from pipeline.model import DevicePlan
 
 MetricSink = Callable[[dict[str, float], int], None]
 
-EvalHook = Callable[[int, float], bool]  # (step, eval_loss) -> stop?
+# (step, training examples seen, eval_loss) -> stop? Examples, not steps, compare trials of
+# different batch sizes: at step 50 a batch-16 trial has seen four times a batch-4 trial's data.
+EvalHook = Callable[[int, int, float], bool]
 Evaluator = Callable[[Any], float]  # model -> eval loss
 
 
@@ -72,6 +74,11 @@ def build_training_args(
     )
 
 
+def examples_per_optimizer_step(args: TrainingArguments) -> int:
+    """Training examples one optimizer step consumes: the unit of progression across trials."""
+    return int(args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size))
+
+
 class StreamingCallback(TrainerCallback):
     """Streams metrics to a sink, evaluates every `eval_steps`, watches for divergence and for
     early-stopping requests."""
@@ -87,8 +94,10 @@ class StreamingCallback(TrainerCallback):
         patience: int | None = None,
         min_delta: float = 0.0,
         restore_best: bool = False,
+        examples_per_step: int = 1,
     ):
         self.sink = sink
+        self.examples_per_step = examples_per_step
         self.memory = memory
         self.evaluate = evaluate
         self.eval_steps = eval_steps
@@ -144,7 +153,13 @@ class StreamingCallback(TrainerCallback):
             control.should_training_stop = True
             return loss
         self._track_best(model, step, loss, control)
-        if not final and self.on_eval is not None and step < state.max_steps and self.on_eval(step, loss):
+        examples = step * self.examples_per_step
+        if (
+            not final
+            and self.on_eval is not None
+            and step < state.max_steps
+            and self.on_eval(step, examples, loss)
+        ):
             self.stopped_early_at = step
             control.should_training_stop = True
         return loss
@@ -237,6 +252,7 @@ class TrainOutcome:
     stopped_early_at: int | None
     diverged: tuple[int, float] | None
     evals: list[tuple[int, float]]
+    examples_per_step: int  # examples one optimizer step consumes (batch x accumulation x devices)
     best_step: int | None = None
     plateau_at: int | None = None
     restored: bool = False
@@ -259,6 +275,8 @@ def train(
     def evaluate(m: Any) -> float:
         return eval_loss(m, eval_set, tokenizer, eval_cfg.batch_size, plan.precision)
 
+    examples_per_step = examples_per_optimizer_step(args)
+
     callback = StreamingCallback(
         sink,
         memory or MemoryMonitor(),
@@ -269,6 +287,7 @@ def train(
         patience=train_cfg.early_stopping_patience,
         min_delta=train_cfg.early_stopping_min_delta,
         restore_best=train_cfg.restore_best,
+        examples_per_step=examples_per_step,
     )
     trainer = Trainer(
         model=model,
@@ -315,6 +334,7 @@ def train(
         stopped_early_at=callback.stopped_early_at,
         diverged=callback.diverged,
         evals=callback.evals,
+        examples_per_step=examples_per_step,
         best_step=callback.best[0] if callback.best else None,
         plateau_at=callback.plateau_at,
         restored=restored is not None,

@@ -75,6 +75,7 @@ class TrialResult:
     adapter_uri: str  # runs:/<run id>/adapter
     adapter_dir: Path  # the same adapter on local disk (the registry takes it from here)
     wall_seconds: float
+    examples_per_step: int  # progression of step s is s x examples_per_step training examples
     evals: list[tuple[int, float]] = field(default_factory=list)
     # Exclusive seconds per phase (load, tracking, lora, train, eval_hook, generation, adapter,
     # finish, other), also logged as `time_<phase>_s`; the run's end is not in them.
@@ -168,8 +169,8 @@ def fit(
 ) -> TrialResult:
     """Train in a new MLflow run and return the result.
 
-    `on_eval(step, eval_loss) -> stop?` is asked at every evaluation (the search's early
-    stopping). `on_complete(run, result)` runs inside the run, after the adapter is logged (the
+    `on_eval(step, examples seen, eval_loss) -> stop?` is asked at every evaluation (the
+    search's early stopping). `on_complete(run, result)` runs inside the run, after the adapter is logged (the
     retrain writes its report and registers the adapter there).
     """
     config, job, timer = trial.config, trial.job, trial.timer
@@ -213,6 +214,7 @@ def fit(
                     adapter_uri=run.artifact_uri(names.ADAPTER_DIR),
                     adapter_dir=adapter_dir,
                     wall_seconds=time.perf_counter() - trial.started,
+                    examples_per_step=outcome.examples_per_step,
                     evals=outcome.evals,
                 )
                 if on_complete is not None:
@@ -300,6 +302,8 @@ def _train_in_run(
             names.TRAIN_RUNTIME_S: outcome.step_seconds,
             names.TRAIN_TOKENS: outcome.tokens,
             names.TRAIN_STEPS: outcome.steps,
+            names.TRAIN_MAX_STEPS: outcome.max_steps,
+            names.TRAIN_EXAMPLES_PER_STEP: outcome.examples_per_step,
             names.TRAIN_TOKENS_PER_SECOND: outcome.tokens_per_second,
             names.TRAINABLE_PARAMS: trainable,
             names.TOTAL_PARAMS: total,

@@ -98,6 +98,21 @@ def test_search_efficiency_replay_smoke(tmp_path):
     assert lines[-1].startswith("ax / random median trials to within 1% of the grid's best: ")
     assert plot.stat().st_size > 10_000
     lines = _bench(
-        ["bench/search_efficiency.py", "--seeds", "1", "--early-stopping", "50", "--es-trials", "5"], tmp_path
+        [
+            "bench/search_efficiency.py",
+            *(
+                "--seeds",
+                "1",
+                "--early-stopping",
+                "50",
+                "--es-trials",
+                "5",
+                "--progression",
+                "examples,steps",
+            ),
+        ],
+        tmp_path,
     )
     assert lines[-1].startswith("early stopping: ")
+    units = [line.split(",")[0] for line in lines if line.startswith("progression in ")]
+    assert units == ["progression in examples", "progression in steps"]

@@ -81,9 +81,11 @@ def test_optimizer_state_saves_and_loads(tmp_path):
     optimizer.save(tmp_path / "ax.json")
     assert not list(tmp_path.glob("*.tmp"))
     loaded = Optimizer.load(tmp_path / "ax.json", config)
-    # After a crash, the trial Ax saw running is failed and handed back for a retry.
-    assert loaded.fail_running("crash") == [(running, running_params)]
-    assert loaded.retry(running_params) == running + 1
+    # After a crash, the trial Ax saw running is still running in the loaded state, and a retry of
+    # its parameters is a new trial once it failed.
+    assert loaded.running() == {running: running_params}
+    loaded.fail(running, "crash")
+    assert loaded.running() == {} and loaded.retry(running_params) == running + 1
 
 
 # --- the summary (pure) ---------------------------------------------------------------------
@@ -191,8 +193,9 @@ def test_local_executor_runs_one_job_at_a_time_and_streams_evaluations(tiny_conf
     assert executor.idle() == 0  # one at a time: nothing else until this one is collected
     out = executor.wait_any()
     assert out.status == "completed" and out.job.index == 5 and out.result.run_id == out.run_id
-    # Each evaluation but the last (which ends the trial anyway), with the trial's Ax index.
-    assert heard == [(5, 6)]
+    # Each evaluation but the last (which ends the trial anyway), with the trial's Ax index, at
+    # its progression in training examples seen (step 6 x batch 4).
+    assert heard == [(5, 24)]
     assert out.result.adapter_dir.is_dir() and out.result.eval_fingerprint
     tags = MlflowClient().get_run(out.run_id).data.tags
     assert tags[names.TRIAL_STATUS] == "completed"

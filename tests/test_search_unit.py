@@ -189,7 +189,8 @@ def test_trial_names_say_the_trial_and_its_params():
 
 
 def test_alpha_ratio_derives_alpha():
-    config = demo(**{"lora.alpha_ratio": 2.0, "lora.r": 16})
+    # (Without a search section: the demo searches lora.alpha, which alpha_ratio would override.)
+    config = demo(**{"search": None, "lora.alpha_ratio": 2.0, "lora.r": 16})
     assert config.lora.alpha == 32
     assert with_overrides(config, {"lora.r": 64}).lora.alpha == 128
 

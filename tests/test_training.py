@@ -109,14 +109,15 @@ def test_padding_free_batches_give_the_padded_loss(tiny_config):
 
 
 def test_streaming_callback_evaluates_streams_and_stops():
-    sent = []
+    sent, heard = [], []
     losses = iter([1.0, 3.0, 0.5])
     cb = StreamingCallback(
         lambda m, s: sent.append((s, m)),
         MemoryMonitor(),
         evaluate=lambda model: next(losses),
         eval_steps=5,
-        on_eval=lambda step, loss: loss > 2.0,
+        on_eval=lambda step, examples, loss: heard.append((step, examples)) or loss > 2.0,
+        examples_per_step=4,
     )
     state = SimpleNamespace(global_step=5, epoch=0.1, num_input_tokens_seen=1000, max_steps=100)
     control = SimpleNamespace(should_training_stop=False)
@@ -136,6 +137,7 @@ def test_streaming_callback_evaluates_streams_and_stops():
     state.global_step = 10
     cb.on_step_end(None, state, control, model=None)  # evaluates 3.0: the hook asks to stop
     assert control.should_training_stop and cb.stopped_early_at == 10
+    assert heard == [(5, 20), (10, 40)]  # the hook hears training examples seen, not only steps
 
     control.should_training_stop = False
     state.global_step = 11

@@ -128,7 +128,11 @@ class EarlyStoppingSpec(Section):
         50.0, gt=0, lt=100, description="Stop a trial whose eval_loss is in this bottom percentile."
     )
     min_progression: int | None = Field(
-        None, gt=0, description="Never stop before this step; null: a third of train.max_steps."
+        None,
+        gt=0,
+        description="Never stop a trial before it has seen this many training examples (progression "
+        "is examples seen: step x batch_size x gradient_accumulation_steps, so trials of different "
+        "batch sizes compare on the same data); null: a third of the config's own training.",
     )
     min_curves: int = Field(3, gt=0, description="Completed trials needed before any trial is stopped.")
 

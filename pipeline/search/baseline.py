@@ -60,6 +60,7 @@ def find_or_train(
             True,
             False,
             tracking.metric_history(reused.run_id, names.EVAL_LOSS),
+            reused.examples_per_step,
         )
     echo("baseline: training the baseline config")
     executor.submit(
@@ -72,4 +73,13 @@ def find_or_train(
     discard_local_adapter(result.adapter_dir)  # it is on the run; no one promotes a baseline
     require_metrics(result.metrics, required, "the baseline")
     echo(f"baseline: eval_loss {result.eval_loss:.4f} ({result.wall_seconds:.0f}s)")
-    return BaselineRecord(result.run_id, params, result.eval_loss, result.metrics, False, False, result.evals)
+    return BaselineRecord(
+        result.run_id,
+        params,
+        result.eval_loss,
+        result.metrics,
+        False,
+        False,
+        result.evals,
+        result.examples_per_step,
+    )

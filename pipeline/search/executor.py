@@ -2,7 +2,7 @@
 
 The loop hands an executor `TrialJob`s and collects `TrialOutcome`s; it never trains anything
 itself. While a trial trains, each evaluation goes back to the loop through `on_eval(index,
-step, eval_loss) -> stop?`, so early stopping stays with the one owner of the Ax state.
+examples seen, eval_loss) -> stop?`, so early stopping stays with the one owner of the Ax state.
 
 `LocalExecutor` runs one trial at a time in this process, with one shared `Resources` (the base
 model is loaded once): the search's behaviour since the start. An executor that runs trials in
@@ -26,7 +26,7 @@ from pipeline.config import PipelineConfig, values_at, with_overrides
 from pipeline.errors import PipelineError, TrialFailed, TrialInterrupted, one_line
 from pipeline.trial import Resources, RunSpec, TrialResult, run_trial
 
-# (Ax trial index, training step, eval_loss) -> should the trial stop early?
+# (Ax trial index, training examples seen, eval_loss) -> should the trial stop early?
 EvalReport = Callable[[int, int, float], bool]
 
 
@@ -78,7 +78,7 @@ def run_job(
     def outcome(status: str, **kw: Any) -> TrialOutcome:
         return TrialOutcome(job, status, wall_seconds=time.perf_counter() - t0, **kw)
 
-    hook = (lambda step, loss: on_eval(job.index, step, loss)) if on_eval is not None else None
+    hook = (lambda step, examples, loss: on_eval(job.index, examples, loss)) if on_eval is not None else None
     try:
         config = with_overrides(job.base, job.parameters) if job.parameters else job.base
         _check_trains_what_was_asked(config, job.parameters)

@@ -151,7 +151,7 @@ class Search:
         else:
             state = loaded
             state.n_trials = self.search.n_trials
-            store.reconcile(self.optimizer, state)
+            store.reconcile(self.optimizer, state, self.required)
         state.sessions += 1
         return state
 
@@ -160,7 +160,7 @@ class Search:
         record = baseline.find_or_train(self.config, self.parent_run, self.executor, self._echo)
         record.in_search_space = self.optimizer.in_search_space(record.parameters)
         if record.in_search_space:
-            progression = int(record.evals[-1][0]) if record.evals else None
+            progression = int(record.evals[-1][0]) * record.examples_per_step if record.evals else None
             self.optimizer.attach_baseline(record.parameters, self._raw(record.metrics), progression)
         self.state.baseline = record
         self.parent_run.set_tags({names.SEARCH_BASELINE_RUN: record.run_id})
@@ -207,11 +207,12 @@ class Search:
         self.pending[index] = record
         self.executor.submit(TrialJob(index, self.trial_base, params, spec), self._on_eval)
 
-    def _on_eval(self, index: int, step: int, loss: float) -> bool:
-        """Each evaluation of a running trial goes to Ax; its answer: stop the trial early?"""
+    def _on_eval(self, index: int, examples: int, loss: float) -> bool:
+        """Each evaluation of a running trial goes to Ax, at its progression in training
+        examples seen; Ax's answer: stop the trial early?"""
         if not math.isfinite(loss):
             return False
-        return self.optimizer.report_evaluation(index, step, loss)
+        return self.optimizer.report_evaluation(index, examples, loss)
 
     def _record(self, record: TrialRecord, outcome: TrialOutcome) -> None:
         """Feed a finished trial back to Ax and into its record (its run tagged itself)."""

@@ -64,15 +64,23 @@ def plot_trace(state: SearchState, path: Path) -> None:
 
 
 def plot_curves(state: SearchState, path: Path) -> None:
-    """Every trial's eval_loss curve; early-stopped ones dashed, ending in a cross."""
+    """Every trial's eval_loss curve against training examples seen (the progression early
+    stopping compares); early-stopped ones dashed, ending in a cross."""
     fig, ax = plt.subplots(figsize=(7, 4))
     cmap = plt.get_cmap("viridis")
     trials = [t for t in state.trials if t.evals]
+    curves = [*trials, *([state.baseline] if state.baseline and state.baseline.evals else [])]
+    # Records from before progression was counted in examples hold steps only.
+    in_examples = all(c.examples_per_step for c in curves)
+
+    def xs(record) -> list[int]:
+        return [s * record.examples_per_step if in_examples else s for s, _ in record.evals]
+
     for i, t in enumerate(trials):
-        steps, losses = zip(*t.evals, strict=True)
+        losses = [loss for _, loss in t.evals]
         stopped = t.status == EARLY_STOPPED
         ax.plot(
-            steps,
+            xs(t),
             losses,
             color=cmap(i / max(1, len(trials) - 1)),
             ls="--" if stopped else "-",
@@ -80,13 +88,18 @@ def plot_curves(state: SearchState, path: Path) -> None:
             lw=1.2,
         )
         if stopped:
-            ax.scatter(steps[-1], losses[-1], marker="x", color="tab:red", zorder=3)
+            ax.scatter(xs(t)[-1], losses[-1], marker="x", color="tab:red", zorder=3)
     if state.baseline and state.baseline.evals:
-        steps, losses = zip(*state.baseline.evals, strict=True)
-        ax.plot(steps, losses, color="black", lw=2.2, label="baseline")
+        ax.plot(
+            xs(state.baseline),
+            [loss for _, loss in state.baseline.evals],
+            color="black",
+            lw=2.2,
+            label="baseline",
+        )
     ax.plot([], [], color="gray", label="trial")
     ax.plot([], [], color="gray", ls="--", label="early-stopped (x: stop)")
-    ax.set_xlabel("training step")
+    ax.set_xlabel("training examples seen" if in_examples else "training step")
     ax.set_ylabel("eval_loss")
     ax.set_title("Eval loss of every trial")
     ax.legend(fontsize=8)

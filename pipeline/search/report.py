@@ -147,7 +147,8 @@ def _summary(ctx: ReportContext) -> list[str]:
         + " |",
         f"| **Wall time** | {s.wall_seconds / 60:.1f} min over {s.sessions} session(s) |",
         f"| **Compute time in trials** | {compute / 60:.1f} min |",
-        f"| **Early stopping** | saved {steps_saved_pct(s):.1f}% of planned training steps |",
+        f"| **Early stopping** | saved {steps_saved_pct(s):.1f}% of planned training steps "
+        "(trials compared at equal training examples seen) |",
     ]
     if s.stop_reason:
         md.append(f"| **Stopped** | {s.stop_reason} |")

@@ -121,6 +121,8 @@ def build_client(search: SearchConfig, name: str = "lora-search") -> Client:
 def early_stopping_strategy(config: PipelineConfig) -> PercentileEarlyStoppingStrategy | None:
     """Ax's percentile rule on eval_loss, when enabled (auto: trials evaluate at least 3 times).
 
+    Progression is training examples seen (step x batch size x accumulation), so trials of
+    different batch sizes are compared on the same data; `min_progression` counts examples too.
     The config has checked that an enabled rule has `train.eval_steps` to work with."""
     es = config.search.early_stopping
     tr = config.train
@@ -132,9 +134,9 @@ def early_stopping_strategy(config: PipelineConfig) -> PercentileEarlyStoppingSt
         or names.EVAL_LOSS not in [o.metric for o in config.search.objectives]
     ):
         return None
-    min_progression = es.min_progression or max(
-        tr.eval_steps, tr.max_steps // 3 if tr.max_steps > 0 else tr.eval_steps
-    )
+    # Default: the baseline config's first evaluation, or a third of its training, in examples.
+    base_steps = max(tr.eval_steps, tr.max_steps // 3 if tr.max_steps > 0 else tr.eval_steps)
+    min_progression = es.min_progression or base_steps * tr.batch_size * tr.gradient_accumulation_steps
     return PercentileEarlyStoppingStrategy(
         metric_signatures=[names.EVAL_LOSS],
         percentile_threshold=es.percentile,
@@ -262,14 +264,13 @@ class Optimizer:
         measured = self.client._experiment.data.trial_indices
         return next((i for i in measured if i != index and trials[i].arm.signature == arm), None)
 
-    def fail_running(self, reason: str) -> list[tuple[int, dict[str, Any]]]:
-        """After a crash: trials Ax still sees as running are failed; returns (index, parameters)."""
-        out = []
-        for index, trial in self.client._experiment.trials.items():
-            if trial.status == TrialStatus.RUNNING:
-                self.fail(index, reason)
-                out.append((index, dict(trial.arm.parameters)))
-        return out
+    def running(self) -> dict[int, dict[str, Any]]:
+        """Trials Ax sees as running, with their parameters (after a crash: none really is)."""
+        return {
+            i: dict(t.arm.parameters)
+            for i, t in self.client._experiment.trials.items()
+            if t.status == TrialStatus.RUNNING
+        }
 
     def generation_method(self, index: int) -> str:
         return self.client._experiment.trials[index].generation_method_str or "Manual"

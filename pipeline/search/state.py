@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import names, tracking
-from pipeline.config import PipelineConfig
+from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, load_config, to_dict
 from pipeline.errors import PipelineError
 from pipeline.search.space import Optimizer
 
@@ -46,6 +46,7 @@ class TrialRecord:
     failure_reason: str | None = None
     eval_fingerprint: str | None = None
     adapter_dir: str | None = None  # local copy of the run's adapter, kept for the best trial only
+    examples_per_step: int = 0  # step s of `evals` is s x this training examples (0: unknown)
 
     @property
     def scored(self) -> bool:
@@ -65,6 +66,7 @@ class BaselineRecord:
     reused: bool
     in_search_space: bool
     evals: list[tuple[int, float]] = field(default_factory=list)
+    examples_per_step: int = 0
 
 
 @dataclass
@@ -155,9 +157,43 @@ def load(parent_run_id: str, config: PipelineConfig) -> tuple[Optimizer, SearchS
             local = Path(tracking.download_artifacts(parent_run_id, names.STATE_DIR, tempfile.mkdtemp()))
         except Exception:
             raise PipelineError(f"resume: run {parent_run_id} has no saved search state") from None
+    _refuse_changed_settings(parent_run_id, config)
     optimizer = Optimizer.load(local / names.AX_STATE_FILE, config)
     state = SearchState.from_json(json.loads((local / names.TRIALS_FILE).read_text()))
     return optimizer, state
+
+
+# What a resumed search may not change: its Ax state and its trials were made with these.
+FROZEN_ON_RESUME = (
+    *(f"{section}." for section in RESULT_SECTIONS),
+    "search.parameters.",
+    "search.constraints",
+    "search.objectives",
+    "search.outcome_constraints",
+    "search.method",
+    "search.initialization_trials",
+)
+FREE_ON_RESUME = ("train.output_dir",)  # scratch, not a result (see config_fingerprint)
+
+
+def _refuse_changed_settings(parent_run_id: str, config: PipelineConfig) -> None:
+    """PipelineError naming every search-space or trial key that differs from the config the
+    search started with (logged on its run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = load_config(tracking.download_run_file(parent_run_id, names.CONFIG_FILE, tmp, "resume"))
+    old, new = flatten(to_dict(started)), flatten(to_dict(config))
+    changed = sorted(
+        k
+        for k in old.keys() | new.keys()
+        if k.startswith(FROZEN_ON_RESUME) and k not in FREE_ON_RESUME and old.get(k) != new.get(k)
+    )
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise PipelineError(
+            f"resume: search run {parent_run_id} changed since it started ({diffs}); its Ax state and "
+            "trials belong to the old settings. Start a new search with the new ones (reusing old trials "
+            "in a new space is warm start, a later feature)"
+        )
 
 
 def fetch_config(parent_run_id: str, config: PipelineConfig, dst: str | Path) -> Path:
@@ -169,17 +205,59 @@ def fetch_config(parent_run_id: str, config: PipelineConfig, dst: str | Path) ->
     return tracking.download_run_file(parent_run_id, names.CONFIG_FILE, dst, "resume")
 
 
-def reconcile(optimizer: Optimizer, state: SearchState) -> None:
-    """After a crash: trials and child runs left running are killed; their configs rerun first."""
+def reconcile(optimizer: Optimizer, state: SearchState, required: list[str]) -> None:
+    """After a crash, make the records and Ax agree with what MLflow saw happen.
+
+    A trial that Ax or the records still call running, but whose run ended with a status
+    (completed, early-stopped, failed, abandoned: the process died after the trial, before the
+    save), is recorded from that run and not trained again. A trial with no such run was
+    interrupted: killed, and its config runs again first. Child runs left RUNNING end KILLED."""
     baseline_index = 0 if state.baseline and state.baseline.in_search_space else None
-    for index, params in optimizer.fail_running(CRASHED):
+    ended = {
+        r.trial_index: r
+        for r in tracking.trials_of(state.parent_run_id)
+        if r.trial_index is not None and r.tags.get(names.TRIAL_STATUS) in names.FINISHED_STATUSES
+    }
+    in_ax = optimizer.running()
+    unsure = set(in_ax) | {t.index for t in state.trials if t.status == RUNNING}
+    for index in sorted(unsure):
         rec = state.record(index)
+        if index in ended and rec is not None:
+            _from_run(rec, ended[index], optimizer if index in in_ax else None, required)
+            continue
+        if index in in_ax:
+            optimizer.fail(index, CRASHED)
         if rec is not None:
             rec.status, rec.failure_reason = KILLED, CRASHED
-        if index != baseline_index and params not in state.retry:
+        params = in_ax.get(index, rec.parameters if rec else None)
+        if params is not None and index != baseline_index and params not in state.retry:
             state.retry.append(params)
     for child in tracking.running_children(state.parent_run_id):
         tracking.end_killed(child.run_id, CRASHED)
         rec = state.record(child.trial_index) if child.trial_index is not None else None
         if rec is not None:
             rec.run_id = child.run_id
+
+
+def _from_run(
+    rec: TrialRecord, run: tracking.RunRecord, optimizer: Optimizer | None, required: list[str]
+) -> None:
+    """Fill a record from its trial's finished run; tell Ax (when it still waits) how it ended."""
+    rec.run_id, rec.status = run.run_id, run.tags[names.TRIAL_STATUS]
+    rec.wall_seconds = ((run.end_time or run.start_time) - run.start_time) / 1000
+    if rec.status in names.SCORED_STATUSES:
+        m = dict(run.metrics)
+        rec.eval_loss, rec.metrics, rec.eval_fingerprint = run.eval_loss, m, run.eval_fingerprint
+        rec.steps, rec.max_steps = int(m.get(names.TRAIN_STEPS, 0)), int(m.get(names.TRAIN_MAX_STEPS, 0))
+        rec.examples_per_step = run.examples_per_step
+        rec.evals = tracking.metric_history(run.run_id, names.EVAL_LOSS)
+        if optimizer is not None:
+            raw = {k: float(m[k]) for k in dict.fromkeys([*required, names.EVAL_LOSS]) if k in m}
+            progression = rec.steps * rec.examples_per_step
+            optimizer.complete(rec.index, raw, progression, rec.status == EARLY_STOPPED)
+    else:
+        rec.failure_reason = run.tags.get(names.TRIAL_FAILURE_REASON, rec.status)
+        if optimizer is not None and rec.status == ABANDONED:
+            optimizer.abandon(rec.index)
+        elif optimizer is not None:
+            optimizer.fail(rec.index, rec.failure_reason)

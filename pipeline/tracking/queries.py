@@ -25,6 +25,7 @@ class RunRecord:
     experiment_id: str
     status: str  # RUNNING | FINISHED | FAILED | KILLED (MLflow's)
     start_time: int
+    end_time: int | None
     tags: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
@@ -48,6 +49,15 @@ class RunRecord:
         return int(value) if value is not None else None
 
     @property
+    def examples_per_step(self) -> int:
+        """Training examples per optimizer step (runs from before it was logged: from params)."""
+        logged = self.metrics.get(names.TRAIN_EXAMPLES_PER_STEP)
+        if logged:
+            return int(logged)
+        batch = int(self.params.get("train.batch_size", 1))
+        return batch * int(self.params.get("train.gradient_accumulation_steps", 1))
+
+    @property
     def url(self) -> str:
         """A link to the run in the MLflow UI, relative to the UI's root."""
         return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
@@ -60,6 +70,7 @@ def _record(run: Any) -> RunRecord:
         experiment_id=run.info.experiment_id,
         status=run.info.status,
         start_time=run.info.start_time or 0,
+        end_time=run.info.end_time,
         tags=dict(run.data.tags),
         metrics=dict(run.data.metrics),
         params=dict(run.data.params),
