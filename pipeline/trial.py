@@ -148,6 +148,27 @@ def setup(config: PipelineConfig, resources: Resources | None = None, quiet: boo
     return TrialSetup(TrainJob(config, plan, tokenizer, data, quiet), base, reused, metric, timer, started)
 
 
+# Packages whose versions change a trial's numbers: a baseline is reused only under the same ones.
+NUMERICS_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def identity(config: PipelineConfig, resources: Resources) -> dict[str, str]:
+    """What decides a trial's numbers besides its config, as the run tags record it: data and
+    eval fingerprints, device, precision, and the versions of the numerics packages. Loads the
+    tokenizer and data (kept in `resources`), not the model."""
+    plan = plan_device(config.model, config.train)
+    data = resources.data(config)
+    versions = package_versions()
+    return {
+        names.CONFIG_FINGERPRINT: config_fingerprint(config),
+        names.DATA_FINGERPRINT: data.fingerprint,
+        names.EVAL_FINGERPRINT: data.eval_fingerprint,
+        names.DEVICE: plan.name,
+        names.PRECISION: plan.precision,
+        names.PACKAGE_VERSIONS: json.dumps({p: versions.get(p) for p in NUMERICS_PACKAGES}, sort_keys=True),
+    }
+
+
 def run_trial(
     config: PipelineConfig,
     spec: RunSpec | None = None,

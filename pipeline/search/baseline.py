@@ -7,15 +7,16 @@ Ax as the status-quo arm, and the report measures every trial against it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 from pipeline import names, tracking
-from pipeline.config import PipelineConfig, config_fingerprint, values_at
+from pipeline.config import PipelineConfig, values_at
 from pipeline.errors import PipelineError
 from pipeline.search.executor import Executor, TrialJob
 from pipeline.search.state import BaselineRecord
-from pipeline.trial import RunSpec, discard_local_adapter
+from pipeline.trial import NUMERICS_PACKAGES, Resources, RunSpec, discard_local_adapter, identity
 
 
 def baseline_parameters(config: PipelineConfig) -> dict[str, Any]:
@@ -33,8 +34,54 @@ def require_metrics(metrics: dict[str, float], required: list[str], what: str) -
         )
 
 
+LABELS = {
+    names.DATA_FINGERPRINT: "data",
+    names.EVAL_FINGERPRINT: "eval set",
+    names.DEVICE: "device",
+    names.PRECISION: "precision",
+    names.PACKAGE_VERSIONS: "versions",
+}
+SAME = "same config, data, eval set, device, precision and torch/transformers/peft/bitsandbytes versions"
+
+
+def reusable(
+    candidates: list[tracking.RunRecord], identity: dict[str, str], required: list[str]
+) -> tuple[tracking.RunRecord | None, str]:
+    """The newest candidate measured like this search would measure (same data, eval set,
+    device, precision and numerics versions) that logged every required metric, and why it was
+    chosen; or None and why none was."""
+    refusals = []
+    for run in candidates:
+        differs = [
+            f"{label} {run.tags.get(key, '?')!s:.60} vs {identity[key]!s:.60}"
+            for key, label in LABELS.items()
+            if _tag(run, key) != identity[key]
+        ]
+        missing = [m for m in required if m not in run.metrics]
+        if not differs and not missing:
+            return run, SAME
+        why = "; ".join(differs) or f"no {', '.join(missing)}"
+        refusals.append(f"run {run.run_id} differs ({why})")
+    if not candidates:
+        return None, "no finished baseline of this config in the experiment"
+    return None, "; ".join(refusals[:3]) + (" ..." if len(refusals) > 3 else "")
+
+
+def _tag(run: tracking.RunRecord, key: str) -> str | None:
+    """A run's tag as `identity` writes it (of the versions, only the numerics packages)."""
+    value = run.tags.get(key)
+    if key != names.PACKAGE_VERSIONS or value is None:
+        return value
+    versions = json.loads(value)
+    return json.dumps({p: versions.get(p) for p in NUMERICS_PACKAGES}, sort_keys=True)
+
+
 def find_or_train(
-    config: PipelineConfig, parent: tracking.TrackedRun, executor: Executor, echo: Callable[[str], None]
+    config: PipelineConfig,
+    parent: tracking.TrackedRun,
+    executor: Executor,
+    resources: Resources,
+    echo: Callable[[str], None],
 ) -> BaselineRecord:
     """The baseline: a reusable earlier run, or one trained now under `parent` by `executor`.
 
@@ -42,16 +89,13 @@ def find_or_train(
     trial_base = config.model_copy(update={"search": None})
     params = baseline_parameters(config)
     required = config.search.required_metrics()
-    fp = config_fingerprint(trial_base)
-    reused = (
-        tracking.find_reusable_baseline(parent.experiment_id, fp, required)
-        if config.search.reuse_baseline
-        else None
-    )
+    reused, why = None, "search.reuse_baseline is off"
+    if config.search.reuse_baseline:
+        me = identity(trial_base, resources)
+        candidates = tracking.finished_baselines(parent.experiment_id, me[names.CONFIG_FINGERPRINT])
+        reused, why = reusable(candidates, me, required)
     if reused is not None:
-        echo(
-            f"baseline: reusing run {reused.run_id} (same config fingerprint {fp}), eval_loss {reused.eval_loss:.4f}"
-        )
+        echo(f"baseline: reusing run {reused.run_id} ({why}), eval_loss {reused.eval_loss:.4f}")
         return BaselineRecord(
             reused.run_id,
             params,
@@ -61,8 +105,9 @@ def find_or_train(
             False,
             tracking.metric_history(reused.run_id, names.EVAL_LOSS),
             reused.examples_per_step,
+            why,
         )
-    echo("baseline: training the baseline config")
+    echo(f"baseline: training the baseline config ({why})")
     executor.submit(
         TrialJob(-1, trial_base, {}, RunSpec(names.ROLE_BASELINE, parent_run_id=parent.run_id)), None
     )
@@ -82,4 +127,5 @@ def find_or_train(
         False,
         result.evals,
         result.examples_per_step,
+        why,
     )

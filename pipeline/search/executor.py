@@ -108,8 +108,8 @@ def _check_trains_what_was_asked(config: PipelineConfig, parameters: dict[str, A
 class LocalExecutor:
     """One trial at a time, in this process, all sharing one `Resources`."""
 
-    def __init__(self, quiet: bool = False) -> None:
-        self.resources = Resources()
+    def __init__(self, quiet: bool = False, resources: Resources | None = None) -> None:
+        self.resources = resources or Resources()
         self.quiet = quiet
         self._queue: deque[tuple[TrialJob, EvalReport | None]] = deque()
 

@@ -38,7 +38,7 @@ from pipeline.search.state import (
 )
 from pipeline.search.summary import best_trial, duration, search_metrics, trial_name
 from pipeline.timing import PhaseTimer
-from pipeline.trial import RunSpec, discard_local_adapter
+from pipeline.trial import Resources, RunSpec, discard_local_adapter
 
 
 def search_config(
@@ -75,7 +75,8 @@ def run_search(
 ) -> SearchResult:
     """Search with a validated config (the CLI builds it): a new search, or `resume` the search
     run of that id. Trials run one at a time in this process unless another executor is given."""
-    return Search(config, executor or LocalExecutor(quiet)).run(resume)
+    resources = Resources()  # shared by the baseline check and the local executor's trials
+    return Search(config, executor or LocalExecutor(quiet, resources), resources).run(resume)
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -95,12 +96,13 @@ class SearchResult:
 class Search:
     """One session of a search: owns the Ax optimizer, the parent run and the records."""
 
-    def __init__(self, config: PipelineConfig, executor: Executor):
+    def __init__(self, config: PipelineConfig, executor: Executor, resources: Resources | None = None):
         if config.search is None:
             raise ValueError("a search needs a config with a search section")
         self.config = config
         self.search = config.search
         self.executor = executor
+        self.resources = resources or Resources()
         self.trial_base = config.model_copy(update={"search": None})
         self.required = self.search.required_metrics()
         # This session's time by phase (ax, trials, baseline, state, report, registry), logged on
@@ -157,7 +159,9 @@ class Search:
 
     def _baseline(self) -> None:
         """Run (or reuse) the baseline and give it to Ax as the status-quo arm."""
-        record = baseline.find_or_train(self.config, self.parent_run, self.executor, self._echo)
+        record = baseline.find_or_train(
+            self.config, self.parent_run, self.executor, self.resources, self._echo
+        )
         record.in_search_space = self.optimizer.in_search_space(record.parameters)
         if record.in_search_space:
             progression = int(record.evals[-1][0]) * record.examples_per_step if record.evals else None

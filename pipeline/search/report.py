@@ -112,9 +112,9 @@ def _summary(ctx: ReportContext) -> list[str]:
     n = counts(s)
     compute = sum(t.wall_seconds for t in s.trials)
     goal = (
-        f"Find hyperparameters that beat the baseline eval loss of **{base_loss:.4f}** (run `{base.run_id}`"
-        + (", reused from an earlier run with the same config)" if base.reused else ")")
-        + f", minimizing `{ctx.config.search.objectives[0].metric}`."
+        f"Find hyperparameters that beat the baseline eval loss of **{base_loss:.4f}** (run `{base.run_id}`, "
+        + (f"reused: {base.why}" if base.reused else "trained in this search")
+        + f"), minimizing `{ctx.config.search.objectives[0].metric}`."
         if base
         else "Find the best hyperparameters."
     )
@@ -291,7 +291,14 @@ def _provenance(ctx: ReportContext) -> list[str]:
     s, base = ctx.state, ctx.state.baseline
     md = ["## Provenance", "", "| Trial | Run | Status |", "|---|---|---|"]
     if base:
-        md.append(f"| baseline | `{base.run_id}` | {'reused' if base.reused else 'trained in this search'} |")
+        how = (
+            f"reused ({base.why})"
+            if base.reused
+            else f"trained in this search ({base.why})"
+            if base.why
+            else "trained"
+        )
+        md.append(f"| baseline | `{base.run_id}` | {how} |")
     md += [f"| {t.index} | `{t.run_id or '-'}` | {t.status} |" for t in s.trials]
     md += ["", "| | |", "|---|---|", f"| search run | `{s.parent_run_id}` |"]
     md += [f"| {k} | {v} |" for k, v in ctx.provenance.items()]

@@ -67,6 +67,7 @@ class BaselineRecord:
     in_search_space: bool
     evals: list[tuple[int, float]] = field(default_factory=list)
     examples_per_step: int = 0
+    why: str = ""  # why it was reused, or why it was trained
 
 
 @dataclass

@@ -110,17 +110,15 @@ def _find(
             return runs
 
 
-def find_reusable_baseline(
-    experiment_id: str, config_fingerprint: str, required_metrics: list[str]
-) -> RunRecord | None:
-    """The newest finished baseline run of this config that logged every required metric."""
-    candidates = _find(
+def finished_baselines(experiment_id: str, config_fingerprint: str) -> list[RunRecord]:
+    """Finished baseline runs of this config in the experiment, newest first: the candidates a
+    search may reuse (it checks their data, eval set, device, precision and versions)."""
+    return _find(
         [experiment_id],
         f"tags.`{names.ROLE}` = '{names.ROLE_BASELINE}' and "
         f"tags.`{names.CONFIG_FINGERPRINT}` = '{config_fingerprint}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
     )
-    return next((r for r in candidates if all(m in r.metrics for m in required_metrics)), None)
 
 
 def children_of(parent: RunRecord | str) -> list[RunRecord]:
