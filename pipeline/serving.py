@@ -14,7 +14,7 @@ from pipeline import names
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import ModelError
 from pipeline.metrics import generate
-from pipeline.model import load_base_model, plan_device
+from pipeline.model import DevicePlan, load_base_model, plan_device
 
 
 def base_config(adapter_dir: str | Path) -> ModelConfig:
@@ -39,6 +39,25 @@ def base_config(adapter_dir: str | Path) -> ModelConfig:
         double_quant=ref.get("double_quant", True),
         trust_remote_code=bool(ref.get("trust_remote_code")),
     )
+
+
+def base_reference(m: ModelConfig, plan: DevicePlan) -> dict[str, Any]:
+    """What a loader needs to rebuild the base model under the adapter (`pipeline_base.json`;
+    `base_config` reads it back)."""
+    local = Path(m.name_or_path).expanduser()
+    return {
+        "name_or_path": m.name_or_path,
+        "resolved_path": str(local.resolve())
+        if not m.name_or_path.startswith("pkg:") and local.exists()
+        else None,
+        "gguf_file": m.gguf_file,
+        "revision": m.revision,
+        "dtype": plan.dtype,
+        "load_in_4bit": m.load_in_4bit,
+        "quant_type": m.quant_type,
+        "double_quant": m.double_quant,
+        "trust_remote_code": m.trust_remote_code,
+    }
 
 
 def load_adapter(adapter_dir: str | Path) -> tuple[Any, Any]:

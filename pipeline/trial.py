@@ -42,6 +42,7 @@ from pipeline.model import (
     plan_device,
 )
 from pipeline.provenance import git_commit, package_versions
+from pipeline.serving import base_reference
 from pipeline.timing import PhaseTimer
 from pipeline.train import EvalHook, TrainJob, TrainOutcome, train
 
@@ -350,7 +351,7 @@ def _train_in_run(
             model.save_pretrained(adapter_dir)
             job.tokenizer.save_pretrained(adapter_dir)
             (adapter_dir / names.BASE_REFERENCE_FILE).write_text(
-                json.dumps(base_reference(config, job.plan), indent=2)
+                json.dumps(base_reference(config.model, job.plan), indent=2)
             )
             run.log_artifacts(adapter_dir, names.ADAPTER_DIR)
     finally:
@@ -384,22 +385,3 @@ def discard_local_adapter(adapter_dir: str | Path) -> None:
 def default_run_name(config: PipelineConfig, role: str) -> str:
     lora, tr = config.lora, config.train
     return f"{role} r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size}"
-
-
-def base_reference(config: PipelineConfig, plan: DevicePlan) -> dict[str, Any]:
-    """What a loader needs to rebuild the base model under the adapter."""
-    m = config.model
-    local = Path(m.name_or_path).expanduser()
-    return {
-        "name_or_path": m.name_or_path,
-        "resolved_path": str(local.resolve())
-        if not m.name_or_path.startswith("pkg:") and local.exists()
-        else None,
-        "gguf_file": m.gguf_file,
-        "revision": m.revision,
-        "dtype": plan.dtype,
-        "load_in_4bit": m.load_in_4bit,
-        "quant_type": m.quant_type,
-        "double_quant": m.double_quant,
-        "trust_remote_code": m.trust_remote_code,
-    }

@@ -72,6 +72,7 @@ STAGES = [
     {"search.summary"},
     {"search.plots"},
     {"search.report"},
+    {"search.finish"},
     {"search.executor"},
     {"search.baseline"},
     {"search.loop"},

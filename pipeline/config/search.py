@@ -169,7 +169,16 @@ class SearchConfig(Section):
         0.5, gt=0, le=1, description="Stop the search when this share of at least 3 trials failed."
     )
     budget_minutes: float | None = Field(
-        None, gt=0, description="Wall-clock budget: no new trial starts after it is spent."
+        None,
+        gt=0,
+        description="Wall-clock budget of the search (over all its sessions): once spent, the running "
+        "trial stops at its next evaluation (early-stopped, its data kept) and no new trial starts.",
+    )
+    budget_gpu_hours: float | None = Field(
+        None,
+        gt=0,
+        description="Device-hours budget: the trials' time summed over the devices they ran on (one GPU "
+        "each; a CPU-only trial counts as one device). Spent: as budget_minutes.",
     )
     reuse_baseline: bool = Field(
         True,

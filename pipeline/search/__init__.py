@@ -6,11 +6,13 @@ One job per module, in the order data flows:
 - `state.py`: the search's records, saved atomically, loaded and reconciled on resume;
 - `summary.py`: what the records say (best trial, summary metrics, insights); pure functions;
 - `plots.py`, `report.py`: the report, rendered from the records and the summary;
+- `finish.py`: the end of a search: best trial, summary metrics, best_config.yaml, registry;
 - `executor.py`: where trials run (`LocalExecutor`: one at a time, in this process);
 - `baseline.py`: the baseline, reused or trained;
 - `loop.py`: the search itself: ask Ax, hand trials to the executor, feed results back.
 """
 
-from pipeline.search.loop import Search, SearchAborted, SearchResult, run_search, search_config
+from pipeline.search.finish import SearchResult
+from pipeline.search.loop import Search, SearchAborted, run_search, search_config
 
 __all__ = ["Search", "SearchAborted", "SearchResult", "run_search", "search_config"]

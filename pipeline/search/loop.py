@@ -12,20 +12,19 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import names, registry, tracking
+from pipeline import names, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, load_config, to_yaml, with_overrides
 from pipeline.errors import ConfigError, SearchAborted
 from pipeline.interrupt import STOP_REQUESTED, graceful_stop
-from pipeline.model import hardware
 from pipeline.provenance import git_commit, package_versions
 from pipeline.search import baseline
 from pipeline.search import state as store
 from pipeline.search.executor import Executor, LocalExecutor, TrialJob, TrialOutcome
-from pipeline.search.report import ReportContext, description, write_report
+from pipeline.search.finish import SearchResult, finish
 from pipeline.search.space import Optimizer
 from pipeline.search.state import (
     ABANDONED,
@@ -36,9 +35,12 @@ from pipeline.search.state import (
     SearchState,
     TrialRecord,
 )
-from pipeline.search.summary import best_trial, duration, search_metrics, trial_name
+from pipeline.search.summary import best_trial, duration, trial_name
 from pipeline.timing import PhaseTimer
 from pipeline.trial import Resources, RunSpec, discard_local_adapter
+
+# A trial runs on one device: the first visible GPU (train.multi_gpu is off), or the CPU.
+DEVICES_PER_TRIAL = 1
 
 
 def search_config(
@@ -83,20 +85,16 @@ class _Interrupted(KeyboardInterrupt):
     pass
 
 
-@dataclass
-class SearchResult:
-    parent_run_id: str
-    state: SearchState
-    best: TrialRecord | None
-    report_dir: Path
-    best_config_path: Path | None
-    promotion: registry.Promotion | None
-
-
 class Search:
     """One session of a search: owns the Ax optimizer, the parent run and the records."""
 
-    def __init__(self, config: PipelineConfig, executor: Executor, resources: Resources | None = None):
+    def __init__(
+        self,
+        config: PipelineConfig,
+        executor: Executor,
+        resources: Resources | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         if config.search is None:
             raise ValueError("a search needs a config with a search section")
         self.config = config
@@ -109,11 +107,13 @@ class Search:
         # the parent run as search_time_<phase>_s; each trial logs its own breakdown.
         self.timer = PhaseTimer()
         self.pending: dict[int, TrialRecord] = {}  # submitted, not yet finished, by Ax index
+        self.started: dict[int, float] = {}  # clock() when each pending trial was submitted
+        self.clock = clock  # the budgets' clock (tests drive a fake one)
 
     # --- lifecycle, in order ---------------------------------------------------------------
 
     def run(self, resume: str | None = None) -> SearchResult:
-        t_session = time.perf_counter()
+        t_session = self.clock()
         if resume:
             self.optimizer, loaded = store.load(resume, self.config)
         else:
@@ -133,12 +133,12 @@ class Search:
                 self._loop(t_session)
             except (KeyboardInterrupt, SearchAborted) as e:
                 state.stop_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-                state.wall_seconds += time.perf_counter() - t_session
+                state.wall_seconds += self.clock() - t_session
                 self._save()
                 raise
             finally:
                 self.executor.close()
-            state.wall_seconds += time.perf_counter() - t_session
+            state.wall_seconds += self.clock() - t_session
             self._save()
             return self._finish()
 
@@ -171,13 +171,14 @@ class Search:
         self.parent_run.log_metrics({names.BASELINE_EVAL_LOSS: record.eval_loss}, step=0, flush=True)
 
     def _loop(self, t_session: float) -> None:
+        self.t_session = t_session
         state = self.state
         while len(state.finished()) < state.n_trials:
             if STOP_REQUESTED.is_set():
                 raise _Interrupted("stop requested between trials")
-            elapsed = state.wall_seconds + time.perf_counter() - t_session
-            if self.search.budget_minutes and elapsed >= self.search.budget_minutes * 60:
-                state.stop_reason = f"wall-clock budget of {self.search.budget_minutes:g} minutes spent"
+            spent = self._budget_spent()
+            if spent:
+                state.stop_reason = spent
                 self._echo(f"stopping: {state.stop_reason}")
                 return
             while self.executor.idle() > 0 and len(state.finished()) + len(self.pending) < state.n_trials:
@@ -208,20 +209,38 @@ class Search:
         self._save()  # the trial's config survives a crash from here on
         tags = {names.AX_TRIAL_INDEX: index, names.AX_GENERATION_METHOD: method}
         spec = RunSpec(names.ROLE_TRIAL, record.run_name, self.parent_run.run_id, tags)
-        self.pending[index] = record
+        self.pending[index], self.started[index] = record, self.clock()
         self.executor.submit(TrialJob(index, self.trial_base, params, spec), self._on_eval)
 
     def _on_eval(self, index: int, examples: int, loss: float) -> bool:
         """Each evaluation of a running trial goes to Ax, at its progression in training
-        examples seen; Ax's answer: stop the trial early?"""
+        examples seen; Ax's answer: stop the trial early? A spent budget stops it too."""
         if not math.isfinite(loss):
             return False
-        return self.optimizer.report_evaluation(index, examples, loss)
+        stop = self.optimizer.report_evaluation(index, examples, loss)
+        if not stop and self._budget_spent():
+            self.pending[index].stopped_by = "budget"
+            return True
+        return stop
+
+    def _budget_spent(self) -> str | None:
+        """Why the search must stop now (a spent budget), or None."""
+        search, now = self.search, self.clock()
+        elapsed = self.state.wall_seconds + now - self.t_session
+        if search.budget_minutes and elapsed >= search.budget_minutes * 60:
+            return f"wall-clock budget of {search.budget_minutes:g} minutes spent"
+        if search.budget_gpu_hours:
+            running = sum(now - self.started[i] for i in self.pending) * DEVICES_PER_TRIAL
+            used = (sum(t.device_seconds for t in self.state.trials) + running) / 3600
+            if used >= search.budget_gpu_hours:
+                return f"device budget of {search.budget_gpu_hours:g} device-hours spent ({used:.3g} used)"
+        return None
 
     def _record(self, record: TrialRecord, outcome: TrialOutcome) -> None:
         """Feed a finished trial back to Ax and into its record (its run tagged itself)."""
         state, index = self.state, record.index
         record.wall_seconds = outcome.wall_seconds
+        record.device_seconds = (self.clock() - self.started.pop(index)) * DEVICES_PER_TRIAL
         record.run_id = outcome.run_id or record.run_id
         if outcome.status == KILLED:
             record.status, record.failure_reason = KILLED, "interrupted"
@@ -239,6 +258,8 @@ class Search:
                 self.optimizer.fail(index, outcome.reason or "failed")
             return
         result = outcome.result
+        if result.status != EARLY_STOPPED:
+            record.stopped_by = None  # the budget asked at the last evaluation, which ends it anyway
         baseline.require_metrics(result.metrics, self.required, f"trial {index}")
         record.eval_loss, record.metrics, record.evals = result.eval_loss, result.metrics, result.evals
         record.steps, record.max_steps = result.steps, result.max_steps
@@ -269,7 +290,7 @@ class Search:
         if best is not None:
             metrics[names.BEST_EVAL_LOSS] = best.eval_loss
         self.parent_run.log_metrics(metrics, step=n, flush=True)
-        elapsed = state.wall_seconds + time.perf_counter() - t_session
+        elapsed = state.wall_seconds + self.clock() - t_session
         eta = elapsed / max(n, 1) * (state.n_trials - n)
         loss = f"{record.eval_loss:.4f}" if record.eval_loss is not None else "-"
         best_text = f"best {best.eval_loss:.4f} ({best.run_name.split()[0]})" if best else "best -"
@@ -291,75 +312,8 @@ class Search:
             )
 
     def _finish(self) -> SearchResult:
-        state, run = self.state, self.parent_run
-        with self.timer.phase("ax"):
-            analysis = self.optimizer.analysis()
-        best = best_trial(state, self.search, [p["index"] for p in analysis["pareto"]])
-        summary = search_metrics(state, best)
-        run.log_metrics(summary, step=len(state.finished()), flush=True)
-        best_config_path = None
-        if best is not None:
-            best_config_path = self.dir / names.BEST_CONFIG_FILE
-            store.write_atomic(
-                best_config_path,
-                to_yaml(
-                    with_overrides(self.config, best.parameters),
-                    f"best config of search {run.run_id}: trial {best.index} (run {best.run_id}), "
-                    f"eval_loss {best.eval_loss:.4f}. Retrain: mlflow run . -e retrain -P best_config=<this file>",
-                ),
-            )
-            run.log_text(best_config_path.read_text(), names.BEST_CONFIG_FILE)
-        promotion = None
-        if best is not None:
-            with self.timer.phase("registry"):
-                promotion = self._promote(best, summary)
-            self._echo(f"registry: {promotion.message}")
-        report_dir = self.dir / names.REPORT_DIR
-        context = ReportContext(
-            config=self.config,
-            state=state,
-            best=best,
-            analysis=analysis,
-            promotion=promotion.message if promotion else None,
-            provenance={
-                "git_commit": git_commit(Path(__file__).parent),
-                "seed": str(self.search.seed),
-                "config_fingerprint": config_fingerprint(self.config),
-                **package_versions(),
-                **hardware(),
-            },
-            experiment_id=run.experiment_id,
-        )
-        with self.timer.phase("report"):
-            write_report(context, report_dir)
-            run.log_artifacts(report_dir, names.REPORT_DIR)
-        if best is not None:
-            run.set_tags({names.NOTE: description(context), names.SEARCH_BEST_RUN: best.run_id})
-        self._echo(
-            f"report: {report_dir / names.REPORT_FILE} (and artifact {names.REPORT_DIR}/ of run {run.run_id})"
-        )
-        run.log_metrics(self.timer.metrics("search_time_"), step=len(state.finished()), flush=True)
-        return SearchResult(run.run_id, state, best, report_dir, best_config_path, promotion)
-
-    def _promote(self, best: TrialRecord, summary: dict[str, Any]) -> registry.Promotion:
-        """Register the winner; a registry failure is reported, it does not cost the report."""
-        try:
-            # Records saved by an older version lack the fingerprint: read it off the run then.
-            fp = best.eval_fingerprint or tracking.get_run(best.run_id).eval_fingerprint
-            adapter = Path(best.adapter_dir) if best.adapter_dir else None
-            return registry.promote(
-                self.config.registry.model_name,
-                registry.Candidate(best.run_id, best.eval_loss, fp, adapter),
-                tags={
-                    names.VERSION_SEARCH_RUN: self.parent_run.run_id,
-                    names.VERSION_IMPROVEMENT_PCT: summary.get(names.IMPROVEMENT_PCT),
-                },
-                description=to_yaml(with_overrides(self.trial_base, best.parameters)),
-            )
-        except Exception as e:
-            message = f"registration failed, nothing registered: {type(e).__name__}: {e}"
-            self.parent_run.set_tags({names.ERROR: message[:500]})
-            return registry.Promotion(self.config.registry.model_name, "", False, message)
+        """The end: best trial, summary metrics, best_config.yaml, registry, report."""
+        return finish(self.config, self.state, self.optimizer, self.parent_run, self.dir, self.timer)
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -204,7 +204,8 @@ def _trial_table(ctx: ReportContext, trials: list[TrialRecord]) -> list[str]:
     for t in trials:
         loss = f"{t.eval_loss:.4f}" if t.eval_loss is not None else "-"
         change = pct(t.eval_loss, base_loss) if (t.eval_loss is not None and base_loss) else "-"
-        cells = [str(t.index), *(fmt(t.parameters.get(k)) for k in keys), loss, change, t.status]
+        status = t.status + (" (budget)" if t.stopped_by == "budget" else "")
+        cells = [str(t.index), *(fmt(t.parameters.get(k)) for k in keys), loss, change, status]
         cells += [t.generation_method, f"`{t.run_id}`" if t.run_id else "-"]
         rows.append("| " + " | ".join(cells) + " |")
     return rows

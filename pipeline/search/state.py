@@ -47,6 +47,8 @@ class TrialRecord:
     eval_fingerprint: str | None = None
     adapter_dir: str | None = None  # local copy of the run's adapter, kept for the best trial only
     examples_per_step: int = 0  # step s of `evals` is s x this training examples (0: unknown)
+    device_seconds: float = 0.0  # time on its device(s), what search.budget_gpu_hours counts
+    stopped_by: str | None = None  # for early_stopped: "budget" when a budget, not the rule, stopped it
 
     @property
     def scored(self) -> bool:

@@ -81,10 +81,13 @@ def search_metrics(state: SearchState, best: TrialRecord | None) -> dict[str, fl
 
 
 def steps_saved_pct(state: SearchState) -> float:
-    """Training steps early stopping did not spend, as a share of the steps planned."""
+    """Training steps early stopping did not spend, as a share of the steps planned (a trial a
+    spent budget stopped saved nothing: the search ended there)."""
     trials = [t for t in state.trials if t.status in (COMPLETED, EARLY_STOPPED) and t.max_steps]
     planned = sum(t.max_steps for t in trials)
-    saved = sum(t.max_steps - t.steps for t in trials if t.status == EARLY_STOPPED)
+    saved = sum(
+        t.max_steps - t.steps for t in trials if t.status == EARLY_STOPPED and t.stopped_by != "budget"
+    )
     return 100.0 * saved / planned if planned else 0.0
 
 

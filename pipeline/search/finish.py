@@ -1,0 +1,111 @@
+"""The end of a search: the best trial, the search run's summary metrics, best_config.yaml, the
+registry's decision and the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import names, registry, tracking
+from pipeline.config import PipelineConfig, config_fingerprint, to_yaml, with_overrides
+from pipeline.model import hardware
+from pipeline.provenance import git_commit, package_versions
+from pipeline.search import state as store
+from pipeline.search.report import ReportContext, description, write_report
+from pipeline.search.space import Optimizer
+from pipeline.search.state import SearchState, TrialRecord
+from pipeline.search.summary import best_trial, search_metrics
+from pipeline.timing import PhaseTimer
+
+
+@dataclass
+class SearchResult:
+    parent_run_id: str
+    state: SearchState
+    best: TrialRecord | None
+    report_dir: Path
+    best_config_path: Path | None
+    promotion: registry.Promotion | None
+
+
+def finish(
+    config: PipelineConfig,
+    state: SearchState,
+    optimizer: Optimizer,
+    run: tracking.TrackedRun,
+    directory: Path,
+    timer: PhaseTimer,
+) -> SearchResult:
+    """Decide the best trial, log the summary, write best_config.yaml, register, report."""
+    with timer.phase("ax"):
+        analysis = optimizer.analysis()
+    best = best_trial(state, config.search, [p["index"] for p in analysis["pareto"]])
+    summary = search_metrics(state, best)
+    run.log_metrics(summary, step=len(state.finished()), flush=True)
+    best_config_path = None
+    promotion = None
+    if best is not None:
+        best_config_path = directory / names.BEST_CONFIG_FILE
+        store.write_atomic(
+            best_config_path,
+            to_yaml(
+                with_overrides(config, best.parameters),
+                f"best config of search {run.run_id}: trial {best.index} (run {best.run_id}), "
+                f"eval_loss {best.eval_loss:.4f}. Retrain: mlflow run . -e retrain -P best_config=<this file>",
+            ),
+        )
+        run.log_text(best_config_path.read_text(), names.BEST_CONFIG_FILE)
+        with timer.phase("registry"):
+            promotion = promote(config, best, summary, run)
+        print(f"registry: {promotion.message}", flush=True)
+    report_dir = directory / names.REPORT_DIR
+    context = ReportContext(
+        config=config,
+        state=state,
+        best=best,
+        analysis=analysis,
+        promotion=promotion.message if promotion else None,
+        provenance={
+            "git_commit": git_commit(Path(__file__).parent),
+            "seed": str(config.search.seed),
+            "config_fingerprint": config_fingerprint(config),
+            **package_versions(),
+            **hardware(),
+        },
+        experiment_id=run.experiment_id,
+    )
+    with timer.phase("report"):
+        write_report(context, report_dir)
+        run.log_artifacts(report_dir, names.REPORT_DIR)
+    if best is not None:
+        run.set_tags({names.NOTE: description(context), names.SEARCH_BEST_RUN: best.run_id})
+    print(
+        f"report: {report_dir / names.REPORT_FILE} (and artifact {names.REPORT_DIR}/ of run {run.run_id})",
+        flush=True,
+    )
+    run.log_metrics(timer.metrics("search_time_"), step=len(state.finished()), flush=True)
+    return SearchResult(run.run_id, state, best, report_dir, best_config_path, promotion)
+
+
+def promote(
+    config: PipelineConfig, best: TrialRecord, summary: dict[str, Any], run: tracking.TrackedRun
+) -> registry.Promotion:
+    """Register the winner; a registry failure is reported, it does not cost the report."""
+    try:
+        # Records saved by an older version lack the fingerprint: read it off the run then.
+        fp = best.eval_fingerprint or tracking.get_run(best.run_id).eval_fingerprint
+        adapter = Path(best.adapter_dir) if best.adapter_dir else None
+        return registry.promote(
+            config.registry.model_name,
+            registry.Candidate(best.run_id, best.eval_loss, fp, adapter),
+            tags={
+                names.VERSION_SEARCH_RUN: run.run_id,
+                names.VERSION_IMPROVEMENT_PCT: summary.get(names.IMPROVEMENT_PCT),
+            },
+            description=to_yaml(with_overrides(config.model_copy(update={"search": None}), best.parameters)),
+        )
+    except Exception as e:
+        message = f"registration failed, nothing registered: {type(e).__name__}: {e}"
+        run.set_tags({names.ERROR: message[:500]})
+        return registry.Promotion(config.registry.model_name, "", False, message)
