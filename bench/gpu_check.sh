@@ -7,8 +7,9 @@
 #   STEPS=100 bench/gpu_check.sh       # shorter
 #
 # Per model and precision (bf16, 4-bit NF4): tokens/s of the pipeline vs a plain Trainer + PEFT
-# script, and a real trial's peak allocated / reserved GPU memory; then the pipeline overhead of
-# a demo search. Paste the output and `nvidia-smi -L` into docs/benchmarks.md.
+# script, and a real trial's peak allocated / reserved GPU memory; per-trial memory checks (peaks
+# reset per trial, a real out-of-memory trial giving its memory back: bench/gpu_memory_check.py);
+# then the pipeline overhead of a demo search. Paste the output and `nvidia-smi -L` into docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -42,6 +43,11 @@ keys = ["eval_loss", "train_tokens_per_second", "peak_gpu_mem_gb", "peak_gpu_res
 print("  ".join(f"{k}={m[k]:.4g}" for k in keys if k in m), f"(run {run.info.run_id}, {run.data.tags.get('pipeline.precision')})")
 EOF
   done
+done
+
+echo "== per-trial memory: peaks reset per trial, a real CUDA OOM given back before the next trial"
+for cfg in configs/demo-cpu.yaml configs/smollm2-cpu.yaml; do
+  $PY bench/gpu_memory_check.py --config "$cfg" --set "model.dtype=bfloat16 train.max_steps=30 train.eval_steps=10"
 done
 
 echo "== pipeline overhead of the demo search (10 trials) on this GPU"

@@ -30,7 +30,8 @@ class MemoryMonitor:
     """Peak resident memory of this process, sampled (cheaply) every step, plus CUDA peaks.
 
     ``ru_maxrss`` is a lifetime high-water mark, useless when one process runs many trials;
-    sampling gives the peak of this trial.
+    sampling gives the peak of this trial. On CUDA the allocator's cache is emptied before the
+    peaks are reset, so the reserved peak is this trial's, not earlier trials' cached blocks.
     """
 
     def __init__(self, cuda: Any = None):
@@ -41,13 +42,16 @@ class MemoryMonitor:
     def start(self) -> None:
         self.peak_rss = self.process.memory_info().rss
         if self.cuda.is_available():
-            self.cuda.reset_peak_memory_stats()
+            self.cuda.empty_cache()
+            for i in range(self.cuda.device_count()):
+                self.cuda.reset_peak_memory_stats(i)
 
     def sample(self) -> None:
         self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
 
     def peaks(self) -> dict[str, float]:
-        """`peak_rss_gb` always; `peak_gpu_mem_gb` and `peak_gpu_reserved_gb` when CUDA is present."""
+        """`peak_rss_gb` always; on CUDA the trial's device's peaks, and every device's when several
+        are visible."""
         self.sample()
         out = {names.PEAK_RSS_GB: round(self.peak_rss / GB, 4)}
         out.update(gpu_memory_gb(self.cuda))
@@ -55,13 +59,33 @@ class MemoryMonitor:
 
 
 def gpu_memory_gb(cuda: Any = None) -> dict[str, float]:
-    """Peak allocated and reserved CUDA memory since the last reset; empty without CUDA."""
+    """Peak allocated and reserved CUDA memory since the last reset: `peak_gpu_mem_gb` and
+    `peak_gpu_reserved_gb` of device 0 (where a trial runs), and `peak_gpu<i>_mem_gb` /
+    `peak_gpu<i>_reserved_gb` of each device when there are several; empty without CUDA."""
+    cuda = torch.cuda if cuda is None else cuda
+    if not cuda.is_available():
+        return {}
+    out = {
+        names.PEAK_GPU_MEM_GB: round(cuda.max_memory_allocated(0) / GB, 4),
+        names.PEAK_GPU_RESERVED_GB: round(cuda.max_memory_reserved(0) / GB, 4),
+    }
+    n = cuda.device_count()
+    for i in range(n if n > 1 else 0):
+        out[names.PEAK_GPU_N_MEM_GB.format(i)] = round(cuda.max_memory_allocated(i) / GB, 4)
+        out[names.PEAK_GPU_N_RESERVED_GB.format(i)] = round(cuda.max_memory_reserved(i) / GB, 4)
+    return out
+
+
+def device_tags(cuda: Any = None) -> dict[str, str]:
+    """`pipeline.gpu<i>`: name and total memory of every visible GPU (none without CUDA)."""
     cuda = torch.cuda if cuda is None else cuda
     if not cuda.is_available():
         return {}
     return {
-        names.PEAK_GPU_MEM_GB: round(cuda.max_memory_allocated() / GB, 4),
-        names.PEAK_GPU_RESERVED_GB: round(cuda.max_memory_reserved() / GB, 4),
+        names.GPU_TAG.format(
+            i
+        ): f"{cuda.get_device_name(i)}, {cuda.get_device_properties(i).total_memory / GB:.1f} GB"
+        for i in range(cuda.device_count())
     }
 
 

@@ -32,9 +32,10 @@ class DevicePlan:
     """Where and in what precision a trial runs."""
 
     device: str  # "cuda" or "cpu"
-    name: str  # e.g. "NVIDIA A100-SXM4-80GB" or "cpu (2 threads)"
+    name: str  # e.g. "NVIDIA A100-SXM4-80GB (1 of 8 visible)" or "cpu (2 threads)"
     dtype: str  # weights dtype: float32 | bfloat16 | float16
     precision: str  # trainer mixed precision: fp32 | bf16 | fp16
+    gpus: int = 0  # GPUs the trial uses: 1 (the first visible) unless train.multi_gpu
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -47,14 +48,20 @@ def plan_device(
     cuda: bool | None = None,
     bf16_supported: bool | None = None,
     gpu_name: str | None = None,
+    gpu_count: int | None = None,
 ) -> DevicePlan:
-    """Resolve `auto` dtype and precision for the hardware (arguments override detection, for tests)."""
+    """Resolve `auto` dtype and precision for the hardware (arguments override detection, for tests).
+
+    A trial runs on one GPU, the first visible one, unless `train.multi_gpu` lets the Trainer
+    spread it over all of them: evaluation, generation and memory peaks use one device."""
     if cuda is None:
         cuda = torch.cuda.is_available()
     if cuda and bf16_supported is None:
         bf16_supported = torch.cuda.is_bf16_supported()
     if cuda and gpu_name is None:
         gpu_name = torch.cuda.get_device_name(0)
+    if cuda and gpu_count is None:
+        gpu_count = torch.cuda.device_count()
 
     if train.precision == "auto":
         precision = ("bf16" if bf16_supported else "fp16") if cuda else "fp32"
@@ -73,8 +80,12 @@ def plan_device(
         raise ModelError(
             "model.dtype: float16 weights need a CUDA GPU on this stack; use float32 or bfloat16"
         )
-    name = gpu_name if cuda else f"cpu ({torch.get_num_threads()} threads)"
-    return DevicePlan("cuda" if cuda else "cpu", name or "cuda", dtype, precision)
+    if not cuda:
+        return DevicePlan("cpu", f"cpu ({torch.get_num_threads()} threads)", dtype, precision)
+    visible = max(1, gpu_count or 1)
+    gpus = visible if train.multi_gpu else 1
+    name = (gpu_name or "cuda") + (f" ({gpus} of {visible} visible)" if visible > 1 else "")
+    return DevicePlan("cuda", name, dtype, precision, gpus)
 
 
 def hardware() -> dict[str, str]:
@@ -169,7 +180,35 @@ def load_base_model(
     """Load the base model for LoRA training (quantized when asked), or for inference."""
     from transformers import AutoModelForCausalLM
 
-    src, gguf = resolve_source(cfg)
+    src, _ = resolve_source(cfg)
+    kwargs = from_pretrained_kwargs(cfg, plan, for_training)
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {_first_line(e)}") from None
+    if for_training:
+        model.config.use_cache = False  # the KV cache only wastes memory during training
+    if cfg.gguf_file and "quantization_config" not in kwargs:
+        # transformers dequantizes GGUF weights into ordinary tensors on load, but leaves the model
+        # marked as quantized, and the Trainer refuses to train a "GGUF-quantized" model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+    if "quantization_config" in kwargs and for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return BaseModel(model, time.perf_counter() - t0, cfg.name_or_path)
+
+
+def from_pretrained_kwargs(cfg: ModelConfig, plan: DevicePlan, for_training: bool = True) -> dict[str, Any]:
+    """`from_pretrained` arguments for our model config and device plan."""
+    _, gguf = resolve_source(cfg)
     quant = build_quantization_config(cfg, plan.torch_dtype)
     kwargs: dict[str, Any] = {
         "revision": cfg.revision,
@@ -182,26 +221,11 @@ def load_base_model(
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
-        # Quantized weights are placed at load time; the Trainer cannot move them later.
-        kwargs["device_map"] = {"": torch.cuda.current_device() if plan.device == "cuda" else "cpu"}
-    t0 = time.perf_counter()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {_first_line(e)}") from None
-    if for_training:
-        model.config.use_cache = False  # the KV cache only wastes memory during training
-    if gguf and quant is None:
-        # transformers dequantizes GGUF weights into ordinary tensors on load, but leaves the model
-        # marked as quantized, and the Trainer refuses to train a "GGUF-quantized" model.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.quantization_method = None
-    if quant is not None and for_training:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return BaseModel(model, time.perf_counter() - t0, cfg.name_or_path)
+    if quant is not None or (plan.device == "cuda" and not for_training):
+        # Quantized weights are placed at load time (the Trainer cannot move them later); for
+        # inference the weights load straight onto the GPU instead of through host memory.
+        kwargs["device_map"] = {"": 0 if plan.device == "cuda" else "cpu"}
+    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,3 +303,17 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def release(error: BaseException) -> None:
+    """After a failed trial: drop the tracebacks of the error and its causes, which keep the
+    failed frames (the Trainer, optimizer state, activations) alive, then give the memory back
+    (`gc.collect()`, and on CUDA `empty_cache()`). Call it after leaving the `except` block: inside
+    it the traceback is still live, and out of memory, the next trial would start short of it."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    free_memory()

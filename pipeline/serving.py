@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline import names
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import ModelError
@@ -30,8 +32,12 @@ def base_config(adapter_dir: str | Path) -> ModelConfig:
     # A relative folder was relative to where training ran; fall back to its absolute path then.
     if not source.startswith("pkg:") and not Path(source).exists() and resolved and Path(resolved).exists():
         source = resolved
+    dtype = ref.get("dtype") or "auto"
+    if dtype == "float16" and not torch.cuda.is_available():
+        dtype = "float32"  # fp16 weights cannot run on this CPU stack; float32 holds them exactly
     return ModelConfig(
         name_or_path=source,
+        dtype=dtype,
         gguf_file=ref.get("gguf_file"),
         revision=ref.get("revision"),
         load_in_4bit=bool(ref.get("load_in_4bit")),
@@ -65,12 +71,10 @@ def load_adapter(adapter_dir: str | Path) -> tuple[Any, Any]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    cfg = base_config(adapter_dir)
+    cfg = base_config(adapter_dir)  # the dtype the adapter was trained on
     plan = plan_device(cfg, TrainConfig())
-    base = load_base_model(cfg, plan, for_training=False).model
+    base = load_base_model(cfg, plan, for_training=False).model  # straight onto the GPU if any
     model = PeftModel.from_pretrained(base, str(adapter_dir))
-    if plan.device == "cuda" and not cfg.load_in_4bit:
-        model = model.to("cuda")
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -28,8 +28,8 @@ from pipeline.model import DevicePlan
 
 MetricSink = Callable[[dict[str, float], int], None]
 
-# (step, training examples seen, eval_loss) -> stop? Examples, not steps, compare trials of
-# different batch sizes: at step 50 a batch-16 trial has seen four times a batch-4 trial's data.
+# (step, training examples seen, eval_loss) -> stop? The search compares trials at one or the
+# other: at step 50 a batch-16 trial has seen four times a batch-4 trial's data.
 EvalHook = Callable[[int, int, float], bool]
 Evaluator = Callable[[Any], float]  # model -> eval loss
 
@@ -54,6 +54,9 @@ def build_training_args(
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         activation_checkpointing=train.gradient_checkpointing,
+        # Explicit: torch warns without it (and means to refuse); non-reentrant is the recommended
+        # variant and works with frozen inputs.
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         logging_strategy="steps",
         logging_steps=train.logging_steps,
         logging_first_step=True,
@@ -72,6 +75,14 @@ def build_training_args(
         label_names=["labels"],
         dataloader_pin_memory=plan.device == "cuda",
     )
+
+
+def pin_to_plan(args: TrainingArguments, plan: DevicePlan) -> TrainingArguments:
+    """No DataParallel over more GPUs than the plan gives the trial (transformers wraps a model in
+    it whenever it sees several); `_n_gpu` is the attribute its `n_gpu` reads (transformers 5)."""
+    if plan.device == "cuda" and args.n_gpu > plan.gpus:
+        args._n_gpu = plan.gpus
+    return args
 
 
 def examples_per_optimizer_step(args: TrainingArguments) -> int:
@@ -267,7 +278,11 @@ def train(
 ) -> tuple[Trainer, TrainOutcome]:
     """Train the LoRA model, evaluate at the end, and report what happened."""
     train_cfg, eval_cfg, plan, tokenizer = job.config.train, job.config.eval, job.plan, job.tokenizer
-    args = build_training_args(train_cfg, eval_cfg, plan, train_cfg.output_dir, job.quiet)
+    args = pin_to_plan(build_training_args(train_cfg, eval_cfg, plan, train_cfg.output_dir, job.quiet), plan)
+    if args.activation_checkpointing and getattr(model, "is_activation_checkpointing", False):
+        # Already on (the 4-bit path enables it while preparing the base): enabling it a second
+        # time would wrap the layers again.
+        args.activation_checkpointing = False
     # Eval batches of similar lengths waste less compute on padding; eval_loss is token-weighted,
     # so the order and batch size do not change its value.
     eval_set = sorted(job.data.eval, key=lambda e: len(e["input_ids"]), reverse=True)

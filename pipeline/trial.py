@@ -28,14 +28,20 @@ from pipeline import __version__, names, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, fingerprint, flatten, to_dict, to_yaml
 from pipeline.data import PreparedData, prepare_data
 from pipeline.errors import TrialFailed, TrialInterrupted, one_line
-from pipeline.metrics import MemoryMonitor, generate, generation_scores, load_generation_metric, perplexity
+from pipeline.metrics import (
+    MemoryMonitor,
+    device_tags,
+    generate,
+    generation_scores,
+    load_generation_metric,
+    perplexity,
+)
 from pipeline.model import (
     BaseModel,
     DevicePlan,
     attach_lora,
     count_parameters,
     detach_lora,
-    free_memory,
     is_out_of_memory,
     load_base_model,
     load_tokenizer,
@@ -206,6 +212,7 @@ def fit(
         names.GIT_COMMIT: git_commit(Path(__file__).parent),
         names.PACKAGE_VERSIONS: json.dumps(package_versions(), sort_keys=True),
         names.DEVICE: job.plan.name,
+        **device_tags(),
         names.PRECISION: job.plan.precision,
         names.PIPELINE_VERSION: __version__,
         **spec.tags,
@@ -275,7 +282,6 @@ def _failure(e: BaseException) -> tuple[str, str]:
         return names.FAILED, e.reason
     reason = one_line(f"{type(e).__name__}: {e}")
     if is_out_of_memory(e):
-        free_memory()
         return names.ABANDONED, reason  # the same config would run out of memory again
     return names.FAILED, reason
 

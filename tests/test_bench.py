@@ -60,6 +60,13 @@ def test_overhead_benchmark_smoke(tmp_path):
     assert ax > 0 and logging > 0  # both measured, not assumed
 
 
+def test_gpu_memory_check_smoke(tmp_path):
+    """On CPU the OOM is simulated; the same release logic is checked (a real one in gpu_check.sh)."""
+    lines = _bench(["bench/gpu_memory_check.py", "--set", "train.max_steps=6 train.eval_steps=3"], tmp_path)
+    checks = [line for line in lines if line.startswith(("PASS", "FAIL"))]
+    assert len(checks) == 4 and all(line.startswith("PASS") for line in checks), checks
+
+
 def test_grid_benchmark_smoke(tmp_path):
     out = tmp_path / "grid.csv"
     args = ["bench/grid.py", "--limit", "1", "--out", str(out), "--store", str(tmp_path / "grid.db")]

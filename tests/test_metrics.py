@@ -21,23 +21,42 @@ from pipeline.metrics import (
 class FakeCuda:
     """Stands in for torch.cuda: the logic of the CUDA memory path runs on CPU."""
 
-    def __init__(self, available=True):
+    def __init__(self, available=True, devices=1):
         self.available = available
-        self.resets = 0
+        self.devices = devices
+        self.calls: list[str] = []
         self.allocated = 3 * 2**30
         self.reserved = 5 * 2**30
+
+    @property
+    def resets(self):
+        return sum(c.startswith("reset") for c in self.calls)
 
     def is_available(self):
         return self.available
 
-    def reset_peak_memory_stats(self):
-        self.resets += 1
+    def device_count(self):
+        return self.devices
 
-    def max_memory_allocated(self):
-        return self.allocated
+    def empty_cache(self):
+        self.calls.append("empty_cache")
 
-    def max_memory_reserved(self):
-        return self.reserved
+    def reset_peak_memory_stats(self, device=0):
+        self.calls.append(f"reset {device}")
+
+    def max_memory_allocated(self, device=0):
+        return self.allocated * (device + 1)
+
+    def max_memory_reserved(self, device=0):
+        return self.reserved * (device + 1)
+
+    def get_device_name(self, device=0):
+        return f"Fake GPU {device}"
+
+    def get_device_properties(self, device=0):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(total_memory=80 * 2**30)
 
 
 def test_gpu_memory_metrics_when_cuda_present():

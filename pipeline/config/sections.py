@@ -136,6 +136,11 @@ class TrainConfig(Section):
         description="Mixed precision. `auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    multi_gpu: bool = Field(
+        False,
+        description="Let one trial use every visible GPU (the Trainer's DataParallel). Off: a trial "
+        "runs on the first visible GPU only, where its evaluation and memory peaks are measured.",
+    )
     batching: Literal["length_grouped", "padding_free", "padded"] = Field(
         "length_grouped",
         description="`length_grouped`: batches of similar length, padded to the longest. "

@@ -2,7 +2,7 @@
 
 The loop hands an executor `TrialJob`s and collects `TrialOutcome`s; it never trains anything
 itself. While a trial trains, each evaluation goes back to the loop through `on_eval(index,
-examples seen, eval_loss) -> stop?`, so early stopping stays with the one owner of the Ax state.
+step, examples seen, eval_loss) -> stop?`, so early stopping stays with the one owner of the Ax state.
 
 `LocalExecutor` runs one trial at a time in this process, with one shared `Resources` (the base
 model is loaded once): the search's behaviour since the start. An executor that runs trials in
@@ -24,10 +24,11 @@ from typing import Any, Protocol
 from pipeline import names
 from pipeline.config import PipelineConfig, values_at, with_overrides
 from pipeline.errors import PipelineError, TrialFailed, TrialInterrupted, one_line
+from pipeline.model import release
 from pipeline.trial import Resources, RunSpec, TrialResult, run_trial
 
-# (Ax trial index, training examples seen, eval_loss) -> should the trial stop early?
-EvalReport = Callable[[int, int, float], bool]
+# (Ax trial index, step, training examples seen, eval_loss) -> should the trial stop early?
+EvalReport = Callable[[int, int, int, float], bool]
 
 
 @dataclass(frozen=True)
@@ -78,19 +79,26 @@ def run_job(
     def outcome(status: str, **kw: Any) -> TrialOutcome:
         return TrialOutcome(job, status, wall_seconds=time.perf_counter() - t0, **kw)
 
-    hook = (lambda step, examples, loss: on_eval(job.index, examples, loss)) if on_eval is not None else None
+    hook = (
+        (lambda step, examples, loss: on_eval(job.index, step, examples, loss))
+        if on_eval is not None
+        else None
+    )
     try:
         config = with_overrides(job.base, job.parameters) if job.parameters else job.base
         _check_trains_what_was_asked(config, job.parameters)
         result = run_trial(config, job.spec, resources=resources, on_eval=hook, quiet=quiet)
+        ended = outcome(result.status, result=result, run_id=result.run_id)
     except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM while training: the run ended KILLED
         run_id = e.run_id if isinstance(e, TrialInterrupted) else None
         return outcome(names.KILLED, run_id=run_id, reason="interrupted", error=e)
     except TrialFailed as e:
-        return outcome(e.status, run_id=e.run_id, reason=e.reason, error=e)
+        ended = outcome(e.status, run_id=e.run_id, reason=e.reason, error=e)
     except Exception as e:  # failed before its run started (this config's data or model)
-        return outcome(names.FAILED, reason=one_line(f"{type(e).__name__}: {e}"), error=e)
-    return outcome(result.status, result=result, run_id=result.run_id)
+        ended = outcome(names.FAILED, reason=one_line(f"{type(e).__name__}: {e}"), error=e)
+    if ended.error is not None:  # out of the except block: its frames can go now
+        release(ended.error)
+    return ended
 
 
 def _check_trains_what_was_asked(config: PipelineConfig, parameters: dict[str, Any]) -> None:
