@@ -95,13 +95,14 @@ def run_ax_early_stopping(
     n_trials: int,
     percentile: float | None,
     min_curves: int | None = None,
-    progression: str = "examples",
+    progression: str = "steps",
 ) -> tuple[list[float], list[int]]:
     """A fixed-length Ax search whose trials report their eval curve to Ax's percentile rule, as
     the pipeline's evaluation hook does; a trial asked to stop keeps its last eval loss.
 
-    `progression`: "examples" (the pipeline's unit: step x batch size, so trials of different
-    batch sizes compare on the same data) or "steps" (the unit before: optimizer steps)."""
+    `progression`: "steps" (optimizer steps: what the pipeline's `auto` uses for the grid's
+    fixed-step trials) or "examples" (step x batch size: trials of different batch sizes compared
+    on the same data seen); `min_progression` is the pipeline's default in that unit."""
     from pipeline.config import with_overrides
     from pipeline.search.space import build_client, early_stopping_strategy
 
@@ -110,11 +111,13 @@ def run_ax_early_stopping(
     )
     client = build_client(cfg.search, name=f"replay-es-{seed}")
     if percentile is not None:
-        es = {"search.early_stopping.enabled": True, "search.early_stopping.percentile": percentile}
+        es = {
+            "search.early_stopping.enabled": True,
+            "search.early_stopping.percentile": percentile,
+            "search.early_stopping.progression": progression,
+        }
         if min_curves:
             es["search.early_stopping.min_curves"] = min_curves
-        if progression == "steps":  # the old default, a third of the steps, counted in steps
-            es["search.early_stopping.min_progression"] = max(cfg.train.eval_steps, table.max_steps // 3)
         cfg = with_overrides(cfg, es)
         client.set_early_stopping_strategy(early_stopping_strategy(cfg))
     losses, steps = [], []
@@ -220,8 +223,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--progression",
-        default="examples",
-        help="Progression units to compare with --early-stopping: examples (the pipeline's), steps (before).",
+        default="steps,examples",
+        help="Progression units to compare with --early-stopping (search.early_stopping.progression): "
+        "steps (what `auto` picks for the grid's fixed-step trials), examples (step x batch size).",
     )
     args = ap.parse_args()
     logging.getLogger("ax").setLevel(logging.WARNING)

@@ -120,11 +120,13 @@ def test_a_searched_key_means_what_trains(tmp_path, capsys):
     assert "lora.alpha: Ax asked for 8.0, the trial's config holds 16.0" in out.reason
 
 
-def test_early_stopping_compares_curves_at_equal_examples_seen(tiny_config):
-    """Progression is training examples seen, not optimizer steps: at step 6 a batch-8 trial has
-    seen twice the data of a batch-4 one. Ax hears examples; min_progression counts them too."""
+def test_early_stopping_compares_trials_at_the_same_share_of_their_training(tiny_config):
+    """At step 6 a batch-8 trial has seen twice the data of a batch-4 one. Every evaluation now
+    carries both the step and the training examples seen, and early stopping compares trials in
+    the unit that puts each at the same share of its own training: steps when trials run
+    train.max_steps steps, examples when they run epochs (or as `progression` says)."""
     from pipeline.search.executor import TrialJob, run_job
-    from pipeline.search.space import early_stopping_strategy
+    from pipeline.search.space import early_stopping_strategy, progression, progression_unit
     from pipeline.trial import Resources
 
     base = tiny_config.model_copy(update={"search": None})
@@ -132,11 +134,24 @@ def test_early_stopping_compares_curves_at_equal_examples_seen(tiny_config):
     for batch, accumulation in ((4, 1), (8, 1), (4, 2)):
         params = {"train.batch_size": batch, "train.gradient_accumulation_steps": accumulation}
         outs.append(run_job(TrialJob(batch, base, params), resources, lambda *a: heard.append(a) or False))
-    # (Ax index, progression, eval_loss) at step 6 of 12 of each trial.
-    assert [(i, p) for i, p, _ in heard] == [(4, 24), (8, 48), (4, 48)]
+    # (Ax index, step, examples seen) at step 6 of 12 of each trial.
+    assert [(i, step, seen) for i, step, seen, _ in heard] == [(4, 6, 24), (8, 6, 48), (4, 6, 48)]
     assert [o.result.examples_per_step for o in outs] == [4, 8, 8]
-    # The demo: evaluations every 50 steps of batch 8; no stop before a third of 150 steps.
-    assert early_stopping_strategy(demo()).min_progression == 50 * 8
+
+    steps_budget = demo()  # 150 steps whatever the batch size: compared at equal steps
+    epochs_budget = demo(
+        **{"train.max_steps": -1, "train.epochs": 1.0, "search.early_stopping.enabled": True}
+    )
+    examples = demo(**{"search.early_stopping.progression": "examples"})
+    assert [progression_unit(c) for c in (steps_budget, epochs_budget, examples)] == [
+        "steps",
+        "examples",
+        "examples",
+    ]
+    assert progression(examples, 6, 8) == 48 and progression(steps_budget, 6, 8) == 6
+    # No stop before a third of the demo's 150 steps (its first evaluation), in either unit.
+    assert early_stopping_strategy(steps_budget).min_progression == 50
+    assert early_stopping_strategy(examples).min_progression == 50 * 8
     explicit = demo(**{"search.early_stopping.min_progression": 1000})
     assert early_stopping_strategy(explicit).min_progression == 1000
 
@@ -361,9 +376,9 @@ def test_budgets_stop_the_running_trial_at_its_next_evaluation(tmp_path, budget,
     search = loop.Search(config, LocalExecutor(quiet=True), clock=clock)
     real_on_eval = search._on_eval
 
-    def slow_evaluations(index, examples, loss):
+    def slow_evaluations(index, step, examples, loss):
         clock.now += 40
-        return real_on_eval(index, examples, loss)
+        return real_on_eval(index, step, examples, loss)
 
     search._on_eval = slow_evaluations
     result = search.run()
@@ -382,3 +397,134 @@ def search_config_for(tmp_path, *extra):
 
     sets = _search_overrides(tmp_path, **{"train.eval_steps": 4})
     return search_config(DEMO_CONFIG, [*sets, *extra], n_trials=3)
+
+
+# --- GPU paths, their logic on CPU --------------------------------------------------------
+
+
+def test_oom_recovery_frees_the_failed_trials_memory(tiny_config, monkeypatch):
+    """Out of memory, the trial is abandoned and what its frames held is freed before the next
+    trial (the traceback kept the Trainer, optimizer state and activations alive while memory
+    was freed inside the `except` block): RSS after the failed trial is back where it was."""
+    import gc
+
+    import psutil
+    import torch
+
+    import pipeline.trial as trial_mod
+    from pipeline.search.executor import TrialJob, run_job
+    from pipeline.trial import Resources, setup
+
+    base = tiny_config.model_copy(update={"search": None})
+    resources = Resources()
+    setup(base, resources)  # tokenizer, data and base model loaded before measuring
+
+    def oom_holding_memory(*args, **kwargs):
+        hog = torch.ones(300 * 2**20 // 4)  # 300 MB of activations, say
+        hog.add_(1)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trial_mod, "train", oom_holding_memory)
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    out = run_job(TrialJob(3, base, {"lora.r": 4}), resources)
+    after = psutil.Process().memory_info().rss
+    assert out.status == "abandoned" and "out of memory" in out.reason and out.run_id
+    assert after - before < 100 * 2**20, f"{(after - before) / 2**20:.0f} MB still held after the OOM"
+
+
+def test_memory_peaks_are_the_trials_own_and_every_devices():
+    """Peaks are reset per trial after the allocator's cache is emptied (else the reserved peak
+    carries earlier trials' cached blocks), for every visible device, each logged and named."""
+    from pipeline import names
+    from pipeline.metrics import MemoryMonitor, device_tags
+
+    from .test_metrics import FakeCuda
+
+    cuda = FakeCuda(devices=2)
+    monitor = MemoryMonitor(cuda)
+    monitor.start()
+    assert cuda.calls == ["empty_cache", "reset 0", "reset 1"]
+    peaks = monitor.peaks()
+    assert peaks[names.PEAK_GPU_MEM_GB] == 3.0 and peaks[names.PEAK_GPU_RESERVED_GB] == 5.0
+    assert peaks["peak_gpu0_mem_gb"] == 3.0 and peaks["peak_gpu1_mem_gb"] == 6.0
+    assert peaks["peak_gpu1_reserved_gb"] == 10.0
+    assert device_tags(cuda) == {
+        "pipeline.gpu0": "Fake GPU 0, 80.0 GB",
+        "pipeline.gpu1": "Fake GPU 1, 80.0 GB",
+    }
+    one = MemoryMonitor(FakeCuda(devices=1))
+    assert not [k for k in one.peaks() if k.startswith("peak_gpu0")]  # one device: the plain names
+
+
+def test_a_trial_runs_on_one_gpu_unless_the_config_asks_for_more(tiny_config):
+    """With several GPUs visible the HF Trainer wraps the model in DataParallel while eval,
+    generation and the memory peaks use one device: a trial is pinned to the first GPU, says so
+    in its device tag, and train.multi_gpu opts out."""
+    from types import SimpleNamespace
+
+    from pipeline.model import plan_device
+    from pipeline.train import pin_to_plan
+
+    plan = plan_device(
+        tiny_config.model, tiny_config.train, cuda=True, bf16_supported=True, gpu_name="H100", gpu_count=4
+    )
+    assert (plan.gpus, plan.name) == (1, "H100 (1 of 4 visible)")
+    args = pin_to_plan(SimpleNamespace(n_gpu=4, _n_gpu=4), plan)
+    assert args._n_gpu == 1
+    multi = with_overrides(tiny_config, {"train.multi_gpu": True})
+    plan = plan_device(multi.model, multi.train, cuda=True, bf16_supported=True, gpu_name="H100", gpu_count=4)
+    assert (plan.gpus, pin_to_plan(SimpleNamespace(n_gpu=4, _n_gpu=4), plan)._n_gpu) == (4, 4)
+    single = plan_device(
+        tiny_config.model, tiny_config.train, cuda=True, bf16_supported=True, gpu_name="T4", gpu_count=1
+    )
+    assert single.name == "T4" and single.gpus == 1
+
+
+def test_gradient_checkpointing_is_switched_on_once_on_the_4bit_path(tiny_config, monkeypatch):
+    """peft's 4-bit preparation switches checkpointing on; the Trainer must not do it again."""
+    from transformers import PreTrainedModel
+
+    from pipeline.trial import run_trial
+
+    calls = []
+    real = PreTrainedModel.activation_checkpointing_enable
+
+    def counting(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", counting)
+    config = with_overrides(tiny_config, {"model.load_in_4bit": True, "train.gradient_checkpointing": True})
+    result = run_trial(config, quiet=True)
+    assert len(calls) == 1, calls
+    assert result.steps == 12
+    calls.clear()
+    run_trial(with_overrides(tiny_config, {"train.gradient_checkpointing": True}), quiet=True)
+    assert len(calls) == 1, calls  # without 4-bit, the Trainer is the one that switches it on
+
+
+def test_load_adapter_uses_the_recorded_dtype_and_places_weights_at_load(tiny_config, tmp_path):
+    """The base under a served adapter is loaded in the dtype it was trained in (recorded in
+    pipeline_base.json) and, on a GPU, straight onto it (not loaded on CPU, then moved)."""
+    import json
+
+    import torch
+
+    from pipeline import names
+    from pipeline.model import from_pretrained_kwargs, plan_device
+    from pipeline.serving import load_adapter
+    from pipeline.trial import run_trial
+
+    result = run_trial(tiny_config, quiet=True)
+    reference = result.adapter_dir / names.BASE_REFERENCE_FILE
+    recorded = json.loads(reference.read_text())
+    assert recorded["dtype"] == "float32"
+    reference.write_text(json.dumps({**recorded, "dtype": "bfloat16"}))  # as if trained in bf16
+    model, _ = load_adapter(result.adapter_dir)
+    assert model.get_base_model().dtype == torch.bfloat16
+    gpu = plan_device(
+        tiny_config.model, tiny_config.train, cuda=True, bf16_supported=True, gpu_name="A100", gpu_count=1
+    )
+    assert from_pretrained_kwargs(tiny_config.model, gpu, for_training=False)["device_map"] == {"": 0}
+    assert "device_map" not in from_pretrained_kwargs(tiny_config.model, gpu, for_training=True)

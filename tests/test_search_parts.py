@@ -107,6 +107,47 @@ def test_best_trial_counts_only_completed_feasible_trials():
     assert not summary.feasible(state.trials[4], search.outcome_constraints)  # no value: not met
 
 
+def test_pareto_front_is_the_observed_non_dominated_set():
+    search = demo(
+        **{
+            "search.objectives": [
+                {"metric": "eval_loss", "minimize": True},
+                {"metric": "trainable_params", "minimize": True},
+            ],
+            "search.outcome_constraints": ["peak_rss_gb <= 2"],
+        }
+    ).search
+    state = SearchState("p", 7)
+    state.trials = [
+        # The five trials of the CI run where Ax's (winsorized) frontier listed trial 1,
+        # which trial 4 beats on both objectives.
+        record(1, "completed", 5.368, trainable_params=81920, peak_rss_gb=1),
+        record(2, "completed", 4.636, trainable_params=327680, peak_rss_gb=1),
+        record(3, "completed", 5.848, trainable_params=163840, peak_rss_gb=1),
+        record(4, "completed", 4.314, trainable_params=40960, peak_rss_gb=1),
+        record(5, "completed", 6.061, trainable_params=40960, peak_rss_gb=1),
+        record(6, "completed", 3.0, trainable_params=10, peak_rss_gb=9),  # infeasible
+        record(7, "early_stopped", 1.0, trainable_params=10, peak_rss_gb=1),  # partial training
+    ]
+    assert [t.index for t in summary.pareto_front(state, search)] == [4]
+    state.trials.append(record(8, "completed", 4.0, trainable_params=300000, peak_rss_gb=1))
+    state.trials.append(record(9, "completed", 4.314, trainable_params=40960, peak_rss_gb=1))  # a tie
+    assert [t.index for t in summary.pareto_front(state, search)] == [8, 4, 9]
+    more_is_better = demo(
+        **{
+            "search.objectives": [
+                {"metric": "eval_loss", "minimize": True},
+                {"metric": "trainable_params", "minimize": False},
+            ]
+        }
+    ).search
+    assert [t.index for t in summary.pareto_front(state, more_is_better)] == [
+        6,
+        8,
+        2,
+    ]  # 6: no constraint here
+
+
 def test_summary_metrics_and_steps_saved():
     state = SearchState("p", 4, wall_seconds=60.0)
     state.baseline = BaselineRecord("b", {}, 4.0, {"eval_loss": 4.0}, False, True)
@@ -184,8 +225,8 @@ def test_local_executor_runs_one_job_at_a_time_and_streams_evaluations(tiny_conf
     executor = LocalExecutor(quiet=True)
     heard = []
 
-    def on_eval(index, step, loss):
-        heard.append((index, step))
+    def on_eval(index, step, examples, loss):
+        heard.append((index, step, examples))
         return False
 
     assert executor.idle() == 1
@@ -193,9 +234,9 @@ def test_local_executor_runs_one_job_at_a_time_and_streams_evaluations(tiny_conf
     assert executor.idle() == 0  # one at a time: nothing else until this one is collected
     out = executor.wait_any()
     assert out.status == "completed" and out.job.index == 5 and out.result.run_id == out.run_id
-    # Each evaluation but the last (which ends the trial anyway), with the trial's Ax index, at
-    # its progression in training examples seen (step 6 x batch 4).
-    assert heard == [(5, 24)]
+    # Each evaluation but the last (which ends the trial anyway), with the trial's Ax index, its
+    # step and the training examples seen by then (step 6 x batch 4).
+    assert heard == [(5, 6, 24)]
     assert out.result.adapter_dir.is_dir() and out.result.eval_fingerprint
     tags = MlflowClient().get_run(out.run_id).data.tags
     assert tags[names.TRIAL_STATUS] == "completed"

@@ -127,12 +127,18 @@ class EarlyStoppingSpec(Section):
     percentile: float = Field(
         50.0, gt=0, lt=100, description="Stop a trial whose eval_loss is in this bottom percentile."
     )
+    progression: Literal["auto", "steps", "examples"] = Field(
+        "auto",
+        description="What trials are compared at: optimizer `steps`, or training `examples` seen "
+        "(step x batch_size x gradient_accumulation_steps). `auto`: steps when trials train "
+        "train.max_steps steps, examples when they train epochs, so every trial is compared at the "
+        "same share of its own training (docs/search.md has the measurements behind this).",
+    )
     min_progression: int | None = Field(
         None,
         gt=0,
-        description="Never stop a trial before it has seen this many training examples (progression "
-        "is examples seen: step x batch_size x gradient_accumulation_steps, so trials of different "
-        "batch sizes compare on the same data); null: a third of the config's own training.",
+        description="Never stop a trial before this progression (in the unit above); null: a third "
+        "of the config's own training.",
     )
     min_curves: int = Field(3, gt=0, description="Completed trials needed before any trial is stopped.")
 

@@ -15,7 +15,7 @@ from pipeline.search import state as store
 from pipeline.search.report import ReportContext, description, write_report
 from pipeline.search.space import Optimizer
 from pipeline.search.state import SearchState, TrialRecord
-from pipeline.search.summary import best_trial, search_metrics
+from pipeline.search.summary import best_trial, pareto_front, search_metrics
 from pipeline.timing import PhaseTimer
 
 
@@ -40,6 +40,15 @@ def finish(
     """Decide the best trial, log the summary, write best_config.yaml, register, report."""
     with timer.phase("ax"):
         analysis = optimizer.analysis()
+    if len(config.search.objectives) > 1:
+        analysis["pareto"] = [
+            {
+                "index": t.index,
+                "parameters": dict(t.parameters),
+                "metrics": {o.metric: t.metrics[o.metric] for o in config.search.objectives},
+            }
+            for t in pareto_front(state, config.search)
+        ]
     best = best_trial(state, config.search, [p["index"] for p in analysis["pareto"]])
     summary = search_metrics(state, best)
     run.log_metrics(summary, step=len(state.finished()), flush=True)

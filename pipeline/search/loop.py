@@ -25,7 +25,7 @@ from pipeline.search import baseline
 from pipeline.search import state as store
 from pipeline.search.executor import Executor, LocalExecutor, TrialJob, TrialOutcome
 from pipeline.search.finish import SearchResult, finish
-from pipeline.search.space import Optimizer
+from pipeline.search.space import Optimizer, progression, progression_unit
 from pipeline.search.state import (
     ABANDONED,
     COMPLETED,
@@ -164,8 +164,12 @@ class Search:
         )
         record.in_search_space = self.optimizer.in_search_space(record.parameters)
         if record.in_search_space:
-            progression = int(record.evals[-1][0]) * record.examples_per_step if record.evals else None
-            self.optimizer.attach_baseline(record.parameters, self._raw(record.metrics), progression)
+            last = (
+                progression(self.config, int(record.evals[-1][0]), record.examples_per_step)
+                if record.evals
+                else None
+            )
+            self.optimizer.attach_baseline(record.parameters, self._raw(record.metrics), last)
         self.state.baseline = record
         self.parent_run.set_tags({names.SEARCH_BASELINE_RUN: record.run_id})
         self.parent_run.log_metrics({names.BASELINE_EVAL_LOSS: record.eval_loss}, step=0, flush=True)
@@ -212,12 +216,14 @@ class Search:
         self.pending[index], self.started[index] = record, self.clock()
         self.executor.submit(TrialJob(index, self.trial_base, params, spec), self._on_eval)
 
-    def _on_eval(self, index: int, examples: int, loss: float) -> bool:
-        """Each evaluation of a running trial goes to Ax, at its progression in training
-        examples seen; Ax's answer: stop the trial early? A spent budget stops it too."""
+    def _on_eval(self, index: int, step: int, examples: int, loss: float) -> bool:
+        """Each evaluation of a running trial goes to Ax at its progression (steps or examples
+        seen, `search.early_stopping.progression`); Ax's answer: stop the trial early? A spent
+        budget stops it too."""
         if not math.isfinite(loss):
             return False
-        stop = self.optimizer.report_evaluation(index, examples, loss)
+        at = examples if progression_unit(self.config) == "examples" else step
+        stop = self.optimizer.report_evaluation(index, at, loss)
         if not stop and self._budget_spent():
             self.pending[index].stopped_by = "budget"
             return True

@@ -63,15 +63,15 @@ def plot_trace(state: SearchState, path: Path) -> None:
     save(fig, path)
 
 
-def plot_curves(state: SearchState, path: Path) -> None:
-    """Every trial's eval_loss curve against training examples seen (the progression early
-    stopping compares); early-stopped ones dashed, ending in a cross."""
+def plot_curves(state: SearchState, path: Path, unit: str = "steps") -> None:
+    """Every trial's eval_loss curve against the progression early stopping compares (`steps`
+    or training `examples` seen); early-stopped ones dashed, ending in a cross."""
     fig, ax = plt.subplots(figsize=(7, 4))
     cmap = plt.get_cmap("viridis")
     trials = [t for t in state.trials if t.evals]
     curves = [*trials, *([state.baseline] if state.baseline and state.baseline.evals else [])]
-    # Records from before progression was counted in examples hold steps only.
-    in_examples = all(c.examples_per_step for c in curves)
+    # Records from before examples were counted hold steps only.
+    in_examples = unit == "examples" and all(c.examples_per_step for c in curves)
 
     def xs(record) -> list[int]:
         return [s * record.examples_per_step if in_examples else s for s, _ in record.evals]

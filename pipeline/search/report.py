@@ -16,6 +16,7 @@ from typing import Any
 from pipeline import names
 from pipeline.config import PipelineConfig
 from pipeline.search import plots
+from pipeline.search.space import progression_unit
 from pipeline.search.state import COMPLETED, KILLED, SearchState, TrialRecord
 from pipeline.search.summary import (
     best_so_far,
@@ -30,6 +31,7 @@ from pipeline.search.summary import (
 )
 
 PLOTS = names.REPORT_PLOTS
+UNITS = {"steps": "optimizer steps", "examples": "training examples seen"}
 COMPARED_METRICS = (
     names.EVAL_LOSS,
     names.EVAL_PERPLEXITY,
@@ -71,7 +73,7 @@ def write_report(ctx: ReportContext, out_dir: Path) -> str:
     """Write search_report.md and the plots into out_dir; return the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plots.plot_trace(ctx.state, out_dir / PLOTS["trace"])
-    plots.plot_curves(ctx.state, out_dir / PLOTS["curves"])
+    plots.plot_curves(ctx.state, out_dir / PLOTS["curves"], progression_unit(ctx.config))
     if ctx.important:
         plots.plot_slices(ctx.config.search, ctx.state, ctx.best, ctx.important, out_dir / PLOTS["slices"])
     if ctx.multi_objective:
@@ -147,8 +149,8 @@ def _summary(ctx: ReportContext) -> list[str]:
         + " |",
         f"| **Wall time** | {s.wall_seconds / 60:.1f} min over {s.sessions} session(s) |",
         f"| **Compute time in trials** | {compute / 60:.1f} min |",
-        f"| **Early stopping** | saved {steps_saved_pct(s):.1f}% of planned training steps "
-        "(trials compared at equal training examples seen) |",
+        f"| **Early stopping** | saved {steps_saved_pct(s):.1f}% of planned training steps (trials "
+        f"compared at equal {UNITS[progression_unit(ctx.config)]}) |",
     ]
     if s.stop_reason:
         md.append(f"| **Stopped** | {s.stop_reason} |")

@@ -118,11 +118,26 @@ def build_client(search: SearchConfig, name: str = "lora-search") -> Client:
     return client
 
 
+def progression_unit(config: PipelineConfig) -> str:
+    """`steps` or `examples`: what early stopping compares trials at (see EarlyStoppingSpec).
+
+    `auto` compares every trial at the same share of its own planned training: optimizer steps
+    when trials run train.max_steps steps whatever their batch size, training examples when they
+    run epochs (then a bigger batch takes fewer steps for the same share)."""
+    unit = config.search.early_stopping.progression
+    if unit != "auto":
+        return unit
+    return "steps" if config.train.max_steps > 0 else "examples"
+
+
+def progression(config: PipelineConfig, step: int, examples_per_step: int) -> int:
+    """A trial's progression at `step`, in the search's unit."""
+    return step * examples_per_step if progression_unit(config) == "examples" else step
+
+
 def early_stopping_strategy(config: PipelineConfig) -> PercentileEarlyStoppingStrategy | None:
     """Ax's percentile rule on eval_loss, when enabled (auto: trials evaluate at least 3 times).
 
-    Progression is training examples seen (step x batch size x accumulation), so trials of
-    different batch sizes are compared on the same data; `min_progression` counts examples too.
     The config has checked that an enabled rule has `train.eval_steps` to work with."""
     es = config.search.early_stopping
     tr = config.train
@@ -134,9 +149,11 @@ def early_stopping_strategy(config: PipelineConfig) -> PercentileEarlyStoppingSt
         or names.EVAL_LOSS not in [o.metric for o in config.search.objectives]
     ):
         return None
-    # Default: the baseline config's first evaluation, or a third of its training, in examples.
+    # Default: the config's own first evaluation, or a third of its training, in the search's unit.
     base_steps = max(tr.eval_steps, tr.max_steps // 3 if tr.max_steps > 0 else tr.eval_steps)
-    min_progression = es.min_progression or base_steps * tr.batch_size * tr.gradient_accumulation_steps
+    min_progression = es.min_progression or progression(
+        config, base_steps, tr.batch_size * tr.gradient_accumulation_steps
+    )
     return PercentileEarlyStoppingStrategy(
         metric_signatures=[names.EVAL_LOSS],
         percentile_threshold=es.percentile,
@@ -284,23 +301,10 @@ class Optimizer:
     # --- analysis -------------------------------------------------------------------------
 
     def analysis(self) -> dict[str, Any]:
-        """Ax's view: sensitivity of the objective to each parameter, the Pareto frontier."""
+        """Ax's view: sensitivity of the objective to each parameter (the Pareto frontier is
+        computed from the records, see ``summary.pareto_front``)."""
         search = self.config.search
         out: dict[str, Any] = {"sensitivity": {}, "pareto": [], "notes": list(self.notes)}
-        if len(search.objectives) > 1:
-            try:
-                for params, outcome, index, _ in self.client.get_pareto_frontier(use_model_predictions=False):
-                    out["pareto"].append(
-                        {
-                            "index": index,
-                            "parameters": dict(params),
-                            "metrics": {
-                                k: float(v[0] if isinstance(v, tuple) else v) for k, v in outcome.items()
-                            },
-                        }
-                    )
-            except Exception as e:
-                out["notes"].append(f"Pareto frontier not available: {type(e).__name__}: {e}")
         try:
             from ax.analysis.plotly import SensitivityAnalysisPlot
 

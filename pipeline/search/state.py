@@ -20,7 +20,7 @@ from typing import Any
 from pipeline import names, tracking
 from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, load_config, to_dict
 from pipeline.errors import PipelineError
-from pipeline.search.space import Optimizer
+from pipeline.search.space import Optimizer, progression
 
 # Trial outcomes (the `trial.status` tag's values). `killed` trials were interrupted: they do not
 # count toward n_trials, and a resumed search runs their config again.
@@ -256,8 +256,8 @@ def _from_run(
         rec.evals = tracking.metric_history(run.run_id, names.EVAL_LOSS)
         if optimizer is not None:
             raw = {k: float(m[k]) for k in dict.fromkeys([*required, names.EVAL_LOSS]) if k in m}
-            progression = rec.steps * rec.examples_per_step
-            optimizer.complete(rec.index, raw, progression, rec.status == EARLY_STOPPED)
+            at = progression(optimizer.config, rec.steps, rec.examples_per_step)
+            optimizer.complete(rec.index, raw, at, rec.status == EARLY_STOPPED)
     else:
         rec.failure_reason = run.tags.get(names.TRIAL_FAILURE_REASON, rec.status)
         if optimizer is not None and rec.status == ABANDONED:

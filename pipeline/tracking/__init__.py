@@ -3,7 +3,7 @@
 - `store.py`: which store (URI), its experiments, `mlflow server` over it;
 - `runs.py`: writing runs: `start_run` (always ended FINISHED, FAILED with a one-line
   `pipeline.error` tag, or KILLED on Ctrl-C/SIGTERM), batched metrics (`log_batch`), artifacts;
-- `queries.py`: reading runs as `RunRecord`s, by intent (`find_reusable_baseline`,
+- `queries.py`: reading runs as `RunRecord`s, by intent (`finished_baselines`,
   `running_children`, `trials_of`, ...).
 """
 
