@@ -183,13 +183,19 @@ def test_resume_with_a_changed_search_space_is_refused(tmp_path, capsys):
     args = ["search", "--config", str(DEMO_CONFIG), "--resume", first.parent_run_id, "--quiet"]
     args += [f"--set={o}" for o in sets]
     code, _, err = run_cli(
-        [*args, "--set", "search.parameters.lora.r.values=[4,8]", "--set", "train.max_steps=24"], capsys
+        [
+            *args,
+            *("--set", "search.parameters.lora.r.values=[4,8]", "--set", "train.max_steps=24"),
+            *("--set", "search.early_stopping.progression=examples"),
+        ],
+        capsys,
     )
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, err
     assert f"error: resume: search run {first.parent_run_id} changed since it started" in errors[0]
     assert "search.parameters.lora.r.values: [4, 8, 16, 32] -> [4, 8]" in errors[0]
     assert "train.max_steps: 12 -> 24" in errors[0]
+    assert "search.early_stopping.progression: 'auto' -> 'examples'" in errors[0]
     runs = MlflowClient().search_runs([MlflowClient().get_run(first.parent_run_id).info.experiment_id])
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # nothing new, nothing left open
     # What may change: the budget, the trial count, where the store is...

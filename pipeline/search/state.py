@@ -175,6 +175,7 @@ FROZEN_ON_RESUME = (
     "search.outcome_constraints",
     "search.method",
     "search.initialization_trials",
+    "search.early_stopping.progression",  # Ax's data would mix units
 )
 FREE_ON_RESUME = ("train.output_dir",)  # scratch, not a result (see config_fingerprint)
 
