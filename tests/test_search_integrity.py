@@ -169,6 +169,7 @@ def _search_overrides(tmp_path, **extra):
     return tiny_overrides(tmp_path, **values)
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_search_space_is_refused(tmp_path, capsys):
     """The Ax state of a search belongs to its space and trial settings: a resume that changes
     them is refused with one line naming each key, before anything runs."""
@@ -487,6 +488,7 @@ def test_a_trial_runs_on_one_gpu_unless_the_config_asks_for_more(tiny_config):
     assert single.name == "T4" and single.gpus == 1
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_is_switched_on_once_on_the_4bit_path(tiny_config, monkeypatch):
     """peft's 4-bit preparation switches checkpointing on; the Trainer must not do it again."""
     from transformers import PreTrainedModel
