@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import logging
 import math
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig
 from pipeline.errors import ModelError
@@ -86,6 +89,22 @@ def plan_device(
     gpus = visible if train.multi_gpu else 1
     name = (gpu_name or "cuda") + (f" ({gpus} of {visible} visible)" if visible > 1 else "")
     return DevicePlan("cuda", name, dtype, precision, gpus)
+
+
+def use_cpu_threads(n: int) -> None:
+    """Intra-op threads of this process (a parallel worker gets its share of the cores)."""
+    torch.set_num_threads(max(1, int(n)))
+
+
+def quiet_libraries() -> None:
+    """Libraries at warning level and without progress bars, for a process whose output
+    interleaves with others' (a parallel search's workers)."""
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("ax", "botorch", "mlflow", "peft", "accelerate", "httpx", "urllib3", "pipeline"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def hardware() -> dict[str, str]:

@@ -106,6 +106,12 @@ AX_TRIAL_INDEX = "ax.trial_index"
 AX_GENERATION_METHOD = "ax.generation_method"  # Sobol | BoTorch | CenterOfSearchSpace | Manual
 TRIAL_STATUS = "trial.status"  # one of the statuses above; every run of run_trial tags its own
 TRIAL_FAILURE_REASON = "trial.failure_reason"
+# Parallel searches (search.executor: ray): which worker ran a trial. A worker loads the base model
+# once; `trial.worker_base_loads` counts its loads so far (1 on every run of a healthy worker).
+TRIAL_WORKER = "trial.worker"  # w1, w2, ... (a replaced worker keeps its slot's id)
+TRIAL_WORKER_PID = "trial.worker_pid"
+TRIAL_WORKER_HOST = "trial.worker_host"
+TRIAL_WORKER_BASE_LOADS = "trial.worker_base_loads"
 SEARCH_BASELINE_RUN = "search.baseline_run_id"
 SEARCH_BEST_RUN = "search.best_run_id"
 SEARCH_SOURCE_RUN = "search.source_run_id"  # on a retrain run: the search it retrains

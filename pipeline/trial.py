@@ -100,6 +100,7 @@ class Resources:
         self._tokenizers: dict[str, Any] = {}
         self._data: dict[str, PreparedData] = {}
         self._base: tuple[str, BaseModel] | None = None
+        self.base_loads = 0  # how often a base model was loaded (a parallel worker tags it)
 
     def tokenizer(self, config: PipelineConfig) -> Any:
         key = fingerprint(config.model.model_dump())
@@ -120,7 +121,7 @@ class Resources:
             return self._base[1], True
         self._base = None  # free the old base before loading another
         base = load_base_model(config.model, plan, config.train.gradient_checkpointing)
-        self._base = (key, base)
+        self._base, self.base_loads = (key, base), self.base_loads + 1
         return base, False
 
 

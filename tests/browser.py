@@ -43,13 +43,25 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(store_uri: str, log: Path, timeout_s: float = 120) -> Iterator[str]:
-    """`python -m pipeline ui`'s server command on a free loopback port; yields its base URL."""
+def mlflow_server(
+    store_uri: str,
+    log: Path,
+    timeout_s: float = 120,
+    *,
+    artifacts_destination: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """`python -m pipeline ui`'s server command on a free loopback port; yields its base URL.
+
+    `artifacts_destination` makes it proxy artifacts there (tests/servers.py's team server);
+    `env` is added to this process's environment for the server only."""
     port = free_port()
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", **(env or {})}
     with log.open("w") as out:
         proc = subprocess.Popen(
-            tracking.server_command(store_uri, "127.0.0.1", port),
+            tracking.server_command(
+                store_uri, "127.0.0.1", port, artifacts_destination=artifacts_destination
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

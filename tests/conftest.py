@@ -32,10 +32,27 @@ def _chromium() -> bool:
     return bool(shutil.which(browser.CHROMIUM) and shutil.which(browser.CHROMEDRIVER))
 
 
+def _distributed() -> bool:
+    import importlib.util
+
+    from . import servers
+
+    modules = ("ray", "psycopg", "moto", "boto3")
+    as_postgres = os.geteuid() != 0 or shutil.which("runuser")  # root runs PostgreSQL as `postgres`
+    return bool(
+        servers.postgres_binaries() and as_postgres and all(importlib.util.find_spec(m) for m in modules)
+    )
+
+
 # Markers whose tests need more than Python: what to check, and the one line that says what to
 # install. Without it such a test is skipped with that line, unless CI is set: there it fails.
 SYSTEM_NEEDS = {
     "browser": (_chromium, "needs Chromium and ChromeDriver: apt-get install chromium chromium-driver"),
+    "distributed": (
+        _distributed,
+        "needs PostgreSQL 15 (apt-get install postgresql) and the distributed extra "
+        "(pip install -e '.[distributed]')",
+    ),
 }
 # Markers of tests that cost a minute or more each: they run when CI is set, or when asked for
 # (`-m e2e`), not in the quick default run a newcomer starts with.
@@ -43,6 +60,7 @@ COSTLY = {
     "e2e": "end to end through `mlflow run` (a minute or more)",
     "slow": "slow (a minute or more)",
     "bench": "benchmark smoke test",
+    "distributed": "starts a cluster or a team tracking server (PostgreSQL, S3, MLflow)",
 }
 
 

@@ -74,6 +74,7 @@ STAGES = [
     {"search.report"},
     {"search.finish"},
     {"search.executor"},
+    {"search.distributed"},
     {"search.baseline"},
     {"search.loop"},
     {"search"},
@@ -85,6 +86,7 @@ RANK = {module: i for i, stage in enumerate(STAGES) for module in stage}
 ONLY_IN = {
     "mlflow": {"tracking", "registry"},
     "ax": {"search.space"},
+    "ray": {"search.distributed"},
     "torch": {"batching", "model", "metrics", "train", "serving"},
     "transformers": {"batching", "model", "metrics", "train", "serving"},
     "peft": {"batching", "model", "metrics", "train", "serving"},

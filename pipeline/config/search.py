@@ -143,6 +143,23 @@ class EarlyStoppingSpec(Section):
     min_curves: int = Field(3, gt=0, description="Completed trials needed before any trial is stopped.")
 
 
+class WorkerResources(Section):
+    """What each Ray worker (one trial at a time) asks the cluster for."""
+
+    gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs per worker. Null: 1 when the Ray cluster has GPUs, else 0. Ray pins each worker "
+        "to its own GPUs (CUDA_VISIBLE_DEVICES), so no trial sees another's.",
+    )
+    cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs per worker (its torch threads on a CPU-only cluster). Null: the cluster's CPUs "
+        "divided by search.workers, at least 1.",
+    )
+
+
 class SearchConfig(Section):
     n_trials: int = Field(10, gt=0, description="Trials to run (the baseline not counted).")
     seed: int = Field(0, description="Seed of Ax: the same seed gives the same trial sequence.")
@@ -192,6 +209,35 @@ class SearchConfig(Section):
         "experiment instead of training the baseline again.",
     )
     output_dir: str = Field("outputs/search", description="Local copy of reports and search state.")
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="Where trials run. `local`: one after another in this process. `ray`: in parallel "
+        "on Ray workers (pip install -e '.[distributed]'), a local Ray cluster or RAY_ADDRESS's; see "
+        "docs/distributed.md.",
+    )
+    workers: int | None = Field(
+        None,
+        gt=0,
+        description="ray: trials running at once, one per worker. Null: the GPUs Ray sees, else 1.",
+    )
+    worker_resources: WorkerResources = Field(default_factory=WorkerResources)
+    ray_address: str | None = Field(
+        None,
+        description="ray: the cluster to join (e.g. `ray://head:10001` or `auto`); RAY_ADDRESS wins. "
+        "Null and no RAY_ADDRESS: a local Ray cluster is started and shut down by the search.",
+    )
+
+    @model_validator(mode="after")
+    def _ray_settings_need_ray(self) -> SearchConfig:
+        if self.executor == "ray":
+            return self
+        given = [k for k in ("workers", "ray_address") if getattr(self, k) is not None]
+        given += [
+            f"worker_resources.{k}" for k, v in self.worker_resources.model_dump().items() if v is not None
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to search.executor: ray (it is {self.executor!r})")
+        return self
 
     @field_validator("parameters")
     @classmethod

@@ -8,11 +8,27 @@ One job per module, in the order data flows:
 - `plots.py`, `report.py`: the report, rendered from the records and the summary;
 - `finish.py`: the end of a search: best trial, summary metrics, best_config.yaml, registry;
 - `executor.py`: where trials run (`LocalExecutor`: one at a time, in this process);
+- `distributed.py`: `RayExecutor`: trials in parallel on Ray workers, Ax stays in the driver;
 - `baseline.py`: the baseline, reused or trained;
 - `loop.py`: the search itself: ask Ax, hand trials to the executor, feed results back.
 """
 
-from pipeline.search.finish import SearchResult
-from pipeline.search.loop import Search, SearchAborted, run_search, search_config
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["Search", "SearchAborted", "SearchResult", "run_search", "search_config"]
+
+
+def __getattr__(name: str) -> Any:
+    """The package's names, imported on first use: a parallel search's workers import
+    `search.executor` and `search.distributed` only, never Ax."""
+    if name == "SearchResult":
+        from pipeline.search.finish import SearchResult
+
+        return SearchResult
+    if name in __all__:
+        from pipeline.search import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -57,6 +57,8 @@ class TrialOutcome:
 class Executor(Protocol):
     """What the search loop needs from wherever trials run."""
 
+    devices_per_trial: int  # what search.budget_gpu_hours counts per trial-second
+
     def idle(self) -> int:
         """How many more jobs it takes now."""
 
@@ -115,6 +117,9 @@ def _check_trains_what_was_asked(config: PipelineConfig, parameters: dict[str, A
 
 class LocalExecutor:
     """One trial at a time, in this process, all sharing one `Resources`."""
+
+    # A trial runs on one device: the first visible GPU (train.multi_gpu is off), or the CPU.
+    devices_per_trial = 1
 
     def __init__(self, quiet: bool = False, resources: Resources | None = None) -> None:
         self.resources = resources or Resources()

@@ -39,9 +39,6 @@ from pipeline.search.summary import best_trial, duration, trial_name
 from pipeline.timing import PhaseTimer
 from pipeline.trial import Resources, RunSpec, discard_local_adapter
 
-# A trial runs on one device: the first visible GPU (train.multi_gpu is off), or the CPU.
-DEVICES_PER_TRIAL = 1
-
 
 def search_config(
     config_path: str | Path,
@@ -76,8 +73,13 @@ def run_search(
     config: PipelineConfig, resume: str | None = None, quiet: bool = False, executor: Executor | None = None
 ) -> SearchResult:
     """Search with a validated config (the CLI builds it): a new search, or `resume` the search
-    run of that id. Trials run one at a time in this process unless another executor is given."""
+    run of that id. Trials run one at a time in this process, or in parallel on Ray workers
+    (`search.executor: ray`), unless another executor is given."""
     resources = Resources()  # shared by the baseline check and the local executor's trials
+    if executor is None and config.search.executor == "ray":
+        from pipeline.search.distributed import RayExecutor  # Ray is an optional extra
+
+        executor = RayExecutor(config, tracking.resolve_tracking_uri(config.tracking))
     return Search(config, executor or LocalExecutor(quiet, resources), resources).run(resume)
 
 
@@ -133,6 +135,7 @@ class Search:
                 self._loop(t_session)
             except (KeyboardInterrupt, SearchAborted) as e:
                 state.stop_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+                self._kill_pending()
                 state.wall_seconds += self.clock() - t_session
                 self._save()
                 raise
@@ -185,8 +188,7 @@ class Search:
                 state.stop_reason = spent
                 self._echo(f"stopping: {state.stop_reason}")
                 return
-            while self.executor.idle() > 0 and len(state.finished()) + len(self.pending) < state.n_trials:
-                self._submit_next()
+            self._fill()
             with self.timer.phase("trials"):
                 outcome = self.executor.wait_any()
             record = self.pending.pop(outcome.job.index)
@@ -197,20 +199,31 @@ class Search:
             if self.optimizer.broken:
                 raise SearchAborted(f"search stopped: {self.optimizer.broken}")
 
-    def _submit_next(self) -> None:
-        """Ask Ax (or rerun an interrupted trial's config first), record the trial, start it."""
+    def _fill(self) -> None:
+        """Give every idle worker a trial: interrupted trials' configs first, then one batch from
+        Ax for the rest (locally: one trial at a time, as always)."""
         state = self.state
+        want = min(self.executor.idle(), state.n_trials - len(state.finished()) - len(self.pending))
+        if want <= 0:
+            return
         running = [t.parameters for t in self.pending.values()]
-        retry = next((p for p in state.retry if p not in running), None)
+        retries = [p for p in state.retry if p not in running][:want]
         with self.timer.phase("ax"):
-            if retry is not None:
-                index, params, method = self.optimizer.retry(retry), dict(retry), "retry"
-            else:
-                index, params, method = self.optimizer.ask()
+            batch = [(self.optimizer.retry(p), dict(p), "retry") for p in retries]
+            if want > len(batch):
+                batch += self.optimizer.ask_batch(want - len(batch))
+        if not batch and not self.pending:
+            raise SearchAborted("search stopped: Ax proposed no trial (no configuration left to try)")
+        for index, params, method in batch:
+            self._submit(index, params, method)
+
+    def _submit(self, index: int, params: dict[str, Any], method: str) -> None:
+        """Record the trial (its config survives a crash from here on), then start it."""
+        state = self.state
         record = TrialRecord(index=index, parameters=params, generation_method=method)
         record.run_name = trial_name(len(state.finished()) + len(self.pending) + 1, params, method)
         state.trials.append(record)
-        self._save()  # the trial's config survives a crash from here on
+        self._save()
         tags = {names.AX_TRIAL_INDEX: index, names.AX_GENERATION_METHOD: method}
         spec = RunSpec(names.ROLE_TRIAL, record.run_name, self.parent_run.run_id, tags)
         self.pending[index], self.started[index] = record, self.clock()
@@ -236,7 +249,7 @@ class Search:
         if search.budget_minutes and elapsed >= search.budget_minutes * 60:
             return f"wall-clock budget of {search.budget_minutes:g} minutes spent"
         if search.budget_gpu_hours:
-            running = sum(now - self.started[i] for i in self.pending) * DEVICES_PER_TRIAL
+            running = sum(now - self.started[i] for i in self.pending) * self.executor.devices_per_trial
             used = (sum(t.device_seconds for t in self.state.trials) + running) / 3600
             if used >= search.budget_gpu_hours:
                 return f"device budget of {search.budget_gpu_hours:g} device-hours spent ({used:.3g} used)"
@@ -246,7 +259,7 @@ class Search:
         """Feed a finished trial back to Ax and into its record (its run tagged itself)."""
         state, index = self.state, record.index
         record.wall_seconds = outcome.wall_seconds
-        record.device_seconds = (self.clock() - self.started.pop(index)) * DEVICES_PER_TRIAL
+        record.device_seconds = (self.clock() - self.started.pop(index)) * self.executor.devices_per_trial
         record.run_id = outcome.run_id or record.run_id
         if outcome.status == KILLED:
             record.status, record.failure_reason = KILLED, "interrupted"
@@ -307,6 +320,16 @@ class Search:
             f"[{n}/{state.n_trials}] {record.run_name} | eval_loss {loss} {record.status} | {best_text} | "
             f"{duration(elapsed)} elapsed, ETA {duration(eta)}{failure}"
         )
+
+    def _kill_pending(self) -> None:
+        """Trials still running when the search stops (in parallel, the others' workers are
+        stopped with it): killed, and their configs run first when the search resumes."""
+        for index, record in self.pending.items():
+            record.status, record.failure_reason = KILLED, "interrupted"
+            self.optimizer.fail(index, "interrupted")
+            if record.parameters not in self.state.retry:
+                self.state.retry.insert(0, record.parameters)
+        self.pending.clear()
 
     def _check_failure_rate(self) -> None:
         done = self.state.finished()

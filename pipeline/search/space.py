@@ -196,18 +196,33 @@ class Optimizer:
     # --- trials ---------------------------------------------------------------------------
 
     def ask(self) -> tuple[int, dict[str, Any], str]:
-        """The next trial Ax proposes: (index, parameters, generation method).
+        """The next trial Ax proposes: (index, parameters, generation method)."""
+        proposed = self.ask_batch(1)
+        if not proposed:
+            raise SearchAborted("Ax proposed no trial: the search space has no configuration left to try")
+        return proposed[0]
+
+    def ask_batch(self, n: int) -> list[tuple[int, dict[str, Any], str]]:
+        """Up to `n` trials from one `get_next_trials(max_trials=n)` (for `n` idle workers: with
+        BoTorch, a joint batch that knows of the pending trials); fewer when Ax has no more now.
 
         A proposal whose parameters were measured already (Ax deduplicates against every arm but
         those of failed trials) is abandoned and Ax asked again: a second trial of one arm would
         make Ax's early stopping give up for the rest of the search."""
+        out: list[tuple[int, dict[str, Any], str]] = []
         for _ in range(MAX_DUPLICATE_PROPOSALS):
-            ((index, params),) = self.client.get_next_trials(max_trials=1).items()
-            twin = self._measured_twin(index)
-            if twin is None:
-                return index, dict(params), self.generation_method(index)
-            self.note(f"Ax proposed trial {twin}'s parameters again as trial {index}; not run")
-            self.client.mark_trial_abandoned(index)
+            proposed = self.client.get_next_trials(max_trials=n - len(out))
+            for index, params in proposed.items():
+                twin = self._measured_twin(index)
+                if twin is None:
+                    out.append((index, dict(params), self.generation_method(index)))
+                    continue
+                self.note(f"Ax proposed trial {twin}'s parameters again as trial {index}; not run")
+                self.client.mark_trial_abandoned(index)
+            if len(out) == n or not proposed:
+                return out
+        if out:
+            return out
         raise SearchAborted(
             f"Ax proposed already-measured parameters {MAX_DUPLICATE_PROPOSALS} times in a row: the "
             "space is exhausted or the search converged; widen search.parameters or stop here"

@@ -22,7 +22,7 @@ from pipeline.tracking.queries import (
     running_children,
     trials_of,
 )
-from pipeline.tracking.runs import TrackedRun, end_killed, mark_failed, start_run, tag_run
+from pipeline.tracking.runs import TrackedRun, end_failed, end_killed, mark_failed, start_run, tag_run
 from pipeline.tracking.store import (
     DEFAULT_TRACKING_URI,
     current_experiment_id,
@@ -42,6 +42,7 @@ __all__ = [
     "current_experiment_id",
     "download_artifacts",
     "download_run_file",
+    "end_failed",
     "end_killed",
     "finished_baselines",
     "get_run",

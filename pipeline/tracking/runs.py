@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import names
 from pipeline.config import TrackingConfig
 from pipeline.errors import one_line
-from pipeline.tracking.store import setup
+from pipeline.tracking.store import setup, use_store
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 BATCH = 100  # params per log_batch call (MLflow's limit)
@@ -93,7 +93,10 @@ def start_run(
     `resume_run_id`, that earlier run is reopened (a resumed search); a run that `mlflow run`
     created for this invocation is then tagged with where the work went.
     """
-    setup(cfg)
+    # A child run names its experiment (the parent's) itself: choosing one here would call
+    # set_experiment in every worker of a parallel search, and concurrent set_experiment calls on
+    # a new name put runs into `Default` (reproduced with mlflow 3.17).
+    use_store(cfg) if parent_run_id else setup(cfg)
     if resume_run_id:
         outer = os.environ.pop("MLFLOW_RUN_ID", None)
         if outer and outer != resume_run_id:
@@ -153,6 +156,15 @@ def mark_failed(run_id: str, message: str, tracking_uri: str | None = None) -> N
 
 def tag_run(run_id: str, tags: Mapping[str, Any]) -> None:
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+
+
+def end_failed(run_id: str, reason: str) -> None:
+    """End a run left RUNNING by a worker that died mid-trial: tagged failed, status FAILED."""
+    reason = one_line(reason)
+    tag_run(
+        run_id, {names.TRIAL_STATUS: names.FAILED, names.TRIAL_FAILURE_REASON: reason, names.ERROR: reason}
+    )
+    MlflowClient().set_terminated(run_id, "FAILED")
 
 
 def end_killed(run_id: str, reason: str) -> None:

@@ -20,14 +20,23 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or DEFAULT_TRACKING_URI
 
 
-def server_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+def server_command(
+    uri: str, host: str = "127.0.0.1", port: int = 5000, artifacts_destination: str | None = None
+) -> list[str]:
     """`mlflow server` over the store at `uri`, bound to `host` (loopback by default).
 
-    The server reads the pipeline's runs' own artifact folders; `--default-artifact-root` is only
-    for experiments the server creates, so it points at the `./mlruns` the pipeline uses."""
+    Without `artifacts_destination` (one user's sqlite or file store): the server reads the
+    pipeline's runs' own artifact folders; `--default-artifact-root` is only for experiments the
+    server creates, so it points at the `./mlruns` the pipeline uses.
+
+    With it (a team's server, e.g. PostgreSQL + `s3://bucket/path`): the server proxies artifacts
+    to that destination, so clients log and read them through the server (`mlflow-artifacts:/`
+    URIs) and need no storage credentials of their own; only the server does."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     cmd += ["--host", host, "--port", str(port)]
-    if uri.startswith("sqlite:") or "://" not in uri:
+    if artifacts_destination:
+        cmd += ["--artifacts-destination", artifacts_destination, "--serve-artifacts"]
+    elif uri.startswith("sqlite:") or "://" not in uri:
         cmd += ["--default-artifact-root", Path("mlruns").resolve().as_uri(), "--no-serve-artifacts"]
     return cmd
 

@@ -1,0 +1,331 @@
+"""Trials in parallel on Ray core (`search.executor: ray`), behind the same seam as the local executor.
+
+The driver (the search's own process) stays the one owner of the Ax client, the parent run and
+the records. Each worker is a Ray actor with its own `Resources` (the base model is loaded once
+per worker) that runs trial after trial through `run_job`, the local executor's code. While a
+trial trains, each evaluation goes to the driver through the `_Reports` actor and the worker waits
+for the answer (stop early?), so Ax's early stopping sees every curve as it is drawn, exactly as
+in a local search. Ray Tune is not the route: its Ax searcher wraps Ax's deprecated `AxClient`
+(broken with ax-platform 1.3) and reports final results only.
+
+MLflow from many processes, each trap reproduced with mlflow 3.17:
+
+- the driver makes the experiment, the parent run and so the store's schema before any worker
+  starts (four processes migrating a fresh sqlite file at once failed three times in four);
+- workers get the store's absolute URI and create child runs naming their parent and its
+  experiment; they never call `set_experiment` (concurrent calls on a new name put runs into
+  `Default`);
+- `MLFLOW_RUN_ID` (set by `mlflow run`) is removed in the workers: there it makes `start_run`
+  resume the parent instead of creating a child;
+- a sqlite or file store is refused on a cluster of more than one node: use a tracking server.
+
+A worker that dies (killed, segfault, node lost) fails its trial: its run is ended FAILED here
+and the slot gets a new worker. Ctrl-C stops every worker; their runs end KILLED and a resumed
+search runs their configs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import pickle
+import socket
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline import names, tracking
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError, one_line
+from pipeline.interrupt import STOP_REQUESTED
+from pipeline.model import quiet_libraries, use_cpu_threads
+from pipeline.search.executor import EvalReport, TrialJob, TrialOutcome, run_job
+from pipeline.trial import Resources
+
+INSTALL = "search.executor: ray needs Ray: pip install -e '.[distributed]'"
+# What a worker must not inherit from the driver's environment (see the module docstring).
+DRIVER_ONLY_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+POLL_S = 1.0  # how often the driver looks up from waiting (Ctrl-C, a spent budget)
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError(INSTALL) from None
+    return ray
+
+
+def is_local_store(uri: str) -> bool:
+    """A store only processes of one machine can share: a sqlite file or a file path."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def absolute_store_uri(uri: str) -> str:
+    """The store's URI as a worker in another directory must see it (sqlite and file paths made
+    absolute; a server's URI as it is)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+class _Reports:
+    """Evaluations of running trials, on their way to the driver, and its answers back.
+
+    An async actor: `ask` (a worker, blocking on the answer) and `take` (the driver, blocking
+    until there is something to answer) wait without holding the actor."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.answers: dict[Any, asyncio.Future] = {}
+
+    async def ask(self, key: Any, index: int, step: int, examples: int, loss: float) -> bool:
+        answer = asyncio.get_running_loop().create_future()
+        self.answers[key] = answer
+        await self.queue.put((key, index, step, examples, loss))
+        return await answer
+
+    async def take(self) -> list[tuple[Any, int, int, int, float]]:
+        items = [await self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        return items
+
+    async def answer(self, key: Any, stop: bool) -> None:
+        answer = self.answers.pop(key, None)
+        if answer is not None and not answer.done():
+            answer.set_result(stop)
+
+
+class _Worker:
+    """One Ray actor: trial after trial, sharing its tokenizer, data and base model."""
+
+    def __init__(self, worker_id: str, env: dict[str, str], cwd: str, threads: int) -> None:
+        for key in DRIVER_ONLY_ENV:
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        if os.path.isdir(cwd):  # relative paths in the config mean what they mean to the driver
+            os.chdir(cwd)
+        use_cpu_threads(threads)
+        quiet_libraries()  # several workers share one console
+        self.worker_id = worker_id
+        self.resources = Resources()
+
+    def where(self) -> tuple[int, str]:
+        return os.getpid(), socket.gethostname()
+
+    def run(self, job: TrialJob, reports: Any, flight: int, streams: bool) -> TrialOutcome:
+        ray, asked = _ray(), itertools.count()
+
+        def on_eval(index: int, step: int, examples: int, loss: float) -> bool:
+            key = (flight, next(asked))
+            return bool(ray.get(reports.ask.remote(key, index, step, examples, loss)))
+
+        me = {
+            names.TRIAL_WORKER: self.worker_id,
+            names.TRIAL_WORKER_PID: os.getpid(),
+            names.TRIAL_WORKER_HOST: socket.gethostname(),
+        }
+        job = replace(job, spec=replace(job.spec, tags={**job.spec.tags, **me}))
+        outcome = run_job(job, self.resources, on_eval if streams else None, quiet=True)
+        if outcome.run_id:
+            with contextlib.suppress(Exception):  # a tag must not cost the trial
+                tracking.tag_run(outcome.run_id, {names.TRIAL_WORKER_BASE_LOADS: self.resources.base_loads})
+        return _portable(outcome)
+
+
+def _portable(outcome: TrialOutcome) -> TrialOutcome:
+    """The outcome with an error that survives the trip to the driver (pickled by Ray)."""
+    if outcome.error is None:
+        return outcome
+    try:
+        pickle.loads(pickle.dumps(outcome.error))
+        return outcome
+    except Exception:
+        return replace(outcome, error=PipelineError(outcome.reason or type(outcome.error).__name__))
+
+
+@dataclass
+class _Flight:
+    """A job on a worker."""
+
+    flight: int
+    slot: int
+    job: TrialJob
+    on_eval: EvalReport | None
+    started: float
+
+
+class RayExecutor:
+    """`search.workers` trials at once on Ray workers; the driver keeps Ax and the records."""
+
+    def __init__(self, config: PipelineConfig, tracking_uri: str, echo: Any = print) -> None:
+        ray, search = _ray(), config.search
+        self.ray = ray
+        self.running: dict[Any, _Flight] = {}  # Ray object ref -> the job it will return
+        self.slots: list[Any] = []  # actor handles, started on first use
+        self.reports: Any = None
+        address = os.environ.get("RAY_ADDRESS") or search.ray_address
+        self.started_cluster = not ray.is_initialized() and not address
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address or None, include_dashboard=False, logging_level="WARNING")
+            except Exception as e:
+                raise PipelineError(
+                    f"search.ray_address: cannot join the Ray cluster at {address}: {one_line(e, 200)}"
+                ) from None
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        uri = absolute_store_uri(tracking_uri)
+        if len(nodes) > 1 and is_local_store(uri):
+            self.close()
+            raise PipelineError(
+                f"tracking.tracking_uri: {tracking_uri} is a local store and the Ray cluster has "
+                f"{len(nodes)} nodes; run a tracking server (docs/distributed.md) and point "
+                "MLFLOW_TRACKING_URI (or tracking.tracking_uri) at it"
+            )
+        self.workers, self.gpus, self.cpus = _plan(search, ray.cluster_resources(), self.close)
+        # search.budget_gpu_hours counts a trial's time on each GPU it holds (a CPU trial: one device).
+        self.devices_per_trial = max(1, math.ceil(self.gpus))
+        self.env = {"MLFLOW_TRACKING_URI": uri}
+        self.env.update({k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_"))})
+        self.reports = ray.remote(num_cpus=0)(_Reports).remote()
+        self.slots = [None] * self.workers
+        self.warm = False  # workers start with the first job: after the parent run made the schema
+        self.free = list(range(self.workers))
+        self.flights = itertools.count()
+        self.listeners: dict[int, EvalReport | None] = {}
+        self._take: Any = None
+        echo(
+            f"ray: {self.workers} workers x ({self.gpus:g} GPU, {self.cpus:g} CPU) on {len(nodes)} node(s)"
+            + (" (local cluster)" if self.started_cluster else f" at {address}")
+        )
+
+    # --- the Executor protocol ---------------------------------------------------------------
+
+    def idle(self) -> int:
+        return len(self.free)
+
+    def submit(self, job: TrialJob, on_eval: EvalReport | None) -> None:
+        if not self.warm:  # start every worker now: their imports overlap the baseline's training
+            self.slots = [self._start_worker(i) for i in range(self.workers)]
+            self.warm = True
+        slot = self.free.pop(0)
+        if self.slots[slot] is None:
+            self.slots[slot] = self._start_worker(slot)
+        flight = next(self.flights)
+        self.listeners[flight] = on_eval
+        ref = self.slots[slot].run.remote(job, self.reports, flight, on_eval is not None)
+        self.running[ref] = _Flight(flight, slot, job, on_eval, time.perf_counter())
+
+    def wait_any(self) -> TrialOutcome:
+        """The next job to end; meanwhile answer the workers' evaluations (the driver's thread is
+        the one that talks to Ax)."""
+        ray = self.ray
+        while True:
+            if STOP_REQUESTED.is_set():
+                raise KeyboardInterrupt("stop requested")
+            if self._take is None:
+                self._take = self.reports.take.remote()
+            ready, _ = ray.wait([*self.running, self._take], num_returns=1, timeout=POLL_S)
+            if not ready:
+                continue
+            if ready[0] == self._take:
+                self._take = None
+                self._answer(ray.get(ready[0]))
+                continue
+            flight = self.running.pop(ready[0])
+            self.free.append(flight.slot)
+            self.listeners.pop(flight.flight, None)
+            return self._outcome(ready[0], flight)
+
+    def close(self) -> None:
+        """Stop the workers; runs of trials still in flight end KILLED; a local cluster goes."""
+        ray = self.ray
+        for flight in self.running.values():
+            ray.kill(self.slots[flight.slot])
+            self.slots[flight.slot] = None
+            self._end_runs(flight, names.KILLED, "interrupted: the search stopped")
+        self.running.clear()
+        for actor in self.slots:
+            if actor is not None:
+                ray.kill(actor)
+        self.slots = [None] * len(self.slots)
+        if self.reports is not None:
+            ray.kill(self.reports)
+            self.reports = None
+        if self.started_cluster and ray.is_initialized():
+            ray.shutdown()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _start_worker(self, slot: int) -> Any:
+        options: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_restarts": 0}
+        actor = self.ray.remote(**options)(_Worker)
+        threads = max(1, int(self.cpus))
+        return actor.remote(f"w{slot + 1}", self.env, os.getcwd(), threads)
+
+    def _answer(self, items: list[tuple[Any, int, int, int, float]]) -> None:
+        for key, index, step, examples, loss in items:
+            on_eval = self.listeners.get(key[0])
+            stop = bool(on_eval(index, step, examples, loss)) if on_eval is not None else False
+            self.reports.answer.remote(key, stop)
+
+    def _outcome(self, ref: Any, flight: _Flight) -> TrialOutcome:
+        ray = self.ray
+        try:
+            outcome = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            # The worker process died mid-trial: nobody else will end its run.
+            self.slots[flight.slot] = None  # the next job in this slot starts a new worker
+            cause = one_line(str(e).splitlines()[0] if str(e) else type(e).__name__, 200)
+            reason = f"worker w{flight.slot + 1} died mid-trial ({type(e).__name__}: {cause})"
+            run_id = self._end_runs(flight, names.FAILED, reason)
+            return TrialOutcome(
+                flight.job,
+                names.FAILED,
+                run_id=run_id,
+                reason=reason,
+                error=PipelineError(reason),
+                wall_seconds=time.perf_counter() - flight.started,
+            )
+        if outcome.status == names.KILLED:  # the worker, not the search, was interrupted
+            reason = f"worker w{flight.slot + 1} was interrupted (SIGINT/SIGTERM)"
+            return replace(outcome, status=names.FAILED, reason=reason, error=PipelineError(reason))
+        return outcome
+
+    def _end_runs(self, flight: _Flight, status: str, reason: str) -> str | None:
+        """End the run a lost worker left RUNNING (there is at most one per worker)."""
+        parent = flight.job.spec.parent_run_id
+        worker = f"w{flight.slot + 1}"
+        left = [r for r in tracking.running_children(parent) if r.tags.get(names.TRIAL_WORKER) == worker]
+        for run in left:
+            (tracking.end_failed if status == names.FAILED else tracking.end_killed)(run.run_id, reason)
+        return left[0].run_id if left else None
+
+
+def _plan(search: Any, cluster: dict[str, float], close: Any) -> tuple[int, float, float]:
+    """(workers, GPUs per worker, CPUs per worker) from the config and what the cluster has;
+    PipelineError when the cluster cannot hold them all at once."""
+    gpus_total, cpus_total = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
+    workers = search.workers or (int(gpus_total) if gpus_total >= 1 else 1)
+    res = search.worker_resources
+    gpus = res.gpus if res.gpus is not None else (1.0 if gpus_total >= 1 else 0.0)
+    cpus = res.cpus if res.cpus is not None else max(1.0, math.floor(cpus_total / workers))
+    short = []
+    if workers * gpus > gpus_total:
+        short.append(f"{workers * gpus:g} GPUs (the cluster has {gpus_total:g})")
+    if workers * cpus > cpus_total:
+        short.append(f"{workers * cpus:g} CPUs (the cluster has {cpus_total:g})")
+    if short:
+        close()
+        raise PipelineError(
+            f"search.workers: {workers} workers x ({gpus:g} GPU, {cpus:g} CPU) need {' and '.join(short)}; "
+            "lower search.workers or search.worker_resources"
+        )
+    return workers, gpus, cpus
