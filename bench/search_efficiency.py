@@ -10,6 +10,7 @@ seeds (a seed that never gets there counts as its budget + 1), and the median be
 
     python bench/search_efficiency.py                      # 20 seeds; Ax up to 60 trials, others 400
     python bench/search_efficiency.py --seeds 2 --budget 6 --budget-cheap 6   # CI smoke size
+    python bench/search_efficiency.py --pending 1,4        # batch BO: 4 trials in flight vs 1
 
 - ax: `pipeline.search.build_client` on the config's search section (center + Sobol
   initialization, then BoTorch), the baseline attached as the status-quo arm.
@@ -84,6 +85,31 @@ def run_ax(table: Table, config, baseline: Params, seed: int, budget: int, targe
         for index, params in client.get_next_trials(max_trials=1).items():
             losses.append(table(params))
             client.complete_trial(index, raw_data={"eval_loss": losses[-1]})
+    return losses
+
+
+def run_ax_pending(
+    table: Table, config, baseline: Params, seed: int, budget: int, target: float, pending: int
+) -> list[float]:
+    """An Ax search with `pending` trials in flight, as `search.workers` parallel workers keep
+    it: one `get_next_trials(max_trials=idle)` whenever workers are idle, trials finishing in the
+    order they started (equal durations). Losses in order of completion; pending=1 is `run_ax`."""
+    from collections import deque
+
+    from pipeline.search.space import build_client
+
+    search = config.search.model_copy(update={"seed": seed})
+    client = build_client(search, name=f"replay-p{pending}-{seed}")
+    index = client.attach_baseline(parameters=baseline)
+    losses = [table(baseline)]
+    client.complete_trial(index, raw_data={"eval_loss": losses[0]})
+    running: deque = deque()
+    while len(losses) < budget and min(losses) > target:
+        if len(running) < pending:
+            running.extend(client.get_next_trials(max_trials=pending - len(running)).items())
+        index, params = running.popleft()
+        losses.append(table(params))
+        client.complete_trial(index, raw_data={"eval_loss": losses[-1]})
     return losses
 
 
@@ -209,6 +235,13 @@ def main() -> None:
     )
     ap.add_argument("--within", type=float, default=0.01, help="Target: best * (1 + within).")
     ap.add_argument("--methods", default="ax,random,tpe")
+    ap.add_argument(
+        "--pending",
+        default=None,
+        metavar="N1,N2,..",
+        help="Instead: Ax with this many trials in flight (parallel workers), e.g. 1,4; prints the "
+        "median trials to target of each and the ratio to the first.",
+    )
     ap.add_argument("--plot", default=str(ROOT / "bench" / "results" / "search_efficiency.png"))
     ap.add_argument(
         "--early-stopping",
@@ -243,13 +276,21 @@ def main() -> None:
     if args.early_stopping:
         early_stopping_study(table, config, baseline, args)
         return
+    methods = dict(METHODS)
+    if args.pending:
+        pendings = [int(n) for n in args.pending.split(",")]
+        for n in pendings:
+            methods[f"ax-p{n}"] = lambda t, c, b, s, budget, target, n=n: run_ax_pending(
+                t, c, b, s, budget, target, n
+            )
+        args.methods, args.plot = ",".join(f"ax-p{n}" for n in pendings), None
     results: dict[str, dict] = {}
     for method in args.methods.split(","):
         t0 = time.monotonic()
         counts, curves = [], []
-        budget = args.budget if method == "ax" else max(args.budget, args.budget_cheap)
+        budget = args.budget if method.startswith("ax") else max(args.budget, args.budget_cheap)
         for seed in range(args.seeds):
-            losses = METHODS[method](table, config, baseline, seed, budget, target)
+            losses = methods[method](table, config, baseline, seed, budget, target)
             counts.append(trials_to_target(losses, target, budget))
             curves.append(best_so_far(losses, budget)[: args.budget])
         results[method] = {"counts": counts, "curves": curves}
@@ -262,6 +303,13 @@ def main() -> None:
     if args.plot:
         plot(results, table.best, target, Path(args.plot))
         print(f"plot: {args.plot}")
+    if args.pending and len(results) > 1:
+        first, *rest = results
+        for name in rest:
+            ratio = statistics.median(results[name]["counts"]) / statistics.median(results[first]["counts"])
+            print(
+                f"{name} / {first} median trials to within {args.within:.0%} of the grid's best: {ratio:.2f}"
+            )
     if "ax" in results and "random" in results:
         ratio = statistics.median(results["ax"]["counts"]) / statistics.median(results["random"]["counts"])
         print(f"ax / random median trials to within {args.within:.0%} of the grid's best: {ratio:.2f}")

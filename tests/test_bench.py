@@ -123,3 +123,29 @@ def test_search_efficiency_replay_smoke(tmp_path):
     assert lines[-1].startswith("early stopping: ")
     units = [line.split(",")[0] for line in lines if line.startswith("progression in ")]
     assert units == ["progression in examples", "progression in steps"]
+
+
+@pytest.mark.distributed
+def test_parallel_benchmark_smoke(tmp_path):
+    """bench/parallel.py: the same search sequential and on 2 Ray workers, paired by seed."""
+    small = "train.max_steps=8 train.eval_steps=4 data.max_train_examples=64 data.max_eval_examples=16"
+    lines = _bench(
+        ["bench/parallel.py", "--trials", "2", "--seeds", "1", "--set", f"{small} eval.generation_samples=2"],
+        tmp_path,
+    )
+    assert lines[1].startswith("seed 0: ray ") and " local " in lines[1] and "speed-up" in lines[1]
+    assert lines[-1].startswith("parallel: speed-up median ") and "best eval_loss median local" in lines[-1]
+
+
+def test_ax_owner_benchmark_smoke(tmp_path):
+    lines = _bench(["bench/ax_owner.py", "--pending", "1,2", "--warm", "6", "--repeats", "1"], tmp_path)
+    rows = [line for line in lines if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2
+    assert all(float(cell) > 0 for row in rows for cell in row.strip("|").split("|")[1:6])
+
+
+def test_batch_replay_smoke(tmp_path):
+    lines = _bench(
+        ["bench/search_efficiency.py", "--pending", "1,2", "--seeds", "1", "--budget", "6"], tmp_path
+    )
+    assert lines[-1].startswith("ax-p2 / ax-p1 median trials to within 1% of the grid's best: ")

@@ -7,6 +7,7 @@ The unit tests at the top need no cluster. The `distributed` tests start a local
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -64,6 +65,14 @@ def test_store_uris_as_workers_see_them(tmp_path, monkeypatch):
     assert distributed.is_local_store("sqlite:///mlflow.db") and distributed.is_local_store("mlruns")
     assert not distributed.is_local_store("postgresql+psycopg://u@db/mlflow")
     assert not distributed.is_local_store("https://mlflow.example.com")
+
+
+def test_the_mailbox_actor_imports_nothing_heavy():
+    """The driver's mailbox starts as a Ray actor in a moment: importing it loads no torch,
+    transformers, mlflow or ax (a worker imports those once, the mailbox never)."""
+    code = "import sys, pipeline.search.mailbox; print(sorted({'torch', 'transformers', 'mlflow', 'ax'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 class _FakeRay(types.SimpleNamespace):
@@ -338,6 +347,31 @@ def test_a_killed_driver_resumes_without_losing_a_trial(tmp_path, team):
     assert interrupted and len(retried) == len(interrupted)  # each in-flight trial ran again, once
     assert {r.data.params["lora.r"] for r in interrupted} == {r.data.params["lora.r"] for r in retried}
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.distributed
+def test_ctrl_c_stops_every_worker_and_ends_their_runs_killed(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group (the driver and Ray's processes)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = _search_command(tmp_path, 4, "--set", "train.max_steps=80 search.early_stopping.enabled=false")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(tmp_path, uri), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        _watch(client, lambda runs: len([r for r in _trials(runs) if r.info.status == "RUNNING"]) == 2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted: state saved; continue with --resume" in err
+    runs = _runs(client)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    killed = [r for r in _trials(runs) if r.info.status == "KILLED"]
+    assert len(killed) == 2, [(r.info.run_name, r.info.status) for r in _trials(runs)]
+    assert _parent(runs).info.status == "KILLED"
 
 
 @pytest.mark.distributed

@@ -74,6 +74,7 @@ STAGES = [
     {"search.report"},
     {"search.finish"},
     {"search.executor"},
+    {"search.mailbox"},
     {"search.distributed"},
     {"search.baseline"},
     {"search.loop"},

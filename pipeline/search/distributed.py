@@ -3,7 +3,7 @@
 The driver (the search's own process) stays the one owner of the Ax client, the parent run and
 the records. Each worker is a Ray actor with its own `Resources` (the base model is loaded once
 per worker) that runs trial after trial through `run_job`, the local executor's code. While a
-trial trains, each evaluation goes to the driver through the `_Reports` actor and the worker waits
+trial trains, each evaluation goes to the driver through the `Reports` actor (`mailbox.py`) and the worker waits
 for the answer (stop early?), so Ax's early stopping sees every curve as it is drawn, exactly as
 in a local search. Ray Tune is not the route: its Ax searcher wraps Ax's deprecated `AxClient`
 (broken with ax-platform 1.3) and reports final results only.
@@ -26,7 +26,6 @@ search runs their configs again.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import math
@@ -44,6 +43,7 @@ from pipeline.errors import PipelineError, one_line
 from pipeline.interrupt import STOP_REQUESTED
 from pipeline.model import quiet_libraries, use_cpu_threads
 from pipeline.search.executor import EvalReport, TrialJob, TrialOutcome, run_job
+from pipeline.search.mailbox import Reports
 from pipeline.trial import Resources
 
 INSTALL = "search.executor: ray needs Ray: pip install -e '.[distributed]'"
@@ -73,34 +73,6 @@ def absolute_store_uri(uri: str) -> str:
     if "://" not in uri:
         return str(Path(uri).resolve())
     return uri
-
-
-class _Reports:
-    """Evaluations of running trials, on their way to the driver, and its answers back.
-
-    An async actor: `ask` (a worker, blocking on the answer) and `take` (the driver, blocking
-    until there is something to answer) wait without holding the actor."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.answers: dict[Any, asyncio.Future] = {}
-
-    async def ask(self, key: Any, index: int, step: int, examples: int, loss: float) -> bool:
-        answer = asyncio.get_running_loop().create_future()
-        self.answers[key] = answer
-        await self.queue.put((key, index, step, examples, loss))
-        return await answer
-
-    async def take(self) -> list[tuple[Any, int, int, int, float]]:
-        items = [await self.queue.get()]
-        while not self.queue.empty():
-            items.append(self.queue.get_nowait())
-        return items
-
-    async def answer(self, key: Any, stop: bool) -> None:
-        answer = self.answers.pop(key, None)
-        if answer is not None and not answer.done():
-            answer.set_result(stop)
 
 
 class _Worker:
@@ -194,9 +166,10 @@ class RayExecutor:
         self.devices_per_trial = max(1, math.ceil(self.gpus))
         self.env = {"MLFLOW_TRACKING_URI": uri}
         self.env.update({k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_"))})
-        self.reports = ray.remote(num_cpus=0)(_Reports).remote()
-        self.slots = [None] * self.workers
-        self.warm = False  # workers start with the first job: after the parent run made the schema
+        self.reports = ray.remote(num_cpus=0)(Reports).remote()
+        # Workers start now: their imports overlap the driver's set-up and the parent run. They
+        # touch the store only when their first job comes, after the parent run made the schema.
+        self.slots = [self._start_worker(i) for i in range(self.workers)]
         self.free = list(range(self.workers))
         self.flights = itertools.count()
         self.listeners: dict[int, EvalReport | None] = {}
@@ -212,9 +185,6 @@ class RayExecutor:
         return len(self.free)
 
     def submit(self, job: TrialJob, on_eval: EvalReport | None) -> None:
-        if not self.warm:  # start every worker now: their imports overlap the baseline's training
-            self.slots = [self._start_worker(i) for i in range(self.workers)]
-            self.warm = True
         slot = self.free.pop(0)
         if self.slots[slot] is None:
             self.slots[slot] = self._start_worker(slot)
@@ -233,6 +203,8 @@ class RayExecutor:
             if self._take is None:
                 self._take = self.reports.take.remote()
             ready, _ = ray.wait([*self.running, self._take], num_returns=1, timeout=POLL_S)
+            if STOP_REQUESTED.is_set():  # Ctrl-C may also have reached Ray's processes: not a failure
+                raise KeyboardInterrupt("stop requested")
             if not ready:
                 continue
             if ready[0] == self._take:
@@ -247,18 +219,14 @@ class RayExecutor:
     def close(self) -> None:
         """Stop the workers; runs of trials still in flight end KILLED; a local cluster goes."""
         ray = self.ray
+        actors = [a for a in (*self.slots, self.reports) if a is not None]
+        for actor in actors:  # a cluster that is already gone (Ctrl-C reached it too) is fine
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
         for flight in self.running.values():
-            ray.kill(self.slots[flight.slot])
-            self.slots[flight.slot] = None
             self._end_runs(flight, names.KILLED, "interrupted: the search stopped")
         self.running.clear()
-        for actor in self.slots:
-            if actor is not None:
-                ray.kill(actor)
-        self.slots = [None] * len(self.slots)
-        if self.reports is not None:
-            ray.kill(self.reports)
-            self.reports = None
+        self.slots, self.reports = [None] * len(self.slots), None
         if self.started_cluster and ray.is_initialized():
             ray.shutdown()
 

@@ -1,0 +1,36 @@
+"""The driver's mailbox for a parallel search: evaluations of running trials on their way to the
+driver, and its answers back. Its own module, importing only asyncio, so the Ray actor that holds
+it starts in a moment instead of importing the whole pipeline (torch, transformers, mlflow)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class Reports:
+    """Evaluations of running trials, on their way to the driver, and its answers back.
+
+    An async actor: `ask` (a worker, blocking on the answer) and `take` (the driver, blocking
+    until there is something to answer) wait without holding the actor."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.answers: dict[Any, asyncio.Future] = {}
+
+    async def ask(self, key: Any, index: int, step: int, examples: int, loss: float) -> bool:
+        answer = asyncio.get_running_loop().create_future()
+        self.answers[key] = answer
+        await self.queue.put((key, index, step, examples, loss))
+        return await answer
+
+    async def take(self) -> list[tuple[Any, int, int, int, float]]:
+        items = [await self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        return items
+
+    async def answer(self, key: Any, stop: bool) -> None:
+        answer = self.answers.pop(key, None)
+        if answer is not None and not answer.done():
+            answer.set_result(stop)
