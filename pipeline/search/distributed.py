@@ -141,7 +141,7 @@ class RayExecutor:
         ray, search = _ray(), config.search
         self.ray = ray
         self.running: dict[Any, _Flight] = {}  # Ray object ref -> the job it will return
-        self.slots: list[Any] = []  # actor handles, started on first use
+        self.slots: list[Any] = []  # actor handles; None: a slot whose worker died
         self.reports: Any = None
         address = os.environ.get("RAY_ADDRESS") or search.ray_address
         self.started_cluster = not ray.is_initialized() and not address
