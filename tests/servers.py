@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .browser import free_port, mlflow_server
+from .browser import free_port, mlflow_server, stop_group
 
 # moto accepts any credentials; set for the MLflow server (and this module's S3 client) only.
 FAKE_AWS = {
@@ -146,17 +146,7 @@ def s3_server(tmp_dir: Path, timeout_s: float = 60) -> Iterator[tuple[str, str]]
                 time.sleep(0.3)
         yield endpoint, f"s3://{BUCKET}/artifacts"
     finally:
-        _kill_group(proc)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+        stop_group(proc)
 
 
 @dataclass(frozen=True)
