@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
+from pipeline import names, tracking
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.search import distributed
@@ -63,9 +63,9 @@ def test_store_uris_as_workers_see_them(tmp_path, monkeypatch):
     assert distributed.absolute_store_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert distributed.absolute_store_uri("mlruns") == str(tmp_path / "mlruns")
     assert distributed.absolute_store_uri("http://10.0.0.2:5000") == "http://10.0.0.2:5000"
-    assert distributed.is_local_store("sqlite:///mlflow.db") and distributed.is_local_store("mlruns")
-    assert not distributed.is_local_store("postgresql+psycopg://u@db/mlflow")
-    assert not distributed.is_local_store("https://mlflow.example.com")
+    assert tracking.is_local_store("sqlite:///mlflow.db") and tracking.is_local_store("mlruns")
+    assert not tracking.is_local_store("postgresql+psycopg://u@db/mlflow")
+    assert not tracking.is_local_store("https://mlflow.example.com")
 
 
 def test_the_mailbox_actor_imports_nothing_heavy():

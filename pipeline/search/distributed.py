@@ -60,11 +60,6 @@ def _ray() -> Any:
     return ray
 
 
-def is_local_store(uri: str) -> bool:
-    """A store only processes of one machine can share: a sqlite file or a file path."""
-    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
-
-
 def absolute_store_uri(uri: str) -> str:
     """The store's URI as a worker in another directory must see it (sqlite and file paths made
     absolute; a server's URI as it is)."""
@@ -154,7 +149,7 @@ class RayExecutor:
                 ) from None
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         uri = absolute_store_uri(tracking_uri)
-        if len(nodes) > 1 and is_local_store(uri):
+        if len(nodes) > 1 and tracking.is_local_store(uri):
             self.close()
             raise PipelineError(
                 f"tracking.tracking_uri: {tracking_uri} is a local store and the Ray cluster has "
@@ -172,7 +167,6 @@ class RayExecutor:
         self.slots = [self._start_worker(i) for i in range(self.workers)]
         self.free = list(range(self.workers))
         self.flights = itertools.count()
-        self.listeners: dict[int, EvalReport | None] = {}
         self._take: Any = None
         echo(
             f"ray: {self.workers} workers x ({self.gpus:g} GPU, {self.cpus:g} CPU) on {len(nodes)} node(s)"
@@ -189,7 +183,6 @@ class RayExecutor:
         if self.slots[slot] is None:
             self.slots[slot] = self._start_worker(slot)
         flight = next(self.flights)
-        self.listeners[flight] = on_eval
         ref = self.slots[slot].run.remote(job, self.reports, flight, on_eval is not None)
         self.running[ref] = _Flight(flight, slot, job, on_eval, time.perf_counter())
 
@@ -213,7 +206,6 @@ class RayExecutor:
                 continue
             flight = self.running.pop(ready[0])
             self.free.append(flight.slot)
-            self.listeners.pop(flight.flight, None)
             return self._outcome(ready[0], flight)
 
     def close(self) -> None:
@@ -240,7 +232,9 @@ class RayExecutor:
 
     def _answer(self, items: list[tuple[Any, int, int, int, float]]) -> None:
         for key, index, step, examples, loss in items:
-            on_eval = self.listeners.get(key[0])
+            # A trial that ended meanwhile hears "go on": nobody is waiting for the answer.
+            flight = next((f for f in self.running.values() if f.flight == key[0]), None)
+            on_eval = flight.on_eval if flight is not None else None
             stop = bool(on_eval(index, step, examples, loss)) if on_eval is not None else False
             self.reports.answer.remote(key, stop)
 

@@ -262,10 +262,7 @@ class Search:
         record.device_seconds = (self.clock() - self.started.pop(index)) * self.executor.devices_per_trial
         record.run_id = outcome.run_id or record.run_id
         if outcome.status == KILLED:
-            record.status, record.failure_reason = KILLED, "interrupted"
-            self.optimizer.fail(index, "interrupted")
-            if record.parameters not in state.retry:
-                state.retry.insert(0, record.parameters)
+            self._mark_killed(record)
             raise outcome.error if isinstance(outcome.error, KeyboardInterrupt) else _Interrupted()
         if record.generation_method == "retry" and record.parameters in state.retry:
             state.retry.remove(record.parameters)
@@ -324,12 +321,17 @@ class Search:
     def _kill_pending(self) -> None:
         """Trials still running when the search stops (in parallel, the others' workers are
         stopped with it): killed, and their configs run first when the search resumes."""
-        for index, record in self.pending.items():
-            record.status, record.failure_reason = KILLED, "interrupted"
-            self.optimizer.fail(index, "interrupted")
-            if record.parameters not in self.state.retry:
-                self.state.retry.insert(0, record.parameters)
+        for record in self.pending.values():
+            self._mark_killed(record)
         self.pending.clear()
+
+    def _mark_killed(self, record: TrialRecord) -> None:
+        """An interrupted trial: failed in Ax (its partial data dropped), its config first in
+        line to run again."""
+        record.status, record.failure_reason = KILLED, "interrupted"
+        self.optimizer.fail(record.index, "interrupted")
+        if record.parameters not in self.state.retry:
+            self.state.retry.insert(0, record.parameters)
 
     def _check_failure_rate(self) -> None:
         done = self.state.finished()

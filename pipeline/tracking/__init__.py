@@ -26,6 +26,7 @@ from pipeline.tracking.runs import TrackedRun, end_failed, end_killed, mark_fail
 from pipeline.tracking.store import (
     DEFAULT_TRACKING_URI,
     current_experiment_id,
+    is_local_store,
     resolve_tracking_uri,
     server_command,
     setup,
@@ -46,6 +47,7 @@ __all__ = [
     "end_killed",
     "finished_baselines",
     "get_run",
+    "is_local_store",
     "latest_finished_search",
     "mark_failed",
     "metric_history",

@@ -36,9 +36,14 @@ def server_command(
     cmd += ["--host", host, "--port", str(port)]
     if artifacts_destination:
         cmd += ["--artifacts-destination", artifacts_destination, "--serve-artifacts"]
-    elif uri.startswith("sqlite:") or "://" not in uri:
+    elif is_local_store(uri):
         cmd += ["--default-artifact-root", Path("mlruns").resolve().as_uri(), "--no-serve-artifacts"]
     return cmd
+
+
+def is_local_store(uri: str) -> bool:
+    """A store only processes of one machine can share: a sqlite file or a file path."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
 def use_store(cfg: TrackingConfig) -> str:
