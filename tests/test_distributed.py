@@ -103,6 +103,32 @@ class _FakeRay(types.SimpleNamespace):
         self._up = False
 
 
+def test_a_trial_whose_driver_is_gone_ends_killed_to_run_again(tiny_config):
+    """A worker orphaned by a killed driver must not record its trial FAILED: a resumed search
+    would count it as a failure instead of running its config again."""
+    from pipeline.search.executor import TrialJob, run_job
+    from pipeline.trial import Resources, RunSpec
+
+    class Gone(Exception):  # what ray.get raises once the driver's mailbox actor died with it
+        pass
+
+    def get(ref):
+        raise Gone("actor died")
+
+    ray = types.SimpleNamespace(get=get)
+    reports = types.SimpleNamespace(ask=types.SimpleNamespace(remote=lambda *a: "ref"))
+
+    def on_eval(index, step, examples, loss):
+        return distributed.ask_driver(ray, reports, (0, 0), index, step, examples, loss)
+
+    base = tiny_config.model_copy(update={"search": None})
+    spec = RunSpec(names.ROLE_TRIAL, "trial-01", tags={names.AX_TRIAL_INDEX: 2})
+    out = run_job(TrialJob(2, base, {"lora.r": 4}, spec), Resources(), on_eval, quiet=True)
+    assert out.status == names.KILLED and out.run_id
+    run = MlflowClient().get_run(out.run_id)
+    assert run.info.status == "KILLED" and run.data.tags[names.TRIAL_STATUS] == names.KILLED
+
+
 def test_a_multi_node_cluster_refuses_a_sqlite_store(tmp_path, monkeypatch):
     config = load_config(DEMO_CONFIG, tiny_overrides(tmp_path, **{"search.executor": "ray"}))
     fake = _FakeRay(nodes=3, cluster={"CPU": 48.0, "GPU": 3.0})
@@ -316,14 +342,17 @@ def test_a_killed_driver_resumes_without_losing_a_trial(tmp_path, team):
     env = _env(tmp_path, team.url)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def one_finished_one_running(runs):
+    def one_finished_one_starting(runs):
+        # A trial still before its first evaluation has evaluations left to send the driver, so
+        # it cannot finish once the driver is gone. (Another in flight may be past its last one:
+        # if it finishes meanwhile, the resume takes its result from its run.)
         trials = _trials(runs)
         done = [r for r in trials if r.data.tags.get(names.TRIAL_STATUS) in names.FINISHED_STATUSES]
-        running = [r for r in trials if r.info.status == "RUNNING"]
-        return (done, running) if done and running else None
+        starting = [r for r in trials if r.info.status == "RUNNING" and names.EVAL_LOSS not in r.data.metrics]
+        return (done, starting[0]) if done and starting else None
 
     try:
-        done, _ = _watch(client, one_finished_one_running, experiment)
+        done, starting = _watch(client, one_finished_one_starting, experiment)
         proc.send_signal(signal.SIGKILL)  # the driver dies; Ray's processes share its fate
         proc.wait(timeout=60)
     finally:
@@ -355,6 +384,12 @@ def test_a_killed_driver_resumes_without_losing_a_trial(tmp_path, team):
     left_running = [r for r in trials if r.info.status == "KILLED"]
     assert len(left_running) <= len(killed)
     assert all(r.data.tags[names.TRIAL_STATUS] == names.KILLED for r in left_running)
+    # The trial caught before its first evaluation: killed, never failed, and its config ran again.
+    cut = client.get_run(starting.info.run_id)
+    assert (cut.info.status, cut.data.tags[names.TRIAL_STATUS]) == ("KILLED", names.KILLED)
+    (cut_record,) = [t for t in records if t["index"] == int(cut.data.tags[names.AX_TRIAL_INDEX])]
+    assert cut_record["status"] == names.KILLED and cut_record["parameters"] in retried
+    assert not [t for t in records if t["status"] == names.FAILED], records
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 

@@ -91,8 +91,7 @@ class _Worker:
         ray, asked = _ray(), itertools.count()
 
         def on_eval(index: int, step: int, examples: int, loss: float) -> bool:
-            key = (flight, next(asked))
-            return bool(ray.get(reports.ask.remote(key, index, step, examples, loss)))
+            return ask_driver(ray, reports, (flight, next(asked)), index, step, examples, loss)
 
         me = {
             names.TRIAL_WORKER: self.worker_id,
@@ -105,6 +104,22 @@ class _Worker:
             with contextlib.suppress(Exception):  # a tag must not cost the trial
                 tracking.tag_run(outcome.run_id, {names.TRIAL_WORKER_BASE_LOADS: self.resources.base_loads})
         return _portable(outcome)
+
+
+class DriverLost(KeyboardInterrupt):
+    """The search's driver is gone (killed, its node lost): the trial stops as if interrupted."""
+
+
+def ask_driver(ray: Any, reports: Any, key: Any, index: int, step: int, examples: int, loss: float) -> bool:
+    """Send one evaluation to the driver and wait for its answer: stop this trial early?
+
+    Without a driver to answer, the trial ends KILLED (DriverLost is a KeyboardInterrupt), not
+    FAILED: a resumed search then runs its config again instead of counting it as a failure.
+    """
+    try:
+        return bool(ray.get(reports.ask.remote(key, index, step, examples, loss)))
+    except Exception as e:
+        raise DriverLost(f"the search's driver is gone ({type(e).__name__})") from None
 
 
 def _portable(outcome: TrialOutcome) -> TrialOutcome:
