@@ -34,6 +34,7 @@ DATA_DROPPED = "data_dropped_examples"
 MODEL_LOAD_S = "model_load_s"
 BEST_EVAL_STEP = "best_eval_step"  # step of the best evaluation (the weights kept with restore_best)
 GENERATION_METRIC_PREFIX = "eval_"  # + metric key, e.g. eval_rougeL
+LMEVAL_PREFIX = "lmeval_"  # + task + metric (+ filter), e.g. lmeval_pydoc_mc_acc (lm-eval harness)
 EVAL_ROUGE_L = "eval_rougeL"  # the default generation metric's score
 
 # --- tags ---
@@ -67,6 +68,8 @@ BASE_REFERENCE_FILE = "pipeline_base.json"  # inside adapter/: how to rebuild th
 CONFIG_FILE = "config.yaml"  # the resolved config of the run
 DATA_STATS_FILE = "data_stats.json"
 GENERATIONS_FILE = "eval_generations.json"
+LMEVAL_RESULTS_FILE = "lm_eval/results.json"  # the harness's results table of the trial
+LMEVAL_CONFIGS_FILE = "lm_eval/task_configs.json"  # the tasks as the harness resolved them
 
 # Metrics a finished trial always reports (plus eval_<key> of its generation metric), so the
 # ones a search may optimize or constrain.
@@ -87,8 +90,9 @@ TRIAL_METRICS = frozenset(
 
 
 def is_trial_metric(name: str) -> bool:
-    """True for metrics a finished trial logs (generation metrics are `eval_<key>`)."""
-    return name in TRIAL_METRICS or name.startswith(GENERATION_METRIC_PREFIX)
+    """True for metrics a finished trial logs (generation metrics are `eval_<key>`, task metrics
+    `lmeval_<task>_<metric>`)."""
+    return name in TRIAL_METRICS or name.startswith((GENERATION_METRIC_PREFIX, LMEVAL_PREFIX))
 
 
 # --- trial statuses: values of the `trial.status` tag, and of the search's trial records ---

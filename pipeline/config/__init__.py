@@ -36,6 +36,7 @@ from pipeline.config.search import (
 from pipeline.config.sections import (
     DataConfig,
     EvalConfig,
+    LmEvalConfig,
     LoraConfig,
     ModelConfig,
     RegistryConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "DataConfig",
     "EarlyStoppingSpec",
     "EvalConfig",
+    "LmEvalConfig",
     "LoraConfig",
     "ModelConfig",
     "ObjectiveSpec",

@@ -20,6 +20,7 @@ from pipeline.config.sections import (
     TrackingConfig,
     TrainConfig,
 )
+from pipeline.names import LMEVAL_PREFIX
 
 __all__ = ["PROBLEM_SEPARATOR", "RESULT_SECTIONS", "PipelineConfig"]
 
@@ -61,6 +62,26 @@ class PipelineConfig(Section):
             problems.append(
                 "search.early_stopping.enabled: needs train.eval_steps (trials must evaluate while they train)"
             )
+        problems += self._task_metrics_configured()
         if problems:
             raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
+
+    def _task_metrics_configured(self) -> list[str]:
+        """A `lmeval_<task>_...` objective or constraint needs that task in `eval.lm_eval.tasks`."""
+        if self.search is None:
+            return []
+        named = [("search.objectives", o.metric) for o in self.search.objectives]
+        named += [("search.outcome_constraints", c.metric) for c in self.search.outcome_constraints]
+        tasks = self.eval.lm_eval.tasks if self.eval.lm_eval is not None else []
+        return [
+            f"{key}: {metric} is a task metric, but "
+            + (
+                f"no task of eval.lm_eval.tasks ({', '.join(tasks)}) logs it"
+                if tasks
+                else "eval.lm_eval is not set"
+            )
+            for key, metric in named
+            if metric.startswith(LMEVAL_PREFIX)
+            and not any(metric.startswith(f"{LMEVAL_PREFIX}{t}_") for t in tasks)
+        ]

@@ -167,6 +167,33 @@ class TrainConfig(Section):
     output_dir: str = Field("outputs", description="Scratch folder for trainer state; adapters go to MLflow.")
 
 
+class LmEvalConfig(Section):
+    """Task metrics from lm-evaluation-harness on each trial's trained model (`.[lmeval]` extra)."""
+
+    tasks: list[str] = Field(
+        min_length=1,
+        description="Harness task names, e.g. `[pydoc_mc]` (shipped, offline, in `tasks/`) or hub tasks "
+        "such as `[arc_easy, hellaswag]` (need the Hugging Face hub).",
+    )
+    include_path: str | None = Field(
+        None, description="A folder of task YAMLs to add to the harness's own (e.g. `tasks`)."
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Score only the first N documents of each task (cost per trial); null: all."
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; null: each task's default.")
+    apply_chat_template: bool = Field(
+        True, description="Wrap each question in the tokenizer's chat template, as the adapter was trained."
+    )
+    batch_size: int = Field(8, gt=0, description="Harness batch size.")
+    max_length: int | None = Field(
+        None, gt=0, description="Context length the harness truncates to; null: the model's own."
+    )
+    bootstrap_iters: int = Field(
+        1000, ge=0, description="Bootstrap resamples for stderr of non-mean metrics (0: none)."
+    )
+
+
 class EvalConfig(Section):
     batch_size: int = Field(
         8, gt=0, description="Eval batch size; fixed so eval_loss compares across trials."
@@ -182,6 +209,11 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(64, gt=0, description="Token budget of each generated answer.")
     at_start: bool = Field(
         False, description="Also evaluate before training (step 0: the base model's eval_loss)."
+    )
+    lm_eval: LmEvalConfig | None = Field(
+        None,
+        description="Task metrics from lm-evaluation-harness after training, logged as "
+        "`lmeval_<task>_<metric>` (docs/evaluation.md); null: none.",
     )
 
 

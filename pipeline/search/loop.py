@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import names, tracking
+from pipeline import lmeval, names, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, load_config, to_yaml, with_overrides
 from pipeline.errors import ConfigError, SearchAborted
 from pipeline.interrupt import STOP_REQUESTED, graceful_stop
@@ -75,6 +75,8 @@ def run_search(
     """Search with a validated config (the CLI builds it): a new search, or `resume` the search
     run of that id. Trials run one at a time in this process, or in parallel on Ray workers
     (`search.executor: ray`), unless another executor is given."""
+    if config.eval.lm_eval is not None:
+        lmeval.require()  # before the search's run exists
     resources = Resources()  # shared by the baseline check and the local executor's trials
     if executor is None and config.search.executor == "ray":
         from pipeline.search.distributed import RayExecutor  # Ray is an optional extra

@@ -113,10 +113,20 @@ def _summary(ctx: ReportContext) -> list[str]:
     base_loss = base.eval_loss if base else None
     n = counts(s)
     compute = sum(t.wall_seconds for t in s.trials)
+    first = ctx.config.search.objectives[0].metric
+    base_value = (
+        (base.metrics or {}).get(first, base_loss if first == names.EVAL_LOSS else None) if base else None
+    )
+    what = f"the baseline's `{first}` of **{base_value:.4f}**" if base_value is not None else "the baseline"
     goal = (
-        f"Find hyperparameters that beat the baseline eval loss of **{base_loss:.4f}** (run `{base.run_id}`, "
+        f"Find hyperparameters that beat {what} (run `{base.run_id}`, "
         + (f"reused: {base.why}" if base.reused else "trained in this search")
-        + f"), minimizing `{ctx.config.search.objectives[0].metric}`."
+        + "), "
+        + " and ".join(
+            f"{'minimizing' if o.minimize else 'maximizing'} `{o.metric}`"
+            for o in ctx.config.search.objectives
+        )
+        + "."
         if base
         else "Find the best hyperparameters."
     )
@@ -201,13 +211,16 @@ def _insights(ctx: ReportContext) -> list[str]:
 def _trial_table(ctx: ReportContext, trials: list[TrialRecord]) -> list[str]:
     base_loss = ctx.state.baseline.eval_loss if ctx.state.baseline else None
     keys = [k for k, s in ctx.config.search.parameters.items() if s.type != "fixed"]
-    head = ["Trial", *keys, "eval_loss", "vs baseline", "status", "method", "run"]
+    # The other objectives and constrained metrics (task scores, memory) beside eval_loss.
+    others = [m for m in ctx.config.search.required_metrics() if m != names.EVAL_LOSS]
+    head = ["Trial", *keys, "eval_loss", "vs baseline", *others, "status", "method", "run"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         loss = f"{t.eval_loss:.4f}" if t.eval_loss is not None else "-"
         change = pct(t.eval_loss, base_loss) if (t.eval_loss is not None and base_loss) else "-"
         status = t.status + (" (budget)" if t.stopped_by == "budget" else "")
-        cells = [str(t.index), *(fmt(t.parameters.get(k)) for k in keys), loss, change, status]
+        scores = [f"{t.metrics[m]:.4g}" if m in (t.metrics or {}) else "-" for m in others]
+        cells = [str(t.index), *(fmt(t.parameters.get(k)) for k in keys), loss, change, *scores, status]
         cells += [t.generation_method, f"`{t.run_id}`" if t.run_id else "-"]
         rows.append("| " + " | ".join(cells) + " |")
     return rows

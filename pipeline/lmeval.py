@@ -1,0 +1,156 @@
+"""Task metrics from EleutherAI's lm-evaluation-harness, on the trial's in-memory PEFT model.
+
+After training, the model that was just trained (base + LoRA, no save/load round trip) is
+wrapped in the harness's `HFLM` and evaluated on `eval.lm_eval.tasks`. Every task metric is
+logged on the trial's run as `lmeval_<task>_<metric>` (its stderr as `..._stderr`), so it can be
+a search objective or an outcome constraint like any other trial metric; the tasks' resolved
+configs and the harness's results table are artifacts under `lm_eval/`.
+
+The only module that imports `lm_eval` (lazily: the extra is optional).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pipeline import names
+from pipeline.config import LmEvalConfig
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainJob
+
+INSTALL = "eval.lm_eval needs lm-evaluation-harness: pip install -e '.[lmeval]'"
+log = logging.getLogger(__name__)
+
+
+def require() -> None:
+    """PipelineError with the install line when the harness is missing (checked before any run)."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise PipelineError(INSTALL)
+
+
+def metric_name(task: str, key: str) -> str | None:
+    """`lmeval_<task>_<metric>` for a key of the harness's results (`acc,none`,
+    `acc_stderr,none`, `exact_match,strict-match`); None for keys that are not numbers' names."""
+    metric, _, filt = key.partition(",")
+    if not metric or metric == "alias":
+        return None
+    name = f"{names.LMEVAL_PREFIX}{task}_{metric}" + (f"_{filt}" if filt and filt != "none" else "")
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+def task_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Every finite number in the harness's `results` table, under our metric names."""
+    out: dict[str, float] = {}
+    for task, row in results.items():
+        for key, value in row.items():
+            name = metric_name(task, key)
+            if name is None or key.startswith("sample_len"):  # a count, not a score
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(float(value)):
+                out[name] = float(value)
+    return out
+
+
+@contextlib.contextmanager
+def _hushed(quiet: bool) -> Iterator[None]:
+    """The harness logs each stage at INFO and draws a bar per request batch: keep its warnings
+    (its errors when quiet) and, when quiet, no bars."""
+    logger = logging.getLogger("lm_eval")
+    level, bars = logger.level, os.environ.get("TQDM_DISABLE")
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if quiet:
+            os.environ.pop("TQDM_DISABLE") if bars is None else os.environ.update(TQDM_DISABLE=bars)
+
+
+def evaluate(
+    model: Any, tokenizer: Any, cfg: LmEvalConfig, seed: int = 0, quiet: bool = False
+) -> dict[str, Any]:
+    """Run the harness on `model` (a PEFT model or any HF causal LM instance); its raw output."""
+    require()
+    with _hushed(quiet):
+        return _evaluate(model, tokenizer, cfg, seed)
+
+
+def _evaluate(model: Any, tokenizer: Any, cfg: LmEvalConfig, seed: int) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = _task_manager(TaskManager, cfg)
+    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" (include_path {cfg.include_path})" if cfg.include_path else ""
+        raise PipelineError(f"eval.lm_eval.tasks: unknown task(s) {', '.join(unknown)}{where}")
+    was_training = model.training
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(cfg.tasks),
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            apply_chat_template=cfg.apply_chat_template,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=cfg.bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        model.train(was_training)
+    if not out or "results" not in out:
+        raise PipelineError("eval.lm_eval: the harness returned no results")
+    return out
+
+
+def _task_manager(cls: Any, cfg: LmEvalConfig) -> Any:
+    """Only the local tasks when they are all that is asked for: indexing the harness's
+    thousands of task files costs more than scoring a small task."""
+    if cfg.include_path:
+        local = cls(include_path=cfg.include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in cfg.tasks):
+            return local
+        return cls(include_path=cfg.include_path)
+    return cls()
+
+
+def log_scores(run: Any, model: Any, job: TrainJob) -> dict[str, float]:
+    """Score the trial's trained model on `eval.lm_eval`; log the harness's results table and
+    task configs on `run`; the metrics (`lmeval_<task>_<metric>`)."""
+    cfg, seed, quiet, tokenizer = job.config.eval.lm_eval, job.config.train.seed, job.quiet, job.tokenizer
+    t0 = time.perf_counter()
+    out = evaluate(model, tokenizer, cfg, seed, quiet)
+    metrics = task_metrics(out["results"])
+    shown = ", ".join(
+        f"{k.removeprefix(names.LMEVAL_PREFIX)}={v:.4f}" for k, v in metrics.items() if "stderr" not in k
+    )
+    log.info("lm-eval %s: %s (%.0f s)", "+".join(cfg.tasks), shown, time.perf_counter() - t0)
+    run.log_dict(_jsonable(out["results"]), names.LMEVAL_RESULTS_FILE)
+    run.log_dict(_jsonable(out.get("configs", {})), names.LMEVAL_CONFIGS_FILE)
+    return metrics
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
