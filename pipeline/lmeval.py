@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -66,19 +66,17 @@ def task_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 @contextlib.contextmanager
 def _hushed(quiet: bool) -> Iterator[None]:
-    """The harness logs each stage at INFO and draws a bar per request batch: keep its warnings
-    (its errors when quiet) and, when quiet, no bars."""
+    """The harness logs each stage at INFO and draws progress bars on stderr: keep its warnings
+    (its errors when quiet) and, when quiet, no bars (tqdm reads TQDM_DISABLE only at import, so
+    the bars' stream is swapped instead; logging keeps its own handle on the real stderr)."""
     logger = logging.getLogger("lm_eval")
-    level, bars = logger.level, os.environ.get("TQDM_DISABLE")
+    level = logger.level
     logger.setLevel(logging.ERROR if quiet else logging.WARNING)
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            yield
     finally:
         logger.setLevel(level)
-        if quiet:
-            os.environ.pop("TQDM_DISABLE") if bars is None else os.environ.update(TQDM_DISABLE=bars)
 
 
 def evaluate(
