@@ -115,7 +115,7 @@ def _summary(ctx: ReportContext) -> list[str]:
     compute = sum(t.wall_seconds for t in s.trials)
     first = ctx.config.search.objectives[0].metric
     base_value = (
-        (base.metrics or {}).get(first, base_loss if first == names.EVAL_LOSS else None) if base else None
+        (base_loss if first == names.EVAL_LOSS else (base.metrics or {}).get(first)) if base else None
     )
     what = f"the baseline's `{first}` of **{base_value:.4f}**" if base_value is not None else "the baseline"
     goal = (
