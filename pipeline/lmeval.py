@@ -12,6 +12,8 @@ The only module that imports `lm_eval` (lazily: the extra is optional).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -20,6 +22,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import names
@@ -37,6 +40,23 @@ def require() -> None:
     """PipelineError with the install line when the harness is missing (checked before any run)."""
     if importlib.util.find_spec("lm_eval") is None:
         raise PipelineError(INSTALL)
+
+
+def fingerprint(cfg: LmEvalConfig) -> str:
+    """What makes two task scores comparable: the settings (not where the task folder is), the
+    task files' contents and the harness's version. The registry compares a task score with the
+    champion's only under the same fingerprint."""
+    h = hashlib.sha256(
+        json.dumps(cfg.model_dump(mode="json", exclude={"include_path"}), sort_keys=True).encode()
+    )
+    if cfg.include_path and Path(cfg.include_path).is_dir():
+        root = Path(cfg.include_path)
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts:
+                h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        h.update(importlib.metadata.version("lm-eval").encode())
+    return h.hexdigest()[:16]
 
 
 def metric_name(task: str, key: str) -> str | None:

@@ -165,3 +165,6 @@ VERSION_SEARCH_RUN = "search_run_id"  # the search behind it (retrain retrains t
 VERSION_IMPROVEMENT_PCT = "improvement_pct"
 VERSION_DATA_FINGERPRINT = "data_fingerprint"
 VERSION_RETRAIN_SOURCE = "retrain_source"
+VERSION_OBJECTIVE = "objective"  # the metric the version was chosen on (the search's first objective)
+VERSION_OBJECTIVE_VALUE = "objective_value"
+VERSION_OBJECTIVE_FINGERPRINT = "objective_fingerprint"  # scores compare only under the same one

@@ -26,7 +26,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
+from pipeline import lmeval, names
+from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -43,6 +44,48 @@ class Candidate:
     eval_loss: float
     eval_fingerprint: str
     adapter_dir: Path | None = None
+    # What it is judged on against the champion: eval_loss unless the search had another first
+    # objective (a task score); `fingerprint` says when two such scores compare.
+    objective: str = names.EVAL_LOSS
+    minimize: bool = True
+    value: float | None = None
+    fingerprint: str | None = None
+
+    @property
+    def score(self) -> float:
+        return self.eval_loss if self.value is None else self.value
+
+    @property
+    def score_fingerprint(self) -> str:
+        return self.fingerprint or self.eval_fingerprint
+
+
+def candidate(
+    config: PipelineConfig,
+    run_id: str,
+    metrics: dict[str, float],
+    eval_loss: float,
+    eval_fp: str,
+    adapter: Any,
+) -> Candidate:
+    """The candidate as `config` judges it: on its search's first objective (eval_loss without
+    a search section, or when a trial lacks the metric)."""
+    objective = config.search.objectives[0] if config.search is not None else None
+    if objective is None or objective.metric == names.EVAL_LOSS or objective.metric not in metrics:
+        return Candidate(run_id, eval_loss, eval_fp, adapter)
+    fp = eval_fp
+    if objective.metric.startswith(names.LMEVAL_PREFIX) and config.eval.lm_eval is not None:
+        fp = f"{eval_fp}+{lmeval.fingerprint(config.eval.lm_eval)}"
+    return Candidate(
+        run_id,
+        eval_loss,
+        eval_fp,
+        adapter,
+        objective.metric,
+        objective.minimize,
+        metrics[objective.metric],
+        fp,
+    )
 
 
 @dataclass(frozen=True)
@@ -92,22 +135,33 @@ def champion(name: str) -> VersionRecord | None:
     return _champion(MlflowClient(), name)
 
 
-def decide(eval_loss: float, eval_fingerprint: str, champion: VersionRecord | None) -> tuple[bool, str]:
-    """Whether a new version should become champion, and why (a sentence)."""
-    if not math.isfinite(eval_loss):
-        return False, f"eval_loss {eval_loss} is not finite"
+def decide(candidate: Candidate, champion: VersionRecord | None) -> tuple[bool, str]:
+    """Whether a new version should become champion, and why (a sentence): a better score on the
+    candidate's objective, measured the same way (same eval data; for a task score, the same
+    task settings and files) as the champion's."""
+    metric, value = candidate.objective, candidate.score
+    if not math.isfinite(value):
+        return False, f"{metric} {value} is not finite"
     if champion is None:
         return True, "no champion yet"
-    old_fp = champion.tags.get(names.VERSION_EVAL_FINGERPRINT)
-    if old_fp != eval_fingerprint:
+    tags, v = champion.tags, champion.version
+    held = tags.get(names.VERSION_OBJECTIVE, names.EVAL_LOSS)
+    if held != metric:
         return False, (
-            f"champion v{champion.version} was evaluated on other eval data (fingerprint {old_fp} vs "
-            f"{eval_fingerprint}), so the losses do not compare; promote by hand if intended"
+            f"champion v{v} was chosen on {held}, this version on {metric}: they do not compare; "
+            "promote by hand if intended"
         )
-    old = float(champion.tags.get(names.VERSION_EVAL_LOSS, "inf"))
-    if eval_loss < old:
-        return True, f"eval_loss {eval_loss:.4f} beats champion v{champion.version} ({old:.4f})"
-    return False, f"eval_loss {eval_loss:.4f} does not beat champion v{champion.version} ({old:.4f})"
+    old_fp = tags.get(names.VERSION_OBJECTIVE_FINGERPRINT, tags.get(names.VERSION_EVAL_FINGERPRINT))
+    if old_fp != candidate.score_fingerprint:
+        what = "eval data" if metric == names.EVAL_LOSS else "eval data or task settings"
+        return False, (
+            f"champion v{v} was evaluated on other {what} (fingerprint {old_fp} vs "
+            f"{candidate.score_fingerprint}), so the scores do not compare; promote by hand if intended"
+        )
+    old = float(tags.get(names.VERSION_OBJECTIVE_VALUE, tags.get(names.VERSION_EVAL_LOSS, "nan")))
+    if not math.isfinite(old) or (value < old if candidate.minimize else value > old):
+        return True, f"{metric} {value:.4f} beats champion v{v} ({old:.4f})"
+    return False, f"{metric} {value:.4f} does not beat champion v{v} ({old:.4f})"
 
 
 def promote(
@@ -125,7 +179,7 @@ def promote(
     """
     client = MlflowClient()
     champion = _champion(client, model_name)
-    promoted, reason = decide(candidate.eval_loss, candidate.eval_fingerprint, champion)
+    promoted, reason = decide(candidate, champion)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = candidate.adapter_dir
         if adapter_dir is None or not (Path(adapter_dir) / names.BASE_REFERENCE_FILE).is_file():
@@ -157,6 +211,9 @@ def promote(
         names.VERSION_EVAL_FINGERPRINT: candidate.eval_fingerprint,
         names.VERSION_ADAPTER_SHA: sha,
         names.VERSION_BASE_MODEL: base.get("name_or_path", ""),
+        names.VERSION_OBJECTIVE: candidate.objective,
+        names.VERSION_OBJECTIVE_VALUE: f"{candidate.score:.6f}",
+        names.VERSION_OBJECTIVE_FINGERPRINT: candidate.score_fingerprint,
         **{
             k: (f"{v:.4f}" if isinstance(v, float) else str(v))
             for k, v in (tags or {}).items()

@@ -185,3 +185,9 @@ def test_a_search_through_mlflow_run_maximizes_a_task_metric(tmp_path):
     best_score = best.data.metrics["lmeval_pydoc_mc_acc"]
     source = client.get_run(champion.tags[names.VERSION_SOURCE_RUN])  # the trial whose adapter it is
     assert source.data.metrics["lmeval_pydoc_mc_acc"] == best_score
+    # The version says what it was chosen on, so the next search or retrain is compared on it.
+    assert champion.tags[names.VERSION_OBJECTIVE] == "lmeval_pydoc_mc_acc"
+    assert float(champion.tags[names.VERSION_OBJECTIVE_VALUE]) == pytest.approx(best_score)
+    assert champion.tags[names.VERSION_OBJECTIVE_FINGERPRINT].startswith(
+        champion.tags[names.VERSION_EVAL_FINGERPRINT] + "+"
+    )

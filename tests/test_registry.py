@@ -11,23 +11,70 @@ from pipeline.config import with_overrides
 from pipeline.trial import Resources, run_trial
 
 
-def champion(version: str, loss: float, fp: str = "fp1"):
+def champion(version: str, loss: float, fp: str = "fp1", **tags: str):
     return registry.VersionRecord(
-        "m", version, {names.VERSION_EVAL_LOSS: str(loss), names.VERSION_EVAL_FINGERPRINT: fp}
+        "m", version, {names.VERSION_EVAL_LOSS: str(loss), names.VERSION_EVAL_FINGERPRINT: fp, **tags}
     )
 
 
+def offer(loss: float, fp: str = "fp1", **kw) -> registry.Candidate:
+    return registry.Candidate("run", loss, fp, **kw)
+
+
 def test_decide():
-    assert registry.decide(2.0, "fp1", None) == (True, "no champion yet")
-    ok, why = registry.decide(2.0, "fp1", champion("3", 2.5))
+    assert registry.decide(offer(2.0), None) == (True, "no champion yet")
+    ok, why = registry.decide(offer(2.0), champion("3", 2.5))
     assert ok and why == "eval_loss 2.0000 beats champion v3 (2.5000)"
-    ok, why = registry.decide(2.6, "fp1", champion("3", 2.5))
+    ok, why = registry.decide(offer(2.6), champion("3", 2.5))
     assert not ok and "does not beat champion v3" in why
-    ok, why = registry.decide(2.5, "fp1", champion("3", 2.5))
+    ok, why = registry.decide(offer(2.5), champion("3", 2.5))
     assert not ok  # a tie does not move the champion
-    ok, why = registry.decide(1.0, "fp2", champion("3", 2.5))
+    ok, why = registry.decide(offer(1.0, "fp2"), champion("3", 2.5))
     assert not ok and "other eval data" in why
-    assert not registry.decide(float("nan"), "fp1", None)[0]
+    assert not registry.decide(offer(float("nan")), None)[0]
+
+
+def test_decide_on_a_task_score():
+    acc = {"objective": "lmeval_pydoc_mc_acc", "minimize": False, "fingerprint": "fp1+t1"}
+    held = {
+        names.VERSION_OBJECTIVE: "lmeval_pydoc_mc_acc",
+        names.VERSION_OBJECTIVE_VALUE: "0.40",
+        names.VERSION_OBJECTIVE_FINGERPRINT: "fp1+t1",
+    }
+    # Higher is better here, whatever the losses say.
+    ok, why = registry.decide(offer(3.0, value=0.45, **acc), champion("3", 2.5, **held))
+    assert ok and why == "lmeval_pydoc_mc_acc 0.4500 beats champion v3 (0.4000)"
+    assert not registry.decide(offer(1.0, value=0.35, **acc), champion("3", 2.5, **held))[0]
+    # Other task settings or files: the scores do not compare.
+    other = {**acc, "fingerprint": "fp1+t2"}
+    ok, why = registry.decide(offer(3.0, value=0.9, **other), champion("3", 2.5, **held))
+    assert not ok and "other eval data or task settings" in why
+    # A champion chosen on eval_loss (or registered before objectives were recorded) is not
+    # beaten by a task score, nor the other way round.
+    ok, why = registry.decide(offer(3.0, value=0.9, **acc), champion("3", 2.5))
+    assert not ok and why.startswith(
+        "champion v3 was chosen on eval_loss, this version on lmeval_pydoc_mc_acc"
+    )
+    ok, why = registry.decide(offer(1.0), champion("3", 2.5, **held))
+    assert not ok and "chosen on lmeval_pydoc_mc_acc" in why
+
+
+def test_a_candidate_is_judged_on_its_search_objective(tiny_config):
+    from pipeline.config import LmEvalConfig, ObjectiveSpec
+
+    metrics = {names.EVAL_LOSS: 2.0, "lmeval_pydoc_mc_acc": 0.5}
+    c = registry.candidate(tiny_config, "r", metrics, 2.0, "fp", None)
+    assert (c.objective, c.score, c.score_fingerprint) == (names.EVAL_LOSS, 2.0, "fp")
+    search = tiny_config.search.model_copy(
+        update={"objectives": [ObjectiveSpec(metric="lmeval_pydoc_mc_acc", minimize=False)]}
+    )
+    lm = LmEvalConfig(tasks=["pydoc_mc"], include_path="tasks")
+    config = tiny_config.model_copy(
+        update={"search": search, "eval": tiny_config.eval.model_copy(update={"lm_eval": lm})}
+    )
+    c = registry.candidate(config, "r", metrics, 2.0, "fp", None)
+    assert (c.objective, c.minimize, c.score) == ("lmeval_pydoc_mc_acc", False, 0.5)
+    assert c.score_fingerprint.startswith("fp+") and c.score_fingerprint != "fp"
 
 
 @pytest.fixture

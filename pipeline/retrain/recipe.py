@@ -148,7 +148,14 @@ def run_retrain(
     def finish(run: tracking.TrackedRun, result: TrialResult) -> None:
         promotion = registry.promote(
             config.registry.model_name,
-            registry.Candidate(result.run_id, result.eval_loss, result.eval_fingerprint, result.adapter_dir),
+            registry.candidate(
+                config,
+                result.run_id,
+                result.metrics,
+                result.eval_loss,
+                result.eval_fingerprint,
+                result.adapter_dir,
+            ),
             tags={
                 names.VERSION_SEARCH_RUN: source.search_run_id,
                 names.VERSION_DATA_FINGERPRINT: result.data_fingerprint,

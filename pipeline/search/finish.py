@@ -107,7 +107,7 @@ def promote(
         adapter = Path(best.adapter_dir) if best.adapter_dir else None
         return registry.promote(
             config.registry.model_name,
-            registry.Candidate(best.run_id, best.eval_loss, fp, adapter),
+            registry.candidate(config, best.run_id, best.metrics, best.eval_loss, fp, adapter),
             tags={
                 names.VERSION_SEARCH_RUN: run.run_id,
                 names.VERSION_IMPROVEMENT_PCT: summary.get(names.IMPROVEMENT_PCT),
