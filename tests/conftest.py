@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -49,7 +50,7 @@ def _distributed() -> bool:
 SYSTEM_NEEDS = {
     "browser": (_chromium, "needs Chromium and ChromeDriver: apt-get install chromium chromium-driver"),
     "lmeval": (
-        lambda: __import__("importlib.util").util.find_spec("lm_eval") is not None,
+        lambda: importlib.util.find_spec("lm_eval") is not None,
         "needs lm-evaluation-harness (pip install -e '.[lmeval]')",
     ),
     "distributed": (
