@@ -1,4 +1,4 @@
-"""Data: records from a file or the hub -> chat template -> tokens with prompt tokens masked.
+"""Data: records (read by `records.py`) -> chat template -> tokens with prompt tokens masked.
 
 The loss sees only response tokens (labels of prompt tokens are -100). The train/eval split is a
 seeded permutation of the records, so it is the same whatever the tokenizer. Examples longer than
@@ -7,7 +7,6 @@ seeded permutation of the records, so it is the same whatever the tokenizer. Exa
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -19,6 +18,7 @@ from typing import Any
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
+from pipeline.records import Record, looks_like_hub_id, read_records, source_of
 
 IGNORE_INDEX = -100
 
@@ -34,15 +34,6 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-@dataclass
-class Record:
-    """One raw example and where it came from (file:line, or the hub split and row)."""
-
-    data: dict[str, Any]
-    where: str
 
 
 @dataclass
@@ -58,6 +49,25 @@ class DataStats:
     mean_len: float = 0.0
 
 
+@dataclass(frozen=True)
+class DataSplit:
+    """The train or eval set as runs log it (an MLflow dataset). `digest` hashes the tokenized
+    examples used: the same data, split and tokenizer give the same digest."""
+
+    context: str  # training | eval
+    name: str  # <file stem or hub id>-train | -eval
+    source: str  # the file's absolute path, or the hub id
+    digest: str
+    examples: int
+
+
+def _split(context: str, path: str, digest: str, examples: int) -> DataSplit:
+    stem = path if looks_like_hub_id(path) else Path(path).stem
+    return DataSplit(
+        context, f"{stem}-{'train' if context == 'training' else 'eval'}", source_of(path), digest, examples
+    )
+
+
 @dataclass
 class PreparedData:
     """Tokenized train and eval sets, the prompts for generation, stats and fingerprints."""
@@ -69,112 +79,10 @@ class PreparedData:
     fingerprint: str  # train + eval tokens
     eval_fingerprint: str  # eval tokens only: eval losses compare only when this matches
     chat_template_source: str = field(default="tokenizer")
+    splits: tuple[DataSplit, ...] = ()  # (training, eval): what each run logs as its datasets
 
     def stats_dict(self) -> dict[str, Any]:
         return {**asdict(self.stats), "chat_template": self.chat_template_source}
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading records
-
-
-def _looks_like_hub_id(path: str) -> bool:
-    p = Path(path)
-    return (
-        not path.startswith((".", "/", "~"))
-        and p.suffix.lower() not in SUFFIXES
-        and path.count("/") <= 1
-        and not p.exists()
-    )
-
-
-def read_records(path: str, key: str, split: str = "train") -> list[Record]:
-    """Read records from a local file (with file:line positions) or a hub dataset id."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        if _looks_like_hub_id(path):
-            return _read_hub(path, key, split)
-        raise DataError(f"{key}: file not found: {path}")
-    if p.is_dir():
-        raise DataError(f"{key}: {path} is a folder; expected a {'/'.join(SUFFIXES)} file")
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            return _read_jsonl(p)
-        if suffix == ".json":
-            return _read_json(p)
-        if suffix == ".csv":
-            return _read_csv(p)
-        if suffix == ".parquet":
-            return _read_parquet(p)
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{key}: cannot read {path}: {e}") from None
-    raise DataError(f"{key}: {path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
-
-
-def _read_jsonl(p: Path) -> list[Record]:
-    out = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
-            out.append(Record(obj, f"{p}:{n}"))
-    return out
-
-
-def _read_json(p: Path) -> list[Record]:
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-        obj = obj["data"]
-    if not isinstance(obj, list):
-        raise DataError(f"{p}: expected a JSON list of records (or {{'data': [...]}})")
-    out = []
-    for i, item in enumerate(obj):
-        if not isinstance(item, dict):
-            raise DataError(f"{p}: record {i}: expected an object, got {type(item).__name__}")
-        out.append(Record(item, f"{p}: record {i}"))
-    return out
-
-
-def _read_csv(p: Path) -> list[Record]:
-    out = []
-    with p.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            out.append(Record(dict(row), f"{p}:{reader.line_num}"))
-    return out
-
-
-def _read_parquet(p: Path) -> list[Record]:
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(p).to_pylist()
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{p}: not a readable parquet file ({e})") from None
-    return [Record(r, f"{p}: row {i}") for i, r in enumerate(rows)]
-
-
-def _read_hub(name: str, key: str, split: str) -> list[Record]:
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # offline, unknown id, gated: all one message for the user
-        raise DataError(
-            f"{key}: {name!r} is neither a local file nor a loadable hub dataset "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
-    return [Record(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(ds)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,13 +287,17 @@ def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     stats.eval_tokens = sum(len(e["input_ids"]) for e in evals)
     stats.max_len = max(lengths)
     stats.mean_len = round(stats.train_tokens / len(train), 2)
-    eval_sha = _tokens_sha(evals)
+    train_sha, eval_sha = _tokens_sha(train), _tokens_sha(evals)
     return PreparedData(
         train=train,
         eval=evals,
         generation=generation,
         stats=stats,
-        fingerprint=hashlib.sha256((_tokens_sha(train) + eval_sha).encode()).hexdigest()[:16],
+        fingerprint=hashlib.sha256((train_sha + eval_sha).encode()).hexdigest()[:16],
         eval_fingerprint=eval_sha,
         chat_template_source=template_source,
+        splits=(
+            _split("training", cfg.path, train_sha, len(train)),
+            _split("eval", cfg.eval_path or cfg.path, eval_sha, len(evals)),
+        ),
     )

@@ -299,6 +299,7 @@ def _train_in_run(
         run.log_params(flatten(to_dict(config)))
         run.log_text(to_yaml(config, f"resolved config of run {run.run_id}"), names.CONFIG_FILE)
         run.log_dict(data.stats_dict(), names.DATA_STATS_FILE)
+        run.log_datasets(data.splits)  # the train and eval sets as the run's MLflow datasets
     with timer.phase("lora"):
         model = attach_lora(base.model, config.lora, config.train.seed)
     try:

@@ -58,6 +58,7 @@ def test_configuration_reference_is_current():
 STAGES = [
     {"", "names", "errors", "timing", "provenance", "interrupt", "plotting"},  # the foundation
     {"config"},
+    {"records"},
     {"data"},
     {"batching"},
     {"model"},

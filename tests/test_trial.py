@@ -11,10 +11,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.config import with_overrides
+from pipeline.data import prepare_data
 from pipeline.errors import TrialFailed, TrialInterrupted
 from pipeline.trial import Resources, run_trial
 
-from .conftest import PROBE
+from .conftest import DEMO_DATA, PROBE
 
 
 def test_run_trial_tracks_everything(tiny_config):
@@ -58,6 +59,31 @@ def test_run_trial_tracks_everything(tiny_config):
         assert f"{names.ADAPTER_DIR}/{f}" in arts
     top = {a.path for a in client.list_artifacts(result.run_id)}
     assert {names.CONFIG_FILE, names.DATA_STATS_FILE, names.GENERATIONS_FILE} <= top
+
+
+def test_train_and_eval_sets_are_logged_as_mlflow_datasets(tiny_config, demo_tokenizer):
+    """Each run names its data in MLflow's dataset inputs: name, source, a digest of the examples
+    used (stable for the same data and split, changed by another split) and their count."""
+    result = run_trial(tiny_config, quiet=True)
+    run = MlflowClient().get_run(result.run_id)
+    logged = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+        for d in run.inputs.dataset_inputs
+    }
+    assert set(logged) == {"training", "eval"}
+    train, evals = logged["training"], logged["eval"]
+    assert (train.name, evals.name) == ("pydoc_qa-train", "pydoc_qa-eval")
+    for d in (train, evals):
+        assert d.source_type == "local"
+        assert json.loads(d.source) == {"uri": str(DEMO_DATA)}
+    assert json.loads(train.profile) == {"num_rows": 200} and json.loads(evals.profile) == {"num_rows": 24}
+    # The eval set's digest is the eval fingerprint that decides which eval losses compare.
+    assert evals.digest == run.data.tags[names.EVAL_FINGERPRINT] and train.digest != evals.digest
+    # Prepared again from scratch: the same digests; another split seed: other examples, other digests.
+    again = prepare_data(tiny_config.data, demo_tokenizer).splits
+    assert [s.digest for s in again] == [train.digest, evals.digest]
+    reseeded = prepare_data(tiny_config.data.model_copy(update={"seed": 1234}), demo_tokenizer).splits
+    assert reseeded[0].digest != train.digest and reseeded[1].digest != evals.digest
 
 
 def test_metrics_are_sent_in_batches(tiny_config, monkeypatch):

@@ -7,17 +7,21 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline import names
 from pipeline.config import TrackingConfig
+from pipeline.data import DataSplit
 from pipeline.errors import one_line
 from pipeline.tracking.store import setup, use_store
 
@@ -64,6 +68,16 @@ class TrackedRun:
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
         self._last_flush = time.monotonic()
 
+    def log_datasets(self, splits: Iterable[DataSplit]) -> None:
+        """The train and eval sets as the run's MLflow dataset inputs: name, digest, source and
+        size (the data stays where it is), each tagged with its context (training, eval)."""
+        self.client.log_inputs(
+            self.run_id,
+            datasets=[
+                DatasetInput(_dataset(s), tags=[InputTag(MLFLOW_DATASET_CONTEXT, s.context)]) for s in splits
+            ],
+        )
+
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
@@ -75,6 +89,18 @@ class TrackedRun:
 
     def artifact_uri(self, path: str = "") -> str:
         return f"runs:/{self.run_id}/{path}"
+
+
+def _dataset(split: DataSplit) -> Dataset:
+    """A split as MLflow's dataset entity: a metadata-only dataset whose source is the file (a
+    `local` source) or the hub dataset (`hugging_face`), with its example count as the profile."""
+    local = Path(split.source).is_absolute()
+    source = get_dataset_source_from_json(
+        json.dumps({"uri": split.source} if local else {"path": split.source}),
+        "local" if local else "hugging_face",
+    )
+    meta = MetaDataset(source, name=split.name, digest=split.digest).to_dict()
+    return Dataset(**meta, profile=json.dumps({"num_rows": split.examples}))
 
 
 @contextmanager
