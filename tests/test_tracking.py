@@ -41,3 +41,24 @@ def test_ui_serves_the_store_on_loopback(tmp_path, monkeypatch, capsys):
     config = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
     code, _, err = run_cli(["ui", "--config", str(config)], capsys)
     assert code == 2 and "error: tracking store sqlite:///nothing-here.db: no such file here" in err
+
+
+def test_system_metrics_without_a_gpu_monitor_still_log_cpu_and_memory():
+    """GPU system metrics need nvidia-ml-py (the `gpu` extra) and a GPU; without either the run
+    still logs MLflow's CPU, memory and disk metrics and nothing fails."""
+    import importlib.util
+    import time
+
+    import torch
+
+    cfg = TrackingConfig(experiment_name="sys", log_system_metrics=True, system_metrics_interval_s=0.5)
+    with tracking.start_run(cfg, "r", {}) as run:
+        time.sleep(2.5)
+    metrics = MlflowClient().get_run(run.run_id).data.metrics
+    for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "disk_usage_percentage"):
+        assert f"system/{key}" in metrics, sorted(metrics)
+    gpu = {k for k in metrics if k.startswith("system/gpu_")}
+    if importlib.util.find_spec("pynvml") and torch.cuda.is_available():
+        assert {"system/gpu_0_utilization_percentage", "system/gpu_0_memory_usage_megabytes"} <= gpu
+    else:
+        assert not gpu
