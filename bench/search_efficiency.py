@@ -11,6 +11,7 @@ seeds (a seed that never gets there counts as its budget + 1), and the median be
     python bench/search_efficiency.py                      # 20 seeds; Ax up to 60 trials, others 400
     python bench/search_efficiency.py --seeds 2 --budget 6 --budget-cheap 6   # CI smoke size
     python bench/search_efficiency.py --pending 1,4        # batch BO: 4 trials in flight vs 1
+    python bench/search_efficiency.py --warm-start 10      # cold vs warm-started from a narrower search
 
 - ax: `pipeline.search.build_client` on the config's search section (center + Sobol
   initialization, then BoTorch), the baseline attached as the status-quo arm.
@@ -111,6 +112,41 @@ def run_ax_pending(
         losses.append(table(params))
         client.complete_trial(index, raw_data={"eval_loss": losses[-1]})
     return losses
+
+
+def run_ax_warm(
+    table: Table, config, baseline: Params, seed: int, budget: int, target: float, narrow: dict, n_source: int
+) -> tuple[list[float], list[float]]:
+    """Warm start, as `search.warm_start` does it: an earlier `n_source`-trial Ax search over a
+    narrower space (`narrow`: config overrides), whose trials are then attached to a new search
+    over the full space with `Optimizer.attach_measured` (the pipeline's own call) before its
+    first trial. Returns (the new search's losses, baseline first; the earlier search's losses)."""
+    from pipeline.config import with_overrides
+    from pipeline.search.space import Optimizer, build_client
+
+    def search(cfg) -> Optimizer:
+        opt = Optimizer(build_client(cfg.search, name=f"replay-warm-{seed}"), cfg, echo=lambda m: None)
+        opt.client.complete_trial(
+            opt.client.attach_baseline(parameters=baseline), {"eval_loss": table(baseline)}
+        )
+        return opt
+
+    earlier_cfg = with_overrides(config, {"search.seed": seed, **narrow})
+    earlier, measured = search(earlier_cfg), []
+    while len(measured) < n_source:
+        for index, params in earlier.client.get_next_trials(max_trials=1).items():
+            measured.append((dict(params), table(params)))
+            earlier.client.complete_trial(index, raw_data={"eval_loss": measured[-1][1]})
+    new = search(with_overrides(config, {"search.seed": seed}))  # the cold search's seed: paired
+    for params, loss in measured:
+        if new.in_search_space(params):
+            new.attach_measured(params, [], {"eval_loss": loss}, table.max_steps, False)
+    losses = [table(baseline)]
+    while len(losses) < budget and min(losses) > target:
+        for index, params, _ in new.ask_batch(1):
+            losses.append(table(params))
+            new.client.complete_trial(index, raw_data={"eval_loss": losses[-1]})
+    return losses, [loss for _, loss in measured]
 
 
 def run_ax_early_stopping(
@@ -242,6 +278,14 @@ def main() -> None:
         help="Instead: Ax with this many trials in flight (parallel workers), e.g. 1,4; prints the "
         "median trials to target of each and the ratio to the first.",
     )
+    ap.add_argument(
+        "--warm-start",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Instead: cold Ax search vs one warm-started from an N-trial search over a narrower space "
+        "(lora.r without 32, where the grid's best is); trials to target counted in the new search.",
+    )
     ap.add_argument("--plot", default=str(ROOT / "bench" / "results" / "search_efficiency.png"))
     ap.add_argument(
         "--early-stopping",
@@ -275,6 +319,9 @@ def main() -> None:
     )
     if args.early_stopping:
         early_stopping_study(table, config, baseline, args)
+        return
+    if args.warm_start:
+        warm_start_study(table, config, baseline, target, args)
         return
     methods = dict(METHODS)
     if args.pending:
@@ -313,6 +360,36 @@ def main() -> None:
     if "ax" in results and "random" in results:
         ratio = statistics.median(results["ax"]["counts"]) / statistics.median(results["random"]["counts"])
         print(f"ax / random median trials to within {args.within:.0%} of the grid's best: {ratio:.2f}")
+
+
+def warm_start_study(table: Table, config, baseline: Params, target: float, args) -> None:
+    """Paired by seed: trials to target of a cold search vs one warm-started from an earlier
+    search over a narrower space (the earlier search's trials are not counted: they were paid)."""
+    narrow = {"search.parameters.lora.r": {"type": "choice", "values": [4, 8, 16]}}
+    cold, warm, earlier_best = [], [], []
+    t0 = time.monotonic()
+    for seed in range(args.seeds):
+        cold.append(
+            trials_to_target(run_ax(table, config, baseline, seed, args.budget, target), target, args.budget)
+        )
+        losses, earlier = run_ax_warm(
+            table, config, baseline, seed, args.budget, target, narrow, args.warm_start
+        )
+        warm.append(trials_to_target(losses, target, args.budget))
+        earlier_best.append(min(earlier))
+        print(
+            f"seed {seed}: cold {cold[-1]}, warm {warm[-1]} (earlier search's best {earlier_best[-1]:.4f}) "
+            f"[{time.monotonic() - t0:.0f}s]",
+            flush=True,
+        )
+    mc, mw = statistics.median(cold), statistics.median(warm)
+    print(
+        f"cold: median {mc:.1f} trials to within {args.within:.0%} (per seed {cold})\n"
+        f"warm from {args.warm_start} trials over lora.r in [4, 8, 16]: median {mw:.1f} (per seed {warm}); "
+        f"earlier searches' best median {statistics.median(earlier_best):.4f} (target {target:.4f})\n"
+        f"warm / cold median trials to within {args.within:.0%} of the grid's best: {mw / mc:.2f}; "
+        f"counting the earlier search's trials too: {(mw + args.warm_start) / mc:.2f}"
+    )
 
 
 def early_stopping_study(table: Table, config, baseline: Params, args) -> None:

@@ -118,6 +118,7 @@ TRIAL_WORKER_HOST = "trial.worker_host"
 TRIAL_WORKER_BASE_LOADS = "trial.worker_base_loads"
 SEARCH_BASELINE_RUN = "search.baseline_run_id"
 SEARCH_BEST_RUN = "search.best_run_id"
+SEARCH_WARM_START = "search.warm_start_runs"  # comma-separated search run ids
 SEARCH_SOURCE_RUN = "search.source_run_id"  # on a retrain run: the search it retrains
 RETRAIN_SOURCE = "retrain.source"  # champion <name> vN (search run ...) | search run ... | file ...
 SEARCH_RESUMED_INTO = "search.resumed_into"  # on a run created by `mlflow run` that resumed another

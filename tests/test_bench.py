@@ -149,3 +149,11 @@ def test_batch_replay_smoke(tmp_path):
         ["bench/search_efficiency.py", "--pending", "1,2", "--seeds", "1", "--budget", "6"], tmp_path
     )
     assert lines[-1].startswith("ax-p2 / ax-p1 median trials to within 1% of the grid's best: ")
+
+
+def test_warm_start_replay_smoke(tmp_path):
+    lines = _bench(
+        ["bench/search_efficiency.py", "--warm-start", "3", "--seeds", "1", "--budget", "5"], tmp_path
+    )
+    assert lines[-1].startswith("warm / cold median trials to within 1% of the grid's best: ")
+    assert float(lines[-1].split(": ")[1].split(";")[0]) > 0

@@ -79,6 +79,7 @@ STAGES = [
     {"search.mailbox"},
     {"search.distributed"},
     {"search.baseline"},
+    {"search.warm"},
     {"search.loop"},
     {"search"},
     {"retrain"},

@@ -208,6 +208,12 @@ class SearchConfig(Section):
         description="Reuse a finished baseline run with the same config fingerprint in the "
         "experiment instead of training the baseline again.",
     )
+    warm_start: list[str] = Field(
+        default_factory=list,
+        description="Search run ids whose completed and early-stopped trials are given to Ax before "
+        "the first new trial (same base model, data and eval set; trials outside this space are "
+        "skipped and listed in the report). See docs/search.md#warm-start.",
+    )
     output_dir: str = Field("outputs/search", description="Local copy of reports and search state.")
     executor: Literal["local", "ray"] = Field(
         "local",
@@ -226,6 +232,22 @@ class SearchConfig(Section):
         description="ray: the cluster to join (e.g. `ray://head:10001` or `auto`); RAY_ADDRESS wins. "
         "Null and no RAY_ADDRESS: a local Ray cluster is started and shut down by the search.",
     )
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _run_ids(cls, value: Any) -> Any:
+        # An all-digit run id reads as a number in YAML; a run id is text.
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            return value
+        ids = [str(v).strip() for v in value]
+        bad = [v for v in ids if not re.fullmatch(r"[0-9A-Za-z_-]+", v)]
+        if bad:
+            raise ValueError(f"not a run id: {bad[0]!r}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a run id repeats: {ids}")
+        return ids
 
     @model_validator(mode="after")
     def _ray_settings_need_ray(self) -> SearchConfig:

@@ -21,7 +21,7 @@ from pipeline.config import PipelineConfig, config_fingerprint, flatten, load_co
 from pipeline.errors import ConfigError, SearchAborted
 from pipeline.interrupt import STOP_REQUESTED, graceful_stop
 from pipeline.provenance import git_commit, package_versions
-from pipeline.search import baseline
+from pipeline.search import baseline, warm
 from pipeline.search import state as store
 from pipeline.search.executor import Executor, LocalExecutor, TrialJob, TrialOutcome
 from pipeline.search.finish import SearchResult, finish
@@ -77,6 +77,8 @@ def run_search(
     (`search.executor: ray`), unless another executor is given."""
     if config.eval.lm_eval is not None:
         lmeval.require()  # before the search's run exists
+    if not resume:
+        warm.check_sources(config)  # a wrong run id leaves no run behind
     resources = Resources()  # shared by the baseline check and the local executor's trials
     if executor is None and config.search.executor == "ray":
         from pipeline.search.distributed import RayExecutor  # Ray is an optional extra
@@ -133,6 +135,10 @@ class Search:
                 if state.baseline is None:
                     with self.timer.phase("baseline"):
                         self._baseline()
+                    self._save()
+                if state.warm is None:
+                    with self.timer.phase("ax"):
+                        state.warm = warm.start(self.config, self.optimizer, run, self.resources, self._echo)
                     self._save()
                 self._loop(t_session)
             except (KeyboardInterrupt, SearchAborted) as e:

@@ -80,7 +80,18 @@ def write_report(ctx: ReportContext, out_dir: Path) -> str:
         plots.plot_pareto(
             ctx.config.search, ctx.state, ctx.analysis.get("pareto", []), out_dir / PLOTS["pareto"]
         )
-    sections = (_summary, _best, _insights, _history, _convergence, _pareto, _next_steps, _plots, _provenance)
+    sections = (
+        _summary,
+        _best,
+        _insights,
+        _history,
+        _warm_start,
+        _convergence,
+        _pareto,
+        _next_steps,
+        _plots,
+        _provenance,
+    )
     text = "\n".join(line for section in sections for line in section(ctx))
     (out_dir / names.REPORT_FILE).write_text(text)
     return text
@@ -99,6 +110,11 @@ def description(ctx: ReportContext) -> str:
             change = f"a {gain:.1f}% improvement on" if gain >= 0 else f"{-gain:.1f}% worse than"
             text += f", {change} the baseline ({base.eval_loss:.4f})"
         text += "."
+    warm = [w for w in s.warm or [] if w.attached]
+    if s.warm:
+        sources = dict.fromkeys((w.source_search, w.source_experiment) for w in s.warm)
+        links = ", ".join(f"[{rid[:8]}](#/experiments/{exp}/runs/{rid})" for rid, exp in sources)
+        text += f" Warm-started with {len(warm)} of {len(s.warm)} trials of search {links}."
     if ctx.promotion is not None:
         text += f" Registry: {ctx.promotion}."
     return text + f" Report: artifacts {names.REPORT_DIR}/{names.REPORT_FILE}."
@@ -238,6 +254,32 @@ def _history(ctx: ReportContext) -> list[str]:
         md += [
             f"| {t.index} | {t.status} | {t.failure_reason or '-'} | `{t.run_id or '-'}` |" for t in unscored
         ]
+    return [*md, ""]
+
+
+def _warm_start(ctx: ReportContext) -> list[str]:
+    """The earlier searches' trials given to Ax first, and those left out with why."""
+    warm = ctx.state.warm or []
+    if not warm:
+        return []
+    used = [w for w in warm if w.attached]
+    keys = list(ctx.config.search.parameters)
+    md = [
+        "## Warm start",
+        "",
+        f"{len(used)} of {len(warm)} trials of the earlier searches "
+        + ", ".join(f"`{r}`" for r in dict.fromkeys(w.source_search for w in warm))
+        + " were given to Ax before the first trial (not counted in n_trials, not promoted).",
+        "",
+        f"| Ax trial | source run | status | {' | '.join(keys)} | eval_loss | used |",
+        "|---|---|---|" + "---|" * len(keys) + "---|---|",
+    ]
+    for w in warm:
+        values = " | ".join(fmt(w.parameters[k]) if k in w.parameters else "-" for k in keys)
+        loss = f"{w.eval_loss:.4f}" if w.eval_loss is not None else "-"
+        used_text = "yes" if w.attached else "no: " + str(w.skipped).replace("|", "\\|")
+        index = w.index if w.attached else "-"
+        md.append(f"| {index} | `{w.run_id}` | {w.status} | {values} | {loss} | {used_text} |")
     return [*md, ""]
 
 

@@ -244,6 +244,27 @@ class Optimizer:
         self.client.attach_data(index, metrics, progression=progression)
         self.client.complete_trial(index)
 
+    def attach_measured(
+        self,
+        parameters: dict[str, Any],
+        curve: list[tuple[int, float]],
+        metrics: dict[str, float],
+        at: int,
+        early_stopped: bool,
+    ) -> int:
+        """A trial measured elsewhere (warm start): its eval-loss curve, then its final metrics at
+        progression `at`, as a finished trial. A configuration that already has data here (a warm
+        start saved by Ax but not by the records before a crash) keeps its trial."""
+        measured = self.client._experiment.data.trial_indices
+        for index, trial in self.client._experiment.trials.items():
+            if index in measured and dict(trial.arm.parameters) == parameters:
+                return index
+        index = self.client.attach_trial(parameters=parameters)
+        for progress, loss in curve:
+            self.client.attach_data(index, {names.EVAL_LOSS: loss}, progression=progress)
+        self.complete(index, metrics, at, early_stopped)
+        return index
+
     def report_evaluation(self, index: int, progression: int, eval_loss: float) -> bool:
         """Give Ax one evaluation of a running trial; True when the trial should stop early."""
         self.client.attach_data(index, {names.EVAL_LOSS: eval_loss}, progression=progression)

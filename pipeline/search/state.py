@@ -73,6 +73,26 @@ class BaselineRecord:
 
 
 @dataclass
+class WarmTrial:
+    """One trial of an earlier search, and what became of it here."""
+
+    source_search: str  # the earlier search's run id
+    run_id: str  # the trial's run
+    run_name: str
+    status: str  # its trial.status there
+    parameters: dict[str, Any] = field(default_factory=dict)  # its values of this space's keys
+    eval_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    index: int | None = None  # its Ax trial index here; None when skipped
+    skipped: str | None = None  # why it was not attached
+    source_experiment: str = ""  # the earlier search's experiment (for links)
+
+    @property
+    def attached(self) -> bool:
+        return self.index is not None
+
+
+@dataclass
 class SearchState:
     """Everything the search needs to resume, besides Ax's own JSON."""
 
@@ -84,6 +104,9 @@ class SearchState:
     wall_seconds: float = 0.0  # accumulated over sessions (a resumed search adds to it)
     sessions: int = 0
     stop_reason: str = ""
+    # Trials of earlier searches given to Ax before the first trial (search.warm_start); None
+    # until that is done (a search that crashed before it does it when resumed).
+    warm: list[WarmTrial] | None = None
 
     def finished(self) -> list[TrialRecord]:
         return [t for t in self.trials if t.status in names.FINISHED_STATUSES]
@@ -107,8 +130,14 @@ class SearchState:
         baseline = (
             BaselineRecord(**{**base, "evals": [tuple(e) for e in base.get("evals", [])]}) if base else None
         )
-        rest = {k: v for k, v in data.items() if k not in ("trials", "baseline")}
-        return cls(trials=trials, baseline=baseline, **rest)
+        warm = data.get("warm")
+        rest = {k: v for k, v in data.items() if k not in ("trials", "baseline", "warm")}
+        return cls(
+            trials=trials,
+            baseline=baseline,
+            warm=None if warm is None else [WarmTrial(**w) for w in warm],
+            **rest,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +205,7 @@ FROZEN_ON_RESUME = (
     "search.method",
     "search.initialization_trials",
     "search.early_stopping.progression",  # Ax's data would mix units
+    "search.warm_start",  # attached once, when the search started
 )
 FREE_ON_RESUME = ("train.output_dir",)  # scratch, not a result (see config_fingerprint)
 
@@ -195,8 +225,8 @@ def _refuse_changed_settings(parent_run_id: str, config: PipelineConfig) -> None
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise PipelineError(
             f"resume: search run {parent_run_id} changed since it started ({diffs}); its Ax state and "
-            "trials belong to the old settings. Start a new search with the new ones (reusing old trials "
-            "in a new space is warm start, a later feature)"
+            "trials belong to the old settings. Start a new search with the new ones; it can reuse "
+            f"this search's trials with search.warm_start: [{parent_run_id}]"
         )
 
 
