@@ -1,4 +1,5 @@
-"""Where a result came from: git commit and package versions (the hardware: `model.hardware`)."""
+"""Where a result came from: git commit and package versions (the hardware: `model.hardware`);
+what a registered model needs installed."""
 
 from __future__ import annotations
 
@@ -31,6 +32,26 @@ def package_versions() -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
     return out
+
+
+# What a registered model's code needs (gguf too where installed, for GGUF base models).
+MODEL_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "mlflow",
+    "pydantic",
+    "pyyaml",
+    "psutil",
+)
+
+
+def model_requirements() -> list[str]:
+    """pip requirements of a registered model, pinned to this process's versions where known."""
+    v = package_versions()
+    return [f"{p}=={v[p]}" if p in v else p for p in MODEL_PACKAGES] + (["gguf"] if "gguf" in v else [])
 
 
 def git_commit(path: str | Path = ".") -> str:

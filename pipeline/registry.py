@@ -23,14 +23,27 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from pipeline import lmeval, names
+from pipeline import lmeval, names, tracking
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.provenance import model_requirements
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# What a version takes and gives: one string column of prompts (`prompt` over REST; one unnamed
+# column, so a plain string or list still works in Python, where a named one would be refused),
+# one answer per prompt, and `max_new_tokens` passed through serving as a param.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string")]),
+    outputs=Schema([ColSpec("string")]),
+    params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
+)
+EXAMPLE = (pd.DataFrame({"prompt": ["What does the function `json.dumps` do?"]}), {"max_new_tokens": 64})
 
 
 @dataclass(frozen=True)
@@ -198,12 +211,19 @@ def promote(
                         duplicate=True,
                     )
         base = json.loads((Path(adapter_dir) / names.BASE_REFERENCE_FILE).read_text())
-        info = mlflow.pyfunc.log_model(
+        # mlflow.pyfunc.log_model, without serving the input example to check it (see _Pyfunc).
+        info = Model.log(
+            None,
+            _Pyfunc,
             name=names.MODEL_ARTIFACT,
+            flavor_name="pyfunc.ModelFromCode",
+            validate_serving_input=False,
             python_model=str(Path(__file__)),
             artifacts={"adapter": str(adapter_dir)},
             code_paths=[str(PACKAGE_DIR)],
-            pip_requirements=_requirements(),
+            pip_requirements=model_requirements(),
+            signature=SIGNATURE,
+            input_example=EXAMPLE,
         )
     version_tags = {
         names.VERSION_SOURCE_RUN: candidate.run_id,
@@ -245,6 +265,52 @@ def promote(
         if champion and names.VERSION_EVAL_LOSS in champion.tags
         else None,
     )
+
+
+class _Pyfunc:
+    """mlflow.pyfunc as the flavor `Model.log` saves with, minus the check that serves the input
+    example: it loads the base model and generates (minutes, and a second copy in GPU memory next
+    to the one just trained, for a 7B model). MLflow's transformers flavor skips it the same way
+    for a model given as a path; the serving test covers what it would check."""
+
+    @staticmethod
+    def save_model(*, validate_serving_input: bool = False, **kwargs: Any) -> None:
+        mlflow.pyfunc.save_model(**kwargs)
+
+
+def version_description(
+    candidate: Candidate,
+    config_yaml: str,
+    *,
+    experiment_id: str,
+    role: str,
+    metrics: dict[str, float] | None = None,
+    search_run_id: str | None = None,
+    baseline_eval_loss: float | None = None,
+    improvement_pct: float | None = None,
+) -> str:
+    """A version's description (markdown): the run that trained the adapter (`role`: a search
+    trial or a retrain) and its search, linked into the MLflow UI; eval loss, the objective it
+    was judged on, task metrics (`lmeval_*`), the change against the baseline when known (given,
+    or from `baseline_eval_loss`); then the config as YAML."""
+    url, run_id = tracking.run_url, candidate.run_id
+    rows = [("source run", f"{role} [`{run_id}`]({url(experiment_id, run_id)}), experiment {experiment_id}")]
+    if search_run_id:
+        rows.append(("search run", f"[`{search_run_id}`]({url(experiment_id, search_run_id)})"))
+    rows.append((names.EVAL_LOSS, f"{candidate.eval_loss:.4f}"))
+    goal = "minimized" if candidate.minimize else "maximized"
+    rows.append(("objective", f"{candidate.objective} = {candidate.score:.4f} ({goal})"))
+    rows += [(k, f"{v:.4f}") for k, v in sorted((metrics or {}).items()) if k.startswith(names.LMEVAL_PREFIX)]
+    if improvement_pct is None and baseline_eval_loss:
+        improvement_pct = 100.0 * (baseline_eval_loss - candidate.eval_loss) / baseline_eval_loss
+    if improvement_pct is not None:
+        base = f" ({baseline_eval_loss:.4f})" if baseline_eval_loss else ""
+        rows.append(("vs baseline", f"eval_loss {improvement_pct:.1f} % below the baseline's{base}"))
+    header = "\n".join(["| provenance | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
+    room = 4900 - len(header)  # MLflow keeps the first 5000 characters
+    if len(config_yaml) > room:
+        config_yaml = config_yaml[:room] + "\n# ... cut here: the run's config.yaml has it all\n"
+    return f"{header}\n\n**Config**\n\n```yaml\n{config_yaml.rstrip()}\n```\n"
 
 
 def check_model_uri(uri: str) -> str:
@@ -298,24 +364,6 @@ def _versions(client: MlflowClient, name: str) -> list[VersionRecord]:
         return [_version(mv) for mv in client.search_model_versions(f"name = '{name}'")]
     except MlflowException:
         return []
-
-
-def _requirements() -> list[str]:
-    from pipeline.provenance import package_versions
-
-    v = package_versions()
-    pkgs = [
-        "torch",
-        "transformers",
-        "peft",
-        "accelerate",
-        "safetensors",
-        "mlflow",
-        "pydantic",
-        "pyyaml",
-        "psutil",
-    ]
-    return [f"{p}=={v[p]}" if p in v else p for p in pkgs] + (["gguf"] if "gguf" in v else [])
 
 
 # ---------------------------------------------------------------------------------------------

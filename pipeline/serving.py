@@ -88,9 +88,11 @@ def prompts_from(model_input: Any) -> list[str]:
     if isinstance(model_input, dict):
         value = model_input.get("prompt", model_input.get("prompts"))
         return [value] if isinstance(value, str) else list(value)
-    if hasattr(model_input, "columns"):  # pandas DataFrame
+    if hasattr(model_input, "columns"):  # pandas DataFrame: what MLflow hands over under the signature
         column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(v) for v in model_input[column].tolist()]
+        # {"prompt": [a, b]} arrives as one row holding the list: its prompts, one by one.
+        cells = model_input[column].tolist()
+        return [str(p) for v in cells for p in (v if isinstance(v, (list, tuple)) else [v])]
     return [str(p) for p in model_input]
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -158,3 +161,70 @@ def test_the_adapter_handed_over_is_not_downloaded_again(two_adapters, monkeypat
         for v in MlflowClient().search_model_versions(f"name = '{n}'")
     }
     assert versions["reg-local"] == versions["reg-fetched"] == registry.adapter_sha256(good.adapter_dir)
+
+
+def test_version_description_says_where_the_version_came_from(monkeypatch):
+    offer = registry.Candidate(
+        "run123", 2.5, "fp", objective="lmeval_pydoc_mc_acc", minimize=False, value=0.49
+    )
+    metrics = {names.EVAL_LOSS: 2.5, "lmeval_pydoc_mc_acc": 0.49, "train_loss_mean": 2.0}
+    yaml = "lora:\n  r: 16\n"
+    text = registry.version_description(
+        offer,
+        yaml,
+        experiment_id="7",
+        role="trial",
+        metrics=metrics,
+        search_run_id="s1",
+        baseline_eval_loss=3.0,
+    )
+    assert "| source run | trial [`run123`](#/experiments/7/runs/run123), experiment 7 |" in text
+    assert "| search run | [`s1`](#/experiments/7/runs/s1) |" in text
+    assert "| eval_loss | 2.5000 |" in text
+    assert "| objective | lmeval_pydoc_mc_acc = 0.4900 (maximized) |" in text
+    assert "| lmeval_pydoc_mc_acc | 0.4900 |" in text and "train_loss_mean" not in text
+    assert "| vs baseline | eval_loss 16.7 % below the baseline's (3.0000) |" in text
+    assert text.endswith("```yaml\nlora:\n  r: 16\n```\n")
+    # On a tracking server the links are absolute; no baseline known: no such row.
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow.example:5000/")
+    text = registry.version_description(offer, yaml, experiment_id="7", role="retrain")
+    assert "(http://mlflow.example:5000/#/experiments/7/runs/run123)" in text and "baseline" not in text
+    # A long config is cut to what MLflow keeps, the header whole.
+    long = registry.version_description(offer, "k: v\n" * 2000, experiment_id="7", role="trial")
+    assert len(long) <= 5000 and long.startswith("| provenance") and "cut here" in long
+
+
+def test_a_version_has_a_signature_and_an_input_example_and_answers_any_prompt_form(
+    tiny_config, tmp_path, monkeypatch
+):
+    """The registered pyfunc declares a string column in, strings out and `max_new_tokens`;
+    registering does not load the base model to try the example; predict takes a string, a
+    list, a DataFrame or a dict."""
+    import pandas as pd
+
+    from pipeline import serving
+
+    result = run_trial(tiny_config, quiet=True)
+    loads = []
+    real_load = serving.load_adapter
+    monkeypatch.setattr(serving, "load_adapter", lambda d: loads.append(d) or real_load(d))
+    assert promote(result, name="reg-sig").promoted
+    assert loads == [], "registering must not load the model to validate the input example"
+    uri = "models:/reg-sig@champion"
+    signature = mlflow.models.get_model_info(uri).signature
+    assert [c.type.name for c in signature.inputs.inputs] == ["string"]
+    assert [c.type.name for c in signature.outputs.inputs] == ["string"]
+    (param,) = signature.params.params
+    assert (param.name, param.dtype.name, param.default) == ("max_new_tokens", "long", 64)
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "m")))
+    example = json.loads((local / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == ["prompt"] and example["params"] == {"max_new_tokens": 64}
+    model = mlflow.pyfunc.load_model(uri)
+    for given, n in (
+        ("hi", 1),
+        (["a", "b"], 2),
+        (pd.DataFrame({"prompt": ["a", "b", "c"]}), 3),
+        ({"prompt": ["a", "b"]}, 2),
+    ):
+        answers = model.predict(given, params={"max_new_tokens": 3})
+        assert len(answers) == n and all(isinstance(a, str) for a in answers), given

@@ -117,6 +117,11 @@ def test_registered_champion_round_trips_and_generates(tmp_path, trained_logits,
     )
     assert out.promotion.promoted and out.source.kind == "file"
     capsys.readouterr()
+    # The version says where it came from: the retrain run (linked), its eval loss, the config.
+    described = MlflowClient().get_model_version(MODEL, out.promotion.version).description
+    run_id, exp = out.result.run_id, mlflow.get_run(out.result.run_id).info.experiment_id
+    assert f"[`{run_id}`](#/experiments/{exp}/runs/{run_id})" in described
+    assert f"| eval_loss | {out.result.eval_loss:.4f} |" in described and "```yaml\n" in described
 
     loaded = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     inner = loaded.unwrap_python_model()

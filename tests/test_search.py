@@ -454,6 +454,11 @@ def test_a_worse_search_does_not_move_the_champion_and_reuses_the_baseline(tmp_p
         quiet=True,
     )
     assert first.promotion.promoted and first.promotion.version == "1"
+    # The version's description: the best trial and its search, with the gain over the baseline.
+    described = MlflowClient().get_model_version(MODEL, "1").description
+    assert f"| source run | trial [`{first.best.run_id}`](#/experiments/" in described
+    assert f"| search run | [`{first.parent_run_id}`](#/experiments/" in described
+    assert "| vs baseline | eval_loss " in described and "```yaml\n" in described
     # A search confined to a tiny learning rate cannot beat the first one.
     worse = run_search(
         search_config(

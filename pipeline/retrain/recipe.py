@@ -146,22 +146,32 @@ def run_retrain(
     holder: dict[str, Any] = {}
 
     def finish(run: tracking.TrackedRun, result: TrialResult) -> None:
+        offer = registry.candidate(
+            config,
+            result.run_id,
+            result.metrics,
+            result.eval_loss,
+            result.eval_fingerprint,
+            result.adapter_dir,
+        )
+        same_eval = baseline is not None and baseline.eval_fingerprint == result.eval_fingerprint
         promotion = registry.promote(
             config.registry.model_name,
-            registry.candidate(
-                config,
-                result.run_id,
-                result.metrics,
-                result.eval_loss,
-                result.eval_fingerprint,
-                result.adapter_dir,
-            ),
+            offer,
             tags={
                 names.VERSION_SEARCH_RUN: source.search_run_id,
                 names.VERSION_DATA_FINGERPRINT: result.data_fingerprint,
                 names.VERSION_RETRAIN_SOURCE: source.description,
             },
-            description=to_yaml(config),
+            description=registry.version_description(
+                offer,
+                to_yaml(config),
+                experiment_id=run.experiment_id,
+                role=f"retrain of {source.description}",
+                metrics=result.metrics,
+                search_run_id=source.search_run_id,
+                baseline_eval_loss=baseline.eval_loss if same_eval else None,
+            ),
             allow_duplicate=allow_duplicate,
         )
         ctx = RetrainContext(

@@ -105,14 +105,23 @@ def promote(
         # Records saved by an older version lack the fingerprint: read it off the run then.
         fp = best.eval_fingerprint or tracking.get_run(best.run_id).eval_fingerprint
         adapter = Path(best.adapter_dir) if best.adapter_dir else None
+        offer = registry.candidate(config, best.run_id, best.metrics, best.eval_loss, fp, adapter)
         return registry.promote(
             config.registry.model_name,
-            registry.candidate(config, best.run_id, best.metrics, best.eval_loss, fp, adapter),
+            offer,
             tags={
                 names.VERSION_SEARCH_RUN: run.run_id,
                 names.VERSION_IMPROVEMENT_PCT: summary.get(names.IMPROVEMENT_PCT),
             },
-            description=to_yaml(with_overrides(config.model_copy(update={"search": None}), best.parameters)),
+            description=registry.version_description(
+                offer,
+                to_yaml(with_overrides(config.model_copy(update={"search": None}), best.parameters)),
+                experiment_id=run.experiment_id,
+                role=names.ROLE_TRIAL,
+                metrics=best.metrics,
+                search_run_id=run.run_id,
+                improvement_pct=summary.get(names.IMPROVEMENT_PCT),
+            ),
         )
     except Exception as e:
         message = f"registration failed, nothing registered: {type(e).__name__}: {e}"

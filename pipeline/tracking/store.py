@@ -82,6 +82,14 @@ def _ensure_experiment(uri: str, name: str) -> None:
             raise
 
 
+def run_url(experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: absolute on a tracking server (http/https), else relative
+    to the UI's root (`#/experiments/...`), which the UI resolves wherever it is served."""
+    uri = mlflow.get_tracking_uri()
+    root = uri.rstrip("/") + "/" if uri.startswith(("http://", "https://")) else ""
+    return f"{root}#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def current_experiment_id(cfg: TrackingConfig) -> str | None:
     """The experiment runs go to now: that of the run `mlflow run` made, else the configured one."""
     outer = os.environ.get("MLFLOW_RUN_ID")
