@@ -24,7 +24,7 @@ from pipeline.tracking import RunRecord
 
 from .conftest import DEMO_CONFIG, tiny_overrides
 
-ME = {names.DATA_FINGERPRINT: "data-fp", names.EVAL_FINGERPRINT: "eval-fp"}
+ME = {names.DATA_FINGERPRINT: "data-fp", names.EVAL_FINGERPRINT: "eval-fp", names.PRECISION: "float32"}
 
 
 def overrides(tmp_path, **extra) -> list[str]:
@@ -82,7 +82,8 @@ def test_a_trial_measured_the_same_way_in_this_space_is_usable(config):
         ),
         ({"values": {"train.max_steps": 99}}, "train.max_steps is 99 there, 12 here"),
         ({"values": {"model.dtype": "float32"}}, "model.dtype is float32 there, auto here"),
-        ({"tags": {names.DATA_FINGERPRINT: "other"}}, "data differs (data fingerprint other vs data-fp)"),
+        ({"tags": {names.DATA_FINGERPRINT: "other"}}, "data differs (other there, data-fp here)"),
+        ({"tags": {names.PRECISION: "bfloat16"}}, "precision differs (bfloat16 there, float32 here)"),
         ({"tags": {names.EVAL_FINGERPRINT: "other"}}, "eval set differs"),
         ({"status": names.FAILED}, "failed (no result to reuse)"),
         ({"status": names.KILLED}, "killed (no result to reuse)"),

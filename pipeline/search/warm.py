@@ -32,7 +32,13 @@ from pipeline.trial import Resources, identity
 
 # Keys that do not decide a trial's numbers (scratch folders).
 FREE = ("train.output_dir",)
-FINGERPRINTS = {names.DATA_FINGERPRINT: "data", names.EVAL_FINGERPRINT: "eval set"}
+# Besides the config: what the run tags say it was measured on (the device may differ: the same
+# precision on another GPU measures the same loss, up to noise).
+MEASURED_ON = {
+    names.DATA_FINGERPRINT: "data",
+    names.EVAL_FINGERPRINT: "eval set",
+    names.PRECISION: "precision",
+}
 
 
 def check_sources(config: PipelineConfig) -> list[tracking.RunRecord]:
@@ -87,14 +93,14 @@ def match(
 ) -> tuple[dict[str, Any], str | None]:
     """This search's parameters for an earlier trial run, and why it cannot be used (or None).
 
-    `me` holds this search's data and eval fingerprints (`trial.identity`)."""
+    `me` holds this search's data and eval fingerprints and precision (`trial.identity`)."""
     search = config.search
     status = run.tags.get(names.TRIAL_STATUS)
     if status not in names.SCORED_STATUSES or run.eval_loss is None or not math.isfinite(run.eval_loss):
         return {}, f"{status or run.status.lower()} (no result to reuse)"
-    for key, label in FINGERPRINTS.items():
+    for key, label in MEASURED_ON.items():
         if run.tags.get(key) != me.get(key):
-            return {}, f"{label} differs ({label} fingerprint {run.tags.get(key)} vs {me.get(key)})"
+            return {}, f"{label} differs ({run.tags.get(key)} there, {me.get(key)} here)"
     base = flatten(to_dict(config.model_copy(update={"search": None})))
     for key, value in sorted(base.items()):
         if not key.startswith(tuple(f"{s}." for s in RESULT_SECTIONS)) or key in FREE:
@@ -102,7 +108,8 @@ def match(
         if key in search.parameters:
             continue
         if run.params.get(key) != param_text(value):
-            return {}, f"{key} is {run.params.get(key)!s:.40} there, {param_text(value):.40} here"
+            there = run.params.get(key, "not logged")
+            return {}, f"{key} is {there:.40} there, {param_text(value):.40} here"
     params: dict[str, Any] = {}
     for key, spec in search.parameters.items():
         try:
