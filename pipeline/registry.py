@@ -305,7 +305,8 @@ def version_description(
         improvement_pct = 100.0 * (baseline_eval_loss - candidate.eval_loss) / baseline_eval_loss
     if improvement_pct is not None:
         base = f" ({baseline_eval_loss:.4f})" if baseline_eval_loss else ""
-        rows.append(("vs baseline", f"eval_loss {improvement_pct:.1f} % below the baseline's{base}"))
+        side = "below" if improvement_pct >= 0 else "above"
+        rows.append(("vs baseline", f"eval_loss {abs(improvement_pct):.1f} % {side} the baseline's{base}"))
     header = "\n".join(["| provenance | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
     room = 4900 - len(header)  # MLflow keeps the first 5000 characters
     if len(config_yaml) > room:

@@ -185,6 +185,8 @@ def test_version_description_says_where_the_version_came_from(monkeypatch):
     assert "| lmeval_pydoc_mc_acc | 0.4900 |" in text and "train_loss_mean" not in text
     assert "| vs baseline | eval_loss 16.7 % below the baseline's (3.0000) |" in text
     assert text.endswith("```yaml\nlora:\n  r: 16\n```\n")
+    worse = registry.version_description(offer, yaml, experiment_id="7", role="trial", baseline_eval_loss=2.0)
+    assert "| vs baseline | eval_loss 25.0 % above the baseline's (2.0000) |" in worse
     # On a tracking server the links are absolute; no baseline known: no such row.
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow.example:5000/")
     text = registry.version_description(offer, yaml, experiment_id="7", role="retrain")
