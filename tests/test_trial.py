@@ -18,7 +18,7 @@ from pipeline.trial import Resources, run_trial
 from .conftest import DEMO_DATA, PROBE
 
 
-def test_run_trial_tracks_everything(tiny_config):
+def test_run_trial_tracks_everything(tiny_config, demo_tokenizer):
     result = run_trial(tiny_config, quiet=True)
     client = MlflowClient()
     run = client.get_run(result.run_id)
@@ -59,13 +59,12 @@ def test_run_trial_tracks_everything(tiny_config):
         assert f"{names.ADAPTER_DIR}/{f}" in arts
     top = {a.path for a in client.list_artifacts(result.run_id)}
     assert {names.CONFIG_FILE, names.DATA_STATS_FILE, names.GENERATIONS_FILE} <= top
+    check_datasets(run, tiny_config, demo_tokenizer)
 
 
-def test_train_and_eval_sets_are_logged_as_mlflow_datasets(tiny_config, demo_tokenizer):
+def check_datasets(run, tiny_config, demo_tokenizer) -> None:
     """Each run names its data in MLflow's dataset inputs: name, source, a digest of the examples
     used (stable for the same data and split, changed by another split) and their count."""
-    result = run_trial(tiny_config, quiet=True)
-    run = MlflowClient().get_run(result.run_id)
     logged = {
         next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
         for d in run.inputs.dataset_inputs
