@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import names
 from pipeline.config import LmEvalConfig
 from pipeline.errors import PipelineError
+from pipeline.timing import PhaseTimer
 
 if TYPE_CHECKING:
     from pipeline.train import TrainJob
@@ -154,19 +154,22 @@ def _task_manager(cls: Any, cfg: LmEvalConfig) -> Any:
     return cls()
 
 
-def log_scores(run: Any, model: Any, job: TrainJob) -> dict[str, float]:
-    """Score the trial's trained model on `eval.lm_eval`; log the harness's results table and
-    task configs on `run`; the metrics (`lmeval_<task>_<metric>`)."""
+def log_scores(run: Any, model: Any, job: TrainJob, timer: PhaseTimer) -> dict[str, float]:
+    """Score the trial's trained model on `eval.lm_eval` (timed as the `lm_eval` phase); log the
+    harness's results table and task configs on `run` (timed as `tracking`, like every other
+    logging call of a trial); the metrics (`lmeval_<task>_<metric>`)."""
     cfg, seed, quiet, tokenizer = job.config.eval.lm_eval, job.config.train.seed, job.quiet, job.tokenizer
-    t0 = time.perf_counter()
-    out = evaluate(model, tokenizer, cfg, seed, quiet)
+    before = timer.seconds["lm_eval"]
+    with timer.phase("lm_eval"):
+        out = evaluate(model, tokenizer, cfg, seed, quiet)
     metrics = task_metrics(out["results"])
     shown = ", ".join(
         f"{k.removeprefix(names.LMEVAL_PREFIX)}={v:.4f}" for k, v in metrics.items() if "stderr" not in k
     )
-    log.info("lm-eval %s: %s (%.0f s)", "+".join(cfg.tasks), shown, time.perf_counter() - t0)
-    run.log_dict(_jsonable(out["results"]), names.LMEVAL_RESULTS_FILE)
-    run.log_dict(_jsonable(out.get("configs", {})), names.LMEVAL_CONFIGS_FILE)
+    log.info("lm-eval %s: %s (%.0f s)", "+".join(cfg.tasks), shown, timer.seconds["lm_eval"] - before)
+    with timer.phase("tracking"):
+        run.log_dict(_jsonable(out["results"]), names.LMEVAL_RESULTS_FILE)
+        run.log_dict(_jsonable(out.get("configs", {})), names.LMEVAL_CONFIGS_FILE)
     return metrics
 
 

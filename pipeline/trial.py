@@ -351,8 +351,7 @@ def _train_in_run(
         if trial.metric is not None and config.eval.generation_samples and data.generation:
             final.update(_generation_scores(run, trial, model))
         if config.eval.lm_eval is not None:
-            with timer.phase("lm_eval"):
-                final.update(lmeval.log_scores(run, model, job))
+            final.update(lmeval.log_scores(run, model, job, timer))
         # eval_loss and eval_perplexity at the last step were streamed by the callback already.
         streamed = {names.EVAL_LOSS, names.EVAL_PERPLEXITY}
         with timer.phase("tracking"):
