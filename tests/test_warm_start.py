@@ -19,8 +19,8 @@ from pipeline.errors import ConfigError
 from pipeline.search import run_search, search_config
 from pipeline.search.space import Optimizer
 from pipeline.search.state import SearchState
-from pipeline.search.warm import match, param_text, parse_value
-from pipeline.tracking import RunRecord
+from pipeline.search.warm import match, parse_value
+from pipeline.tracking import RunRecord, param_text
 
 from .conftest import DEMO_CONFIG, tiny_overrides
 

@@ -164,7 +164,7 @@ class Search:
         else:
             state = loaded
             state.n_trials = self.search.n_trials
-            store.reconcile(self.optimizer, state, self.required)
+            store.reconcile(self.optimizer, state)
         state.sessions += 1
         return state
 
@@ -180,7 +180,7 @@ class Search:
                 if record.evals
                 else None
             )
-            self.optimizer.attach_baseline(record.parameters, self._raw(record.metrics), last)
+            self.optimizer.attach_baseline(record.parameters, self.optimizer.ax_metrics(record.metrics), last)
         self.state.baseline = record
         self.parent_run.set_tags({names.SEARCH_BASELINE_RUN: record.run_id})
         self.parent_run.log_metrics({names.BASELINE_EVAL_LOSS: record.eval_loss}, step=0, flush=True)
@@ -290,7 +290,7 @@ class Search:
         record.eval_fingerprint, record.adapter_dir = result.eval_fingerprint, str(result.adapter_dir)
         with self.timer.phase("ax"):
             self.optimizer.complete(
-                index, self._raw(result.metrics), result.steps, result.status == EARLY_STOPPED
+                index, self.optimizer.ax_metrics(result.metrics), result.steps, result.status == EARLY_STOPPED
             )
         record.status = result.status
         self._keep_best_adapter()
@@ -359,11 +359,6 @@ class Search:
     def _save(self) -> None:
         with self.timer.phase("state"):
             store.save(self.parent_run, self.optimizer, self.state, self.dir)
-
-    def _raw(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The metrics Ax is given: those it optimizes or constrains, and eval_loss."""
-        keys = dict.fromkeys([*self.required, names.EVAL_LOSS])
-        return {k: float(metrics[k]) for k in keys if k in metrics}
 
     def _tracking(self) -> Any:
         return self.config.tracking.model_copy(update={"log_system_metrics": False})

@@ -103,8 +103,7 @@ def description(ctx: ReportContext) -> str:
     text = f"Ax search of {len(s.finished())} trials over {', '.join(ctx.config.search.parameters)}."
     if best is not None:
         label = best.run_name or f"trial {best.index}"
-        link = f"#/experiments/{ctx.experiment_id}/runs/{best.run_id}"
-        text += f" Best: [{label}]({link}), eval_loss {best.eval_loss:.4f}"
+        text += f" Best: {_link(label, ctx.experiment_id, best.run_id)}, eval_loss {best.eval_loss:.4f}"
         if base is not None:
             gain = improvement_pct(base.eval_loss, best.eval_loss)
             change = f"a {gain:.1f}% improvement on" if gain >= 0 else f"{-gain:.1f}% worse than"
@@ -113,11 +112,17 @@ def description(ctx: ReportContext) -> str:
     warm = [w for w in s.warm or [] if w.attached]
     if s.warm:
         sources = dict.fromkeys((w.source_search, w.source_experiment) for w in s.warm)
-        links = ", ".join(f"[{rid[:8]}](#/experiments/{exp}/runs/{rid})" for rid, exp in sources)
+        links = ", ".join(_link(rid[:8], exp, rid) for rid, exp in sources)
         text += f" Warm-started with {len(warm)} of {len(s.warm)} trials of search {links}."
     if ctx.promotion is not None:
         text += f" Registry: {ctx.promotion}."
     return text + f" Report: artifacts {names.REPORT_DIR}/{names.REPORT_FILE}."
+
+
+def _link(label: str, experiment_id: str, run_id: str) -> str:
+    """A markdown link to a run's page, relative to the MLflow UI's root (resolved where it is
+    served; registry versions use tracking.run_url, absolute on a server)."""
+    return f"[{label}](#/experiments/{experiment_id}/runs/{run_id})"
 
 
 # ---------------------------------------------------------------------------------------------

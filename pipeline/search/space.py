@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,11 @@ class Optimizer:
         index = self.client.attach_baseline(parameters=parameters)
         self.client.attach_data(index, metrics, progression=progression)
         self.client.complete_trial(index)
+
+    def ax_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """What Ax is given of a trial's metrics: those it optimizes or constrains, and eval_loss."""
+        keys = dict.fromkeys([*self.config.search.required_metrics(), names.EVAL_LOSS])
+        return {k: float(metrics[k]) for k in keys if k in metrics}
 
     def attach_measured(
         self,

@@ -239,7 +239,7 @@ def fetch_config(parent_run_id: str, config: PipelineConfig, dst: str | Path) ->
     return tracking.download_run_file(parent_run_id, names.CONFIG_FILE, dst, "resume")
 
 
-def reconcile(optimizer: Optimizer, state: SearchState, required: list[str]) -> None:
+def reconcile(optimizer: Optimizer, state: SearchState) -> None:
     """After a crash, make the records and Ax agree with what MLflow saw happen.
 
     A trial that Ax or the records still call running, but whose run ended with a status
@@ -257,7 +257,7 @@ def reconcile(optimizer: Optimizer, state: SearchState, required: list[str]) -> 
     for index in sorted(unsure):
         rec = state.record(index)
         if index in ended and rec is not None:
-            _from_run(rec, ended[index], optimizer if index in in_ax else None, required)
+            _from_run(rec, ended[index], optimizer if index in in_ax else None)
             continue
         if index in in_ax:
             optimizer.fail(index, CRASHED)
@@ -273,9 +273,7 @@ def reconcile(optimizer: Optimizer, state: SearchState, required: list[str]) -> 
             rec.run_id = child.run_id
 
 
-def _from_run(
-    rec: TrialRecord, run: tracking.RunRecord, optimizer: Optimizer | None, required: list[str]
-) -> None:
+def _from_run(rec: TrialRecord, run: tracking.RunRecord, optimizer: Optimizer | None) -> None:
     """Fill a record from its trial's finished run; tell Ax (when it still waits) how it ended."""
     rec.run_id, rec.status = run.run_id, run.tags[names.TRIAL_STATUS]
     rec.wall_seconds = ((run.end_time or run.start_time) - run.start_time) / 1000
@@ -286,9 +284,8 @@ def _from_run(
         rec.examples_per_step = run.examples_per_step
         rec.evals = tracking.metric_history(run.run_id, names.EVAL_LOSS)
         if optimizer is not None:
-            raw = {k: float(m[k]) for k in dict.fromkeys([*required, names.EVAL_LOSS]) if k in m}
             at = progression(optimizer.config, rec.steps, rec.examples_per_step)
-            optimizer.complete(rec.index, raw, at, rec.status == EARLY_STOPPED)
+            optimizer.complete(rec.index, optimizer.ax_metrics(m), at, rec.status == EARLY_STOPPED)
     else:
         rec.failure_reason = run.tags.get(names.TRIAL_FAILURE_REASON, rec.status)
         if optimizer is not None and rec.status == ABANDONED:

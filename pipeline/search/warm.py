@@ -27,7 +27,6 @@ from pipeline.config.search import ParameterSpec
 from pipeline.errors import PipelineError
 from pipeline.search.space import Optimizer, progression
 from pipeline.search.state import WarmTrial
-from pipeline.tracking.runs import MAX_PARAM_LEN
 from pipeline.trial import Resources, identity
 
 # Keys that do not decide a trial's numbers (scratch folders).
@@ -48,11 +47,6 @@ def check_sources(config: PipelineConfig) -> list[tracking.RunRecord]:
     return [tracking.require_search_run(rid, "search.warm_start") for rid in config.search.warm_start]
 
 
-def param_text(value: Any) -> str:
-    """A config value as MLflow keeps it in a run's params (see TrackedRun.log_params)."""
-    return (json.dumps(value) if isinstance(value, (list, dict)) else str(value))[:MAX_PARAM_LEN]
-
-
 def parse_value(text: str | None, spec: ParameterSpec) -> Any:
     """A run's param text as a value of dimension `spec`; ValueError when it is none."""
     if text is None:
@@ -64,7 +58,9 @@ def parse_value(text: str | None, spec: ParameterSpec) -> Any:
         integer = all(float(b).is_integer() for b in spec.bounds) and number.is_integer()
         return int(number) if integer and "." not in text else number
     for value in spec.choices():
-        if param_text(value) == text or (not isinstance(value, (bool, str)) and _float(text) == float(value)):
+        if tracking.param_text(value) == text or (
+            not isinstance(value, (bool, str)) and _float(text) == float(value)
+        ):
             return value
     return text  # kept as is: the membership check says it is outside
 
@@ -101,15 +97,16 @@ def match(
     for key, label in MEASURED_ON.items():
         if run.tags.get(key) != me.get(key):
             return {}, f"{label} differs ({run.tags.get(key)} there, {me.get(key)} here)"
-    base = flatten(to_dict(config.model_copy(update={"search": None})))
+    trial_base = config.model_copy(update={"search": None})
+    base = flatten(to_dict(trial_base))
     for key, value in sorted(base.items()):
         if not key.startswith(tuple(f"{s}." for s in RESULT_SECTIONS)) or key in FREE:
             continue
         if key in search.parameters:
             continue
-        if run.params.get(key) != param_text(value):
+        if run.params.get(key) != tracking.param_text(value):
             there = run.params.get(key, "not logged")
-            return {}, f"{key} is {there:.40} there, {param_text(value):.40} here"
+            return {}, f"{key} is {there:.40} there, {tracking.param_text(value):.40} here"
     params: dict[str, Any] = {}
     for key, spec in search.parameters.items():
         try:
@@ -121,7 +118,6 @@ def match(
         if why:
             return params, f"outside this space: {key}={run.params.get(key)} {why}"
     # As the config types them (alpha is a float even when written 16), like the baseline's.
-    trial_base = config.model_copy(update={"search": None})
     params = values_at(with_overrides(trial_base, params), list(params))
     if not in_space(params):
         return params, "outside this space: breaks search.constraints"
@@ -140,7 +136,6 @@ def attach(
 ) -> list[WarmTrial]:
     """Attach every usable trial of the `sources` searches to Ax; all of them, with what became
     of each, in the order attached."""
-    required = config.search.required_metrics()
     out: list[WarmTrial] = []
     seen: dict[str, WarmTrial] = {}
     for source in sources:
@@ -159,7 +154,8 @@ def attach(
                 {k: float(v) for k, v in run.metrics.items() if names.is_trial_metric(k)},
                 source_experiment=source.experiment_id,
             )
-            twin = seen.get(json.dumps(params, sort_keys=True, default=str))
+            key = json.dumps(params, sort_keys=True, default=str)
+            twin = seen.get(key)
             if why is None and twin is not None:
                 why = f"same configuration as {twin.run_id} (attached)"
             if why is None:
@@ -168,11 +164,14 @@ def attach(
                     (progression(config, int(s), eps), loss)
                     for s, loss in tracking.metric_history(run.run_id, names.EVAL_LOSS)
                 ]
-                raw = {k: float(run.metrics[k]) for k in dict.fromkeys([*required, names.EVAL_LOSS])}
                 warm.index = optimizer.attach_measured(
-                    params, curve, raw, progression(config, steps, eps), warm.status == names.EARLY_STOPPED
+                    params,
+                    curve,
+                    optimizer.ax_metrics(run.metrics),
+                    progression(config, steps, eps),
+                    warm.status == names.EARLY_STOPPED,
                 )
-                seen[json.dumps(params, sort_keys=True, default=str)] = warm
+                seen[key] = warm
             warm.skipped = why
             out.append(warm)
         used = sum(w.attached for w in out if w.source_search == source.run_id)

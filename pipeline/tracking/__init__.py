@@ -22,7 +22,15 @@ from pipeline.tracking.queries import (
     running_children,
     trials_of,
 )
-from pipeline.tracking.runs import TrackedRun, end_failed, end_killed, mark_failed, start_run, tag_run
+from pipeline.tracking.runs import (
+    TrackedRun,
+    end_failed,
+    end_killed,
+    mark_failed,
+    param_text,
+    start_run,
+    tag_run,
+)
 from pipeline.tracking.store import (
     DEFAULT_TRACKING_URI,
     current_experiment_id,
@@ -52,6 +60,7 @@ __all__ = [
     "latest_finished_search",
     "mark_failed",
     "metric_history",
+    "param_text",
     "require_search_run",
     "resolve_tracking_uri",
     "run_url",

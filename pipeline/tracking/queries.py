@@ -57,11 +57,6 @@ class RunRecord:
         batch = int(self.params.get("train.batch_size", 1))
         return batch * int(self.params.get("train.gradient_accumulation_steps", 1))
 
-    @property
-    def url(self) -> str:
-        """A link to the run in the MLflow UI, relative to the UI's root."""
-        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
-
 
 def _record(run: Any) -> RunRecord:
     return RunRecord(

@@ -41,10 +41,7 @@ class TrackedRun:
         self._last_flush = time.monotonic()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [
-            Param(k, (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:MAX_PARAM_LEN])
-            for k, v in params.items()
-        ]
+        items = [Param(k, param_text(v)) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + BATCH], synchronous=True)
 
@@ -101,6 +98,11 @@ def _dataset(split: DataSplit) -> Dataset:
     )
     meta = MetaDataset(source, name=split.name, digest=split.digest).to_dict()
     return Dataset(**meta, profile=json.dumps({"num_rows": split.examples}))
+
+
+def param_text(value: Any) -> str:
+    """A value as a run keeps it in its params: lists and dicts as JSON, cut at MLflow's limit."""
+    return (json.dumps(value) if isinstance(value, (list, dict)) else str(value))[:MAX_PARAM_LEN]
 
 
 @contextmanager
