@@ -279,7 +279,7 @@ def fit(
 
 def _failure(e: BaseException) -> tuple[str, str]:
     """(trial status, one-line reason) of an error inside a trial's run."""
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):  # as tracking ends the run: KILLED
         return names.KILLED, "interrupted"
     if isinstance(e, TrialFailed):
         return names.FAILED, e.reason

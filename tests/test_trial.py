@@ -205,15 +205,21 @@ def test_exception_inside_the_run_ends_it_failed(tiny_config, monkeypatch):
     assert runs[0].data.tags[names.ERROR] == "RuntimeError: disk full"
 
 
-def test_interrupt_ends_the_run_killed(tiny_config, monkeypatch):
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(1)], ids=["ctrl-c", "process-exiting"])
+def test_interrupt_ends_the_run_killed(tiny_config, monkeypatch, stop):
+    """Ctrl-C/SIGTERM, or the process told to exit (Ray ends an orphaned worker with SystemExit
+    when its driver dies): the trial was interrupted, not failed by its config, so a resumed
+    search runs it again instead of counting a failure."""
     import pipeline.trial as trial_mod
 
     def interrupted(*a, **k):
-        raise KeyboardInterrupt
+        raise stop
 
     monkeypatch.setattr(trial_mod, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt) as e:
+    with pytest.raises(type(stop)) as e:
         run_trial(tiny_config, quiet=True)
-    assert isinstance(e.value, TrialInterrupted)
+    assert isinstance(e.value, TrialInterrupted) == isinstance(stop, KeyboardInterrupt)
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
+    assert runs[0].data.tags[names.TRIAL_STATUS] == names.KILLED
+    assert runs[0].data.tags[names.TRIAL_FAILURE_REASON] == "interrupted"
