@@ -84,7 +84,20 @@ def plan_device(
             "model.dtype: float16 weights need a CUDA GPU on this stack; use float32 or bfloat16"
         )
     if not cuda:
+        # GPU-only kernels fail here, with the key at fault, not deep inside the first step.
+        if train.use_liger_kernel:
+            raise ModelError(
+                "train.use_liger_kernel: Liger's Triton kernels need a CUDA GPU; set it to false"
+            )
+        if model.attn_implementation and model.attn_implementation.startswith("flash_attention"):
+            raise ModelError(
+                f"model.attn_implementation: {model.attn_implementation} needs a CUDA GPU; use sdpa or null"
+            )
         return DevicePlan("cpu", f"cpu ({torch.get_num_threads()} threads)", dtype, precision)
+    if train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise ModelError(
+            "train.use_liger_kernel: the liger-kernel package is not installed (pip install -e '.[gpu]')"
+        )
     visible = max(1, gpu_count or 1)
     gpus = visible if train.multi_gpu else 1
     name = (gpu_name or "cuda") + (f" ({gpus} of {visible} visible)" if visible > 1 else "")

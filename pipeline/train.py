@@ -19,7 +19,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from pipeline import names
-from pipeline.batching import TokenDataset, build_collator
+from pipeline.batching import (
+    LabelPositions,
+    TokenDataset,
+    build_collator,
+    completion_loss,
+    takes_position_mask,
+)
 from pipeline.config import EvalConfig, PipelineConfig, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.interrupt import STOP_REQUESTED
@@ -54,6 +60,7 @@ def build_training_args(
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         activation_checkpointing=train.gradient_checkpointing,
+        use_liger_kernel=train.use_liger_kernel,
         # Explicit: torch warns without it (and means to refuse); non-reentrant is the recommended
         # variant and works with frozen inputs.
         activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
@@ -70,7 +77,9 @@ def build_training_args(
         disable_tqdm=quiet,
         log_level="error" if quiet else "warning",
         train_sampling_strategy="group_by_length" if train.batching == "length_grouped" else "random",
-        include_num_input_tokens_seen="non_padding",
+        # A padding-free batch has no padding and no attention mask: every position is a token
+        # (counting "not the pad id" would drop real EOS tokens where pad == eos).
+        include_num_input_tokens_seen="all" if train.batching == "padding_free" else "non_padding",
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_pin_memory=plan.device == "cuda",
@@ -304,16 +313,22 @@ def train(
         restore_best=train_cfg.restore_best,
         examples_per_step=examples_per_step,
     )
+    collate = build_collator(
+        train_cfg.batching,
+        tokenizer,
+        job.config.data.max_seq_len,
+        pad_to_multiple_of=8 if plan.device == "cuda" else None,
+        flash_attention=(job.config.model.attn_implementation or "").startswith("flash_attention"),
+    )
+    # Logits only where the loss reads them (the response): not with Liger, whose fused
+    # linear + cross-entropy never materializes logits in the first place.
+    response_only = not (train_cfg.prompt_logits or train_cfg.use_liger_kernel) and takes_position_mask(model)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=TokenDataset(job.data.train),
-        data_collator=build_collator(
-            train_cfg.batching,
-            tokenizer,
-            job.config.data.max_seq_len,
-            pad_to_multiple_of=8 if plan.device == "cuda" else None,
-        ),
+        data_collator=LabelPositions(collate) if response_only else collate,
+        compute_loss_func=completion_loss if response_only else None,
         processing_class=tokenizer,
         callbacks=[callback],
     )

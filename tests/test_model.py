@@ -64,6 +64,20 @@ def test_plan_device_rejects_what_the_hardware_cannot_do():
         plan_device(ModelConfig(name_or_path="x", dtype="float16"), TrainConfig(), cuda=False)
 
 
+def test_gpu_kernels_are_refused_on_cpu_and_checked_on_cuda(monkeypatch):
+    """Liger and FlashAttention-2 are GPU kernels: on CPU the key at fault is named before any
+    model loads; on a GPU a missing Liger package is named too."""
+    with pytest.raises(ModelError, match="train.use_liger_kernel: Liger's Triton kernels need a CUDA GPU"):
+        plan_device(M, TrainConfig(use_liger_kernel=True), cuda=False)
+    fa2 = ModelConfig(name_or_path="x", attn_implementation="flash_attention_2")
+    with pytest.raises(ModelError, match="model.attn_implementation: flash_attention_2 needs a CUDA GPU"):
+        plan_device(fa2, TrainConfig(), cuda=False)
+    assert plan_device(fa2, TrainConfig(), cuda=True, bf16_supported=True, gpu_name="H100").device == "cuda"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelError, match="train.use_liger_kernel: the liger-kernel package is not installed"):
+        plan_device(M, TrainConfig(use_liger_kernel=True), cuda=True, bf16_supported=True, gpu_name="H100")
+
+
 def test_build_lora_config_maps_every_field():
     lc = build_lora_config(
         LoraConfig(r=32, alpha=64, dropout=0.1, target_modules=["q_proj"], use_rslora=True, bias="lora_only")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -108,6 +109,69 @@ def test_padding_free_batches_give_the_padded_loss(tiny_config):
     assert loss_flat.item() == pytest.approx(loss_padded.item(), abs=1e-4)
 
 
+def test_flash_attention_padding_free_batches_carry_sequence_lengths(tiny_config):
+    """With FlashAttention-2 (a GPU kernel: only the batch is checked here) a padding-free batch
+    carries the cumulative sequence lengths its variable-length kernel takes; without it, only
+    position_ids (what SDPA and eager read)."""
+    from pipeline.batching import build_collator
+
+    config = with_overrides(tiny_config, {"data.max_train_examples": 16})
+    _plan, tok, data, _base = _setup(config)
+    batch = data.train[:3]
+    lengths = [len(e["input_ids"]) for e in batch]
+    fa = build_collator("padding_free", tok, 128, flash_attention=True)(batch)
+    assert fa["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(lengths)]
+    assert fa["max_length_q"] == max(lengths) and fa["input_ids"].shape == (1, sum(lengths))
+    sdpa = build_collator("padding_free", tok, 128)(batch)
+    assert "cu_seq_lens_q" not in sdpa and sdpa["position_ids"][0, lengths[0]] == 0
+
+
+@pytest.mark.parametrize("batching", ["length_grouped", "padding_free"])
+def test_logits_only_at_response_positions_give_the_model_loss(tiny_config, batching):
+    """The LM head runs only where the next token is a label, and the loss is the model's own:
+    same value, normalized by the same token count; a batch with no label gives 0, not NaN."""
+    from pipeline.batching import LabelPositions, build_collator, completion_loss
+
+    config = with_overrides(tiny_config, {"data.max_train_examples": 16})
+    _plan, tok, data, base = _setup(config)
+    model = attach_lora(base.model, config.lora, config.train.seed).eval()
+    full = build_collator(batching, tok, 128)(data.train[:6])
+    n = (full["labels"][:, 1:] != -100).sum()
+    batch = LabelPositions(build_collator(batching, tok, 128))(data.train[:6])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        want = model(**full, num_items_in_batch=n).loss
+        out = model(**batch)
+    assert out.logits.shape[0] == int(n) < full["input_ids"].numel() / 2  # most positions skipped
+    assert completion_loss(out, labels, n).item() == pytest.approx(want.item(), abs=1e-6)
+    assert completion_loss(out, labels).item() == pytest.approx(want.item(), abs=1e-6)  # mean
+    masked = [{**e, "labels": [-100] * len(e["labels"])} for e in data.train[:2]]
+    batch = LabelPositions(build_collator(batching, tok, 128))(masked)
+    labels = batch.pop("labels")
+    loss = completion_loss(model.train()(**batch), labels)
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def test_response_only_logits_train_the_same_adapter(tiny_config):
+    """Skipping the prompt's logits changes the speed, not the training: after the same steps
+    the adapter weights and eval loss are those of the full-logits run, bit for bit on CPU."""
+    config = with_overrides(tiny_config, {"data.max_train_examples": 64, "train.max_steps": 4})
+    plan, tok, data, base = _setup(config)
+    runs = {}
+    for prompt_logits in (True, False):
+        c = with_overrides(config, {"train.prompt_logits": prompt_logits})
+        model = attach_lora(base.model, c.lora, c.train.seed)
+        trainer, outcome, _ = _train(c, model, tok, data, plan)
+        assert (trainer.compute_loss_func is None) == prompt_logits
+        weights = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        runs[prompt_logits] = (outcome, weights)
+        base.model = model.unload()
+    (full, w_full), (short, w_short) = runs[True], runs[False]
+    assert short.eval_loss == full.eval_loss and short.tokens == full.tokens
+    assert all(torch.equal(w_full[k], w_short[k]) for k in w_full)
+
+
 def test_streaming_callback_evaluates_streams_and_stops():
     sent, heard = [], []
     losses = iter([1.0, 3.0, 0.5])
@@ -188,6 +252,9 @@ def test_training_args_follow_the_config(tiny_config):
     assert args.train_sampling_strategy == "group_by_length"
     assert args.report_to in ([], "none", ["none"]) and args.save_strategy == "no"
     assert not args.bf16 and not args.fp16 and args.use_cpu
+    assert not args.use_liger_kernel
+    liger = with_overrides(config, {"train.use_liger_kernel": True}).train
+    assert build_training_args(liger, config.eval, plan, "/tmp/x").use_liger_kernel
     gpu = plan_device(config.model, config.train, cuda=True, bf16_supported=True, gpu_name="H100")
     # Only checks the mapping; TrainingArguments itself refuses bf16 without the hardware.
     assert gpu.precision == "bf16"

@@ -40,7 +40,10 @@ class ModelConfig(Section):
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off by default.")
     attn_implementation: str | None = Field(
-        None, description="`sdpa`, `eager`, `flash_attention_2`; null lets transformers choose."
+        None,
+        description="`sdpa`, `eager`, `flash_attention_2`; null lets transformers choose. "
+        "`flash_attention_2` (CUDA, `flash-attn` package) with `train.batching: padding_free` runs "
+        "FlashAttention's variable-length kernel over the concatenated examples.",
     )
 
 
@@ -136,6 +139,12 @@ class TrainConfig(Section):
         description="Mixed precision. `auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    use_liger_kernel: bool = Field(
+        False,
+        description="Liger's Triton kernels (fused RMSNorm, RoPE, SwiGLU, linear + cross-entropy) "
+        "through transformers' `use_liger_kernel`; needs a CUDA GPU and the `liger-kernel` package "
+        "(`.[gpu]` extra).",
+    )
     multi_gpu: bool = Field(
         False,
         description="Let one trial use every visible GPU (the Trainer's DataParallel). Off: a trial "
@@ -146,6 +155,14 @@ class TrainConfig(Section):
         description="`length_grouped`: batches of similar length, padded to the longest. "
         "`padding_free`: examples concatenated, no padding (needs a model that honours position_ids: "
         "Llama/Qwen/Mistral families). `padded`: pad to max_seq_len (static shapes).",
+    )
+    prompt_logits: bool = Field(
+        False,
+        description="Compute logits at every position, as a model's own forward does. Off (default): "
+        "the LM head and loss run only where the next token is a label (the response), since a "
+        "prompt-masked loss never reads the others; same loss and gradients, less compute (the "
+        "vocabulary-sized matmul and softmax over prompt and padding). Liger's fused loss "
+        "(`use_liger_kernel`) takes over when that is on.",
     )
     eval_steps: int | None = Field(
         None, gt=0, description="Evaluate every N steps; null evaluates only at the end."
