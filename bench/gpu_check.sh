@@ -6,8 +6,8 @@
 #   bench/gpu_check.sh                 # a few minutes on one GPU; prints every figure
 #   STEPS=100 bench/gpu_check.sh       # shorter
 #
-# Per model and precision (bf16, 4-bit NF4): tokens/s of the pipeline vs a plain Trainer + PEFT
-# script, and a real trial's peak allocated / reserved GPU memory; per-trial memory checks (peaks
+# Per model: tokens/s of the pipeline vs every peer and with Liger / FlashAttention-2. Per model and
+# precision (bf16, 4-bit NF4): tokens/s of the pipeline vs its peers, and a real trial's peak allocated / reserved GPU memory; per-trial memory checks (peaks
 # reset per trial, a real out-of-memory trial giving its memory back: bench/gpu_memory_check.py);
 # then the pipeline overhead of a demo search. Paste the output and `nvidia-smi -L` into docs/benchmarks.md.
 set -euo pipefail
@@ -27,10 +27,20 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {p.name}, {p.total
       f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
 EOF
 
+# The peers (HF Trainer, TRL SFTTrainer in its modes, with and without gradient checkpointing) and
+# the GPU-only speed options: Liger kernels (`train.use_liger_kernel`) and FlashAttention-2, whose
+# variable-length kernel is what makes `train.batching: padding_free` pay. Needs the gpu extra
+# (`pip install -e ".[gpu]"`) and flash-attn built for this CUDA; a variant whose package is
+# missing stops the script with the key at fault.
+for cfg in configs/demo-cpu.yaml configs/smollm2-cpu.yaml; do
+  echo "== peers and GPU kernels: $cfg, bf16, $STEPS steps"
+  $PY bench/throughput.py --config "$cfg" --steps "$STEPS" --repeats 3 --fair --gpu-kernels --set model.dtype=bfloat16
+done
+
 for cfg in configs/demo-cpu.yaml configs/smollm2-cpu.yaml; do
   for quant in "model.dtype=bfloat16" "model.load_in_4bit=true"; do
     echo "== throughput: $cfg, $quant, $STEPS steps"
-    $PY bench/throughput.py --config "$cfg" --steps "$STEPS" --repeats 2 --quiet --set "$quant"
+    $PY bench/throughput.py --config "$cfg" --steps "$STEPS" --repeats 2 --quiet --only "pad to max" --set "$quant"
     echo "== one tracked trial: $cfg, $quant (peak_gpu_mem_gb, peak_gpu_reserved_gb, tokens/s)"
     $PY -m pipeline baseline --config "$cfg" --quiet \
       --set "$quant train.max_steps=$STEPS tracking.experiment_name=gpu-check train.output_dir=$OUT/out"

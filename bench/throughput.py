@@ -1,100 +1,79 @@
-"""Training throughput of the pipeline against a plain HF Trainer + PEFT script that pads every
-batch to max_seq_len (the usual notebook recipe). Same model, data, LoRA config, batch size and
-number of steps; only batching differs. Prints useful (non-padding) training tokens per second of
-each, and the ratios last.
+"""Training throughput of the pipeline against the setups users would pick instead (bench/peers.py):
+HF Trainer + PEFT with dynamic padding (random order, `group_by_length`), the notebook recipe that
+pads to `max_seq_len`, and TRL's SFTTrainer (its defaults, `packing`, `padding_free`). Same model,
+data, LoRA config, batch size, steps, optimizer, precision and threads; each run in a fresh
+copy of the base model. Prints useful (non-padding) training tokens per second inside optimizer steps
+and the eval loss after training for every variant (a fast but wrong variant is no win), then the
+ratio of the pipeline's default to every peer and to the fastest one.
 
-    python bench/throughput.py                                   # demo model, 60 steps
-    python bench/throughput.py --config configs/smollm2-cpu.yaml --steps 8 --batch-size 4
+    python bench/throughput.py                                   # demo model, 60 steps x 8, 3 repeats
+    python bench/throughput.py --config configs/smollm2-cpu.yaml --steps 10 --batch-size 4
+    python bench/throughput.py --fair                            # TRL with gradient checkpointing off too
     python bench/throughput.py --set model.load_in_4bit=true     # QLoRA: the base in 4-bit NF4
-    python bench/throughput.py --steps 5 --quiet                 # the CI smoke size
+    python bench/throughput.py --fair --gpu-kernels              # on CUDA: + Liger, FlashAttention-2 varlen
+    python bench/throughput.py --steps 3 --repeats 1 --only "pipeline,trl"   # the CI smoke size
 
-Each variant trains `--repeats` times (fresh adapter, same seed); the median is reported.
+Each variant trains `--repeats` times (fresh base copy and adapter, same seed); medians are reported.
+Variants run interleaved (repeat 1 of each, then repeat 2, ...) so a slow patch of the machine
+does not fall on one variant only.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
-import time
+from collections.abc import Callable
+from functools import partial
 
-import torch
-from transformers import TrainerCallback
+from peers import Measured, hf_trainer, pipeline_run, trl_sft
 
-from pipeline.config import load_config, with_overrides
+from pipeline.config import PipelineConfig, load_config, with_overrides
 from pipeline.data import prepare_data
-from pipeline.model import attach_lora, detach_lora, load_base_model, load_tokenizer, plan_device
-from pipeline.train import TrainJob, train
+from pipeline.errors import one_line
+from pipeline.model import BaseModel, load_base_model, load_tokenizer, plan_device
+
+DEFAULT = "pipeline default (length_grouped)"
 
 
-def pipeline_tokens_per_second(config, plan, tok, data, base) -> float:
-    """The pipeline's own training path (train.train), as run_trial uses it."""
-    model = attach_lora(base.model, config.lora, config.train.seed)
-    try:
-        _, outcome = train(model, TrainJob(config, plan, tok, data, quiet=True), sink=lambda m, s: None)
-    finally:
-        base.model = detach_lora(model)
-    return outcome.tokens / outcome.step_seconds
+Variant = tuple[PipelineConfig, Callable[..., Measured]]  # its config, fn(config, plan, tok, data, base)
 
 
-class StepTimer(TrainerCallback):
-    """Sums the time inside optimizer steps, as the pipeline's own callback does."""
-
-    seconds = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.seconds += time.perf_counter() - self._t
-
-
-def plain_tokens_per_second(config, plan, tok, data, base) -> float:
-    """A plain script: Trainer + PEFT, every batch padded to max_seq_len, random order."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-    torch.manual_seed(config.train.seed)
-    lc = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base.model, lc)
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out,
-            max_steps=config.train.max_steps,
-            per_device_train_batch_size=config.train.batch_size,
-            learning_rate=config.train.learning_rate,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=plan.device == "cpu",
-            bf16=plan.precision == "bf16",
-            fp16=plan.precision == "fp16",
-            disable_tqdm=True,
-            seed=config.train.seed,
-            include_num_input_tokens_seen="non_padding",
-            remove_unused_columns=False,
-            logging_strategy="no",
+def variants(config: PipelineConfig, fair: bool, gpu_kernels: bool = False) -> dict[str, Variant]:
+    """Every variant, the pipeline's default first. `fair`: TRL with gradient checkpointing off too.
+    `gpu_kernels` (CUDA only): Liger kernels and FlashAttention-2 (varlen when padding-free)."""
+    pf = with_overrides(config, {"train.batching": "padding_free"})
+    out: dict[str, Variant] = {
+        DEFAULT: (config, pipeline_run),
+        "pipeline padding_free": (pf, pipeline_run),
+        "HF Trainer+PEFT, pad to max_seq_len": (config, partial(hf_trainer, pad_to_max=True)),
+        "HF Trainer+PEFT, dynamic padding": (config, hf_trainer),
+        "HF Trainer+PEFT, group_by_length": (config, partial(hf_trainer, group_by_length=True)),
+        "TRL SFTTrainer defaults": (config, trl_sft),
+        "TRL SFTTrainer packing": (config, partial(trl_sft, mode="packing")),
+        "TRL SFTTrainer padding_free": (config, partial(trl_sft, mode="padding_free")),
+    }
+    if fair:
+        for mode in ("defaults", "packing", "padding_free"):
+            out[f"TRL SFTTrainer {mode}, no checkpointing"] = (
+                config,
+                partial(trl_sft, mode=mode, checkpointing=False),
+            )
+    if gpu_kernels:
+        liger = {"train.use_liger_kernel": True}
+        fa2 = {"model.attn_implementation": "flash_attention_2"}
+        out["pipeline default + Liger"] = (with_overrides(config, liger), pipeline_run)
+        out["pipeline padding_free + FA2 varlen"] = (with_overrides(pf, fa2), pipeline_run)
+        out["pipeline padding_free + FA2 varlen + Liger"] = (
+            with_overrides(pf, {**fa2, **liger}),
+            pipeline_run,
         )
-        collator = DataCollatorForSeq2Seq(
-            tok, padding="max_length", max_length=config.data.max_seq_len, label_pad_token_id=-100
+        out["TRL SFTTrainer padding_free + FA2 + Liger, no checkpointing"] = (
+            with_overrides(config, {**fa2, **liger}),
+            partial(trl_sft, mode="padding_free", checkpointing=False),
         )
-        timer = StepTimer()
-        trainer = Trainer(
-            model=model, args=args, train_dataset=data.train, data_collator=collator, callbacks=[timer]
-        )
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
-        seconds = timer.seconds  # same measure as the pipeline: time inside optimizer steps
-        tokens = int(trainer.state.num_input_tokens_seen)
-    base.model = model.unload()
-    return tokens / seconds
+    return out
 
 
 def main() -> None:
@@ -103,6 +82,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fair", action="store_true", help="also TRL with gradient checkpointing off")
+    ap.add_argument("--gpu-kernels", action="store_true", help="also Liger and FlashAttention-2 (CUDA)")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only matching variants")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
         "--set",
@@ -126,33 +108,51 @@ def main() -> None:
     plan = plan_device(config.model, config.train)
     tok = load_tokenizer(config.model)
     data = prepare_data(config.data, tok)
-    base = load_base_model(config.model, plan)
     print(
         f"model {config.model.name_or_path} ({'4-bit ' if config.model.load_in_4bit else ''}{plan.precision}) "
-        f"on {plan.name}; {args.steps} steps x batch {config.train.batch_size}; "
-        f"mean example {data.stats.mean_len:.0f} tokens, max_seq_len {config.data.max_seq_len}"
+        f"on {plan.name}; {args.steps} steps x batch {config.train.batch_size}; LoRA r={config.lora.r} "
+        f"{config.lora.target_modules}; mean example {data.stats.mean_len:.0f} tokens, "
+        f"max_seq_len {config.data.max_seq_len}; {args.repeats} repeats, a fresh copy of the base each",
+        flush=True,
     )
+    chosen = variants(config, args.fair, args.gpu_kernels)
+    if args.only:
+        keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
+        chosen = {n: f for n, f in chosen.items() if n == DEFAULT or any(k in n.lower() for k in keys)}
 
-    results: dict[str, float] = {}
-    variants = {
-        "plain Trainer+PEFT, pad to max_seq_len": lambda: plain_tokens_per_second(
-            config, plan, tok, data, base
-        ),
-        "pipeline, length_grouped (default)": lambda: pipeline_tokens_per_second(
-            config, plan, tok, data, base
-        ),
-        "pipeline, padding_free": lambda: pipeline_tokens_per_second(
-            with_overrides(config, {"train.batching": "padding_free"}), plan, tok, data, base
-        ),
-    }
-    for name, fn in variants.items():
-        runs = [fn() for _ in range(args.repeats)]
-        results[name] = statistics.median(runs)
-        print(f"{name:42s} {results[name]:10.0f} tokens/s  (runs: {', '.join(f'{r:.0f}' for r in runs)})")
-    baseline = results["plain Trainer+PEFT, pad to max_seq_len"]
-    for name, value in results.items():
-        if not name.startswith("plain"):
-            print(f"ratio {name} / plain pad-to-max: {value / baseline:.2f}x")
+    # Every run trains a deep copy of the base as loaded: no peer's settings (TRL leaves gradient
+    # checkpointing switched on in the model it was given) leak into the next, and SmolLM2's
+    # 15-second GGUF load is paid once.
+    pristine: dict[str, BaseModel] = {}  # one load per model section (FA2 variants load their own)
+    runs: dict[str, list[Measured]] = {name: [] for name in chosen}
+    for _ in range(args.repeats):
+        for name, (cfg, fn) in list(chosen.items()):
+            try:
+                key = cfg.model.model_dump_json()
+                if key not in pristine:
+                    pristine[key] = load_base_model(cfg.model, plan_device(cfg.model, cfg.train))
+                base = BaseModel(copy.deepcopy(pristine[key].model), 0.0, pristine[key].source)
+                runs[name].append(fn(cfg, plan_device(cfg.model, cfg.train), tok, data, base))
+                del base
+            except Exception as e:  # e.g. a GPU kernel whose package is missing: the others still run
+                if name == DEFAULT:
+                    raise
+                print(f"{name}: not measured: {one_line(e)}", flush=True)
+                del chosen[name], runs[name]
+
+    tps = {n: statistics.median(m.tokens_per_second for m in ms) for n, ms in runs.items()}
+    for name, ms in runs.items():
+        loss = statistics.median(m.eval_loss for m in ms)
+        spread = ", ".join(f"{m.tokens_per_second:.0f}" for m in ms)
+        print(f"{name:44s} {tps[name]:9.0f} tokens/s  eval_loss {loss:.4f}  (runs: {spread})")
+    mine = tps[DEFAULT]
+    for name, value in tps.items():
+        if name != DEFAULT:
+            print(f"ratio {DEFAULT} / {name}: {mine / value:.2f}x")
+    peers = {n: v for n, v in tps.items() if not n.startswith("pipeline")}
+    if peers:
+        fastest = max(peers, key=peers.get)
+        print(f"fastest peer: {fastest}; {DEFAULT} / fastest peer: {mine / peers[fastest]:.2f}x")
 
 
 if __name__ == "__main__":
