@@ -201,7 +201,10 @@ class Search:
                 outcome = self.executor.wait_any()
             record = self.pending.pop(outcome.job.index)
             self._record(record, outcome)
-            self._save()
+            # No save here: the next trial's submit saves (Ax's JSON is most of a save's cost, and
+            # on short trials it showed), and so does every way out of the loop. A crash in
+            # between loses nothing: the trial's run has ended with its status and metrics, and
+            # resume takes it from there (store.reconcile).
             self._progress(record, t_session)
             self._check_failure_rate()
             if self.optimizer.broken:

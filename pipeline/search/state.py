@@ -258,6 +258,8 @@ def reconcile(optimizer: Optimizer, state: SearchState) -> None:
         rec = state.record(index)
         if index in ended and rec is not None:
             _from_run(rec, ended[index], optimizer if index in in_ax else None)
+            if rec.generation_method == "retry" and rec.parameters in state.retry:
+                state.retry.remove(rec.parameters)  # it ran again and ended: not a third time
             continue
         if index in in_ax:
             optimizer.fail(index, CRASHED)
