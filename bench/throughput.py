@@ -47,6 +47,10 @@ def variants(config: PipelineConfig, fair: bool, gpu_kernels: bool = False) -> d
     out: dict[str, Variant] = {
         DEFAULT: (config, pipeline_run),
         "pipeline padding_free": (pf, pipeline_run),
+        "pipeline, logits at every position": (
+            with_overrides(config, {"train.prompt_logits": True}),
+            pipeline_run,
+        ),
         "HF Trainer+PEFT, pad to max_seq_len": (config, partial(hf_trainer, pad_to_max=True)),
         "HF Trainer+PEFT, dynamic padding": (config, hf_trainer),
         "HF Trainer+PEFT, group_by_length": (config, partial(hf_trainer, group_by_length=True)),

@@ -82,8 +82,15 @@ def completion_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -
 
     targets = labels[:, 1:][predicted_positions(labels)[:, :-1]]
     logits = outputs.logits.float()
-    if logits.shape[0] != targets.shape[0]:  # the all-masked batch: one position, nothing to learn
+    if not (labels[:, 1:] != IGNORE_INDEX).any():  # one position was kept, nothing to learn
         targets = labels.new_full((logits.shape[0],), IGNORE_INDEX)
+    if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
+        # A model whose forward takes logits_to_keep but not as a mask: never train on misread logits.
+        raise ValueError(
+            f"train.prompt_logits: this model's forward returned logits of shape {tuple(logits.shape)} "
+            f"for {targets.shape[0]} response positions (it does not take a position mask in "
+            "logits_to_keep); set train.prompt_logits: true"
+        )
     total = F.cross_entropy(logits, targets.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum")
     if num_items_in_batch is None:
         return total / max(int((targets != IGNORE_INDEX).sum()), 1)

@@ -151,6 +151,12 @@ def test_logits_only_at_response_positions_give_the_model_loss(tiny_config, batc
     loss = completion_loss(model.train()(**batch), labels)
     loss.backward()
     assert loss.item() == 0.0
+    # A model that ignores the mask (logits at every position) is refused, not trained on misread logits.
+    full_logits = SimpleNamespace(logits=torch.zeros(2, 5, 7))
+    with pytest.raises(
+        ValueError, match="train.prompt_logits: this model's forward returned logits of shape"
+    ):
+        completion_loss(full_logits, torch.tensor([[-100, 1, 2, -100, -100], [-100, -100, 3, 4, 5]]))
 
 
 def test_response_only_logits_train_the_same_adapter(tiny_config):
