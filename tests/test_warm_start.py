@@ -72,6 +72,18 @@ def test_a_trial_measured_the_same_way_in_this_space_is_usable(config):
     assert isinstance(params["lora.r"], int) and isinstance(params["train.learning_rate"], float)
 
 
+def test_a_key_an_older_version_did_not_log_counts_as_its_default(config):
+    """A trial run from before a config key existed (no param for it) ran as its default does:
+    usable while this search keeps the default, skipped when it does not."""
+    values = {"lora.r": 16, "train.learning_rate": 1e-3}
+    run = trial_run(config, **values)
+    del run.params["train.prompt_logits"]
+    assert match(run, config, ME, lambda p: True)[1] is None
+    changed = with_overrides(config, {"train.prompt_logits": True})
+    _, why = match(run, changed, ME, lambda p: True)
+    assert why == "train.prompt_logits is False there, True here"
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

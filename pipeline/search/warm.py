@@ -104,8 +104,9 @@ def match(
             continue
         if key in search.parameters:
             continue
-        if run.params.get(key) != tracking.param_text(value):
-            there = run.params.get(key, "not logged")
+        there = run.params.get(key, _default_text(trial_base, key))
+        if there != tracking.param_text(value):
+            there = "not logged" if there is None else there
             return {}, f"{key} is {there:.40} there, {tracking.param_text(value):.40} here"
     params: dict[str, Any] = {}
     for key, spec in search.parameters.items():
@@ -195,3 +196,13 @@ def start(
     out = attach(config, optimizer, sources, me, echo)
     parent.set_tags({names.SEARCH_WARM_START: ",".join(s.run_id for s in sources)})
     return out
+
+
+def _default_text(config: PipelineConfig, key: str) -> str | None:
+    """A key an earlier version did not log (it did not exist yet) ran as its default does: the
+    default's param text, or None where the key has no default or is nested deeper."""
+    section, _, name = key.partition(".")
+    field = type(getattr(config, section, None)).model_fields.get(name) if "." not in name else None
+    if field is None or field.is_required():
+        return None
+    return tracking.param_text(field.get_default(call_default_factory=True))
