@@ -319,7 +319,8 @@ def _train_in_run(
             _, outcome = train(
                 model,
                 job,
-                sink=timer.wrap("tracking", run.log_metrics),
+                # Evaluations reach the store at once (the UI, whoever decides on them); steps batch.
+                sink=timer.wrap("tracking", lambda m, s: run.log_metrics(m, s, flush=names.EVAL_LOSS in m)),
                 on_eval=timer.wrap("eval_hook", on_eval) if on_eval is not None else None,
                 memory=memory,
             )

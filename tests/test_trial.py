@@ -89,10 +89,13 @@ def test_metrics_are_sent_in_batches(tiny_config, monkeypatch):
     from mlflow.tracking import MlflowClient as Client
 
     calls = {"log_batch": 0, "log_metric": 0}
+    evals_sent: list[int] = []  # per batch carrying eval losses: how many
     real_batch = Client.log_batch
 
     def counting_batch(self, *a, **k):
         calls["log_batch"] += 1
+        n = sum(m.key == names.EVAL_LOSS for m in k.get("metrics", ()))
+        evals_sent.extend([n] if n else [])
         return real_batch(self, *a, **k)
 
     monkeypatch.setattr(Client, "log_batch", counting_batch)
@@ -106,6 +109,9 @@ def test_metrics_are_sent_in_batches(tiny_config, monkeypatch):
     )
     assert calls["log_metric"] == 0
     assert calls["log_batch"] < values / 5, (calls, values)
+    # ...but each evaluation goes out as soon as it is made, not with the next one.
+    evals = MlflowClient().get_metric_history(result.run_id, names.EVAL_LOSS)
+    assert len(evals) >= 2 and evals_sent == [1] * len(evals), evals_sent
 
 
 def test_adapter_round_trip_gives_the_same_logits(tiny_config, trained_logits, tmp_path):
