@@ -81,9 +81,7 @@ def completion_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -
     import torch.nn.functional as F
 
     targets = labels[:, 1:][predicted_positions(labels)[:, :-1]]
-    logits = outputs.logits.float()
-    if not (labels[:, 1:] != IGNORE_INDEX).any():  # one position was kept, nothing to learn
-        targets = labels.new_full((logits.shape[0],), IGNORE_INDEX)
+    logits = outputs.logits.float()  # an all-masked batch kept one position: its target is ignored
     if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
         # A model whose forward takes logits_to_keep but not as a mask: never train on misread logits.
         raise ValueError(
