@@ -36,8 +36,9 @@ def main() -> int:
     import pipeline.trial as trial_mod
     from pipeline import names
     from pipeline.config import load_config
+    from pipeline.resources import Resources
     from pipeline.search.executor import TrialJob, run_job
-    from pipeline.trial import Resources, setup
+    from pipeline.trial import setup
 
     cuda = torch.cuda.is_available()
     base = load_config(args.config, ["tracking.experiment_name=bench-memory", *common])

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config, with_overrides
-from pipeline.trial import Resources, discard_local_adapter, run_trial
+from pipeline.resources import Resources
+from pipeline.trial import discard_local_adapter, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo search space (configs/demo-cpu.yaml); the learning rate, a log range there, on 5

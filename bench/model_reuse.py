@@ -17,7 +17,8 @@ import tempfile
 import time
 
 from pipeline.config import load_config, with_overrides
-from pipeline.trial import Resources, run_trial
+from pipeline.resources import Resources
+from pipeline.trial import run_trial
 
 
 def main() -> None:

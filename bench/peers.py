@@ -25,8 +25,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from pipeline.config import PipelineConfig
 from pipeline.data import IGNORE_INDEX, PreparedData
+from pipeline.device import DevicePlan
 from pipeline.metrics import eval_loss
-from pipeline.model import BaseModel, DevicePlan, attach_lora
+from pipeline.model import BaseModel, attach_lora
 from pipeline.train import TrainJob, train
 
 

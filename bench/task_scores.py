@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import lmeval  # noqa: E402
 from pipeline.config import LmEvalConfig, load_config  # noqa: E402
-from pipeline.model import plan_device  # noqa: E402
+from pipeline.device import plan_device  # noqa: E402
+from pipeline.resources import Resources  # noqa: E402
 from pipeline.serving import load_adapter  # noqa: E402
-from pipeline.trial import Resources  # noqa: E402
 
 
 def scores(model, tokenizer, cfg: LmEvalConfig) -> dict[str, float]:

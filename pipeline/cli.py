@@ -13,9 +13,10 @@ from pathlib import Path
 
 import click
 
-from pipeline import names
+from pipeline import console, names
 from pipeline.config import load_config, to_yaml
-from pipeline.errors import USER_ERROR_EXIT_CODE, PipelineError, TrialFailed
+from pipeline.errors import USER_ERROR_EXIT_CODE, PipelineError, SearchFinished, TrialFailed
+from pipeline.inputs import check_inputs
 
 DEFAULT_CONFIG = "configs/demo-cpu.yaml"
 
@@ -60,22 +61,21 @@ def _setup_logging(quiet: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    # Libraries stay at warning level: their info logs drown the progress lines.
-    for noisy in ("transformers", "mlflow", "peft", "accelerate", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if quiet else logging.WARNING)
-    if quiet:
-        # MLflow and transformers set their own log levels when first used (later than this,
-        # unless a test imported them already): ask them by env too.
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    console.silence_library_noise(quiet)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lora-pipeline")
-def cli() -> None:
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help=f"Print the full traceback of a failure (also: {console.DEBUG_ENV}=1). Without it, a failed "
+    f"run keeps its traceback as the artifact {names.ERROR_FILE}.",
+)
+def cli(verbose: bool) -> None:
     """Find and ship the best LoRA adapter: baseline fine-tune, Ax search, retrain, all in MLflow."""
+    console.set_debug(verbose)
 
 
 @cli.command()
@@ -85,7 +85,8 @@ def cli() -> None:
 def baseline(config_path: str, overrides: tuple[str, ...], quiet: bool) -> None:
     """One LoRA (or 4-bit QLoRA) fine-tune with the config, tracked as an MLflow run."""
     _setup_logging(quiet)
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, search=False)  # the baseline does not search
+    check_inputs(config)  # before the heavy imports: a bad path answers in a second
     from pipeline.trial import RunSpec, run_trial
 
     result = run_trial(config, RunSpec(names.ROLE_BASELINE), quiet=quiet)
@@ -120,11 +121,24 @@ def search(
 ) -> None:
     """Bayesian search (Ax) over the config's search space; every trial a nested MLflow run."""
     _setup_logging(quiet)
+    # The file and its overrides answer before the heavy imports (a resumed search's own config
+    # comes from its run, below).
+    local = load_config(config_path, overrides)
+    if not resume:
+        check_inputs(local)
     from pipeline.search import SearchAborted, run_search, search_config
 
     config = search_config(config_path, list(overrides), resume or None, n_trials, budget_minutes)
     try:
         result = run_search(config, resume=resume or None, quiet=quiet)
+    except SearchFinished as e:
+        click.echo(str(e))
+        outer = os.environ.get("MLFLOW_RUN_ID")
+        if outer and outer != resume:  # `mlflow run` made a run for this invocation: it holds nothing
+            from pipeline import tracking
+
+            tracking.discard_run(outer)
+        return
     except SearchAborted as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(1) from None
@@ -170,6 +184,11 @@ def retrain(
     Without --from-search or --best-config, the search behind the current champion of the
     config's registry.model_name is retrained."""
     _setup_logging(quiet)
+    base = load_config(config_path, overrides, search=False)
+    if best_config:
+        check_inputs(load_config(best_config, overrides, search=False))
+    else:
+        check_inputs(base)
     from pipeline.retrain import run_retrain
 
     out = run_retrain(
@@ -251,13 +270,29 @@ def config_check(paths: tuple[str, ...]) -> None:
     failed = 0
     for path in paths:
         try:
-            load_config(path)
+            config = load_config(path)
             click.echo(f"ok: {path}")
         except PipelineError as e:
             failed += 1
             click.echo(f"error: {e}", err=True)
+            continue
+        if _needs_device(config):
+            from pipeline.device import cannot_run_here  # imports torch: only when it can matter
+
+            for problem in cannot_run_here(config):
+                click.echo(f"warning: {path}: on this machine: {problem}", err=True)
     if failed:
         raise SystemExit(USER_ERROR_EXIT_CODE)
+
+
+def _needs_device(config) -> bool:
+    """Whether a valid config names something only some machines can do (CUDA metrics or
+    kernels, fp16 weights or training): worth importing torch to tell."""
+    tr, model = config.train, config.model
+    gpu_only = tr.use_liger_kernel or tr.precision == "fp16" or model.dtype == "float16"
+    gpu_only = gpu_only or (model.attn_implementation or "").startswith("flash_attention")
+    named = [m for _, m in config.search.named_metrics()] if config.search is not None else []
+    return gpu_only or any(m.startswith(names.CUDA_ONLY_METRIC_PREFIX) for m in named)
 
 
 @cli.command()
@@ -310,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e.__cause__, PipelineError):  # bad input found only once training began
             _fail(outer_run, str(e.__cause__))
             raise SystemExit(USER_ERROR_EXIT_CODE) from None
-        _fail(outer_run, f"trial failed: {e}")
+        _fail(outer_run, f"trial failed: {e}{e.where()}")
         raise SystemExit(1) from None
 
 

@@ -93,16 +93,38 @@ def _field(rec: Record, name: str, fields: dict[str, str]) -> Any:
     return rec.data.get(fields.get(name, name))
 
 
+def _missing_fields(rec: Record, cfg: DataConfig) -> list[str]:
+    return [f for f in REQUIRED_FIELDS[cfg.format] if _field(rec, f, cfg.fields) in (None, "")]
+
+
+def _fields_error(rec: Record, missing: list[str], cfg: DataConfig, hint: str = "") -> DataError:
+    cols = ", ".join(cfg.fields.get(f, f) for f in missing)
+    needed = ", ".join(cfg.fields.get(f, f) for f in REQUIRED_FIELDS[cfg.format])
+    return DataError(f"{rec.where}: record has no {cols!r} (format {cfg.format} needs {needed}){hint}")
+
+
+def check_fields(records: list[Record], cfg: DataConfig) -> None:
+    """The first record (in file order) without a field its format needs, as a DataError; when no
+    record has it, the columns the records do have, and data.fields to map them."""
+    for rec in records:
+        missing = _missing_fields(rec, cfg)
+        if not missing:
+            continue
+        hint = ""
+        if all(_missing_fields(r, cfg) for r in records):
+            keys = ", ".join(sorted(rec.data)) or "none"
+            hint = (
+                f"; no record has it: the records' keys are {keys} (set data.format, or map the "
+                f"names with data.fields, e.g. {{{missing[0]}: <key>}})"
+            )
+        raise _fields_error(rec, missing, cfg, hint)
+
+
 def to_messages(rec: Record, cfg: DataConfig) -> list[dict[str, str]] | str:
     """Messages for chat/alpaca records, plain text for text records; DataError names the record."""
-    needed = REQUIRED_FIELDS[cfg.format]
-    missing = [f for f in needed if _field(rec, f, cfg.fields) in (None, "")]
+    missing = _missing_fields(rec, cfg)
     if missing:
-        cols = ", ".join(cfg.fields.get(f, f) for f in missing)
-        raise DataError(
-            f"{rec.where}: record has no {cols!r} (format {cfg.format} needs "
-            f"{', '.join(cfg.fields.get(f, f) for f in needed)})"
-        )
+        raise _fields_error(rec, missing, cfg)
     if cfg.format == "text":
         return str(_field(rec, "text", cfg.fields))
     if cfg.format == "alpaca":
@@ -226,16 +248,28 @@ def split_records(records: list[Record], cfg: DataConfig) -> tuple[list[Record],
     return [records[i] for i in train_idx], [records[i] for i in eval_idx]
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
-    """Read, split, template, tokenize, mask and fit the data; fingerprint what the model sees."""
+def read_data(cfg: DataConfig) -> tuple[list[Record], list[Record] | None]:
+    """The records of data.path and of data.eval_path (None when not set), each checked for the
+    fields its format needs, in file order: a broken file is named at its first bad record.
+    Light (no tokenizer): the entry points call it before the heavy imports."""
     records = read_records(cfg.path, "data.path", cfg.split)
     if not records:
         raise DataError(f"data.path: {cfg.path}: the data set is empty")
-    if cfg.eval_path:
-        train_recs = records
-        eval_recs = read_records(cfg.eval_path, "data.eval_path", cfg.split)
-        if not eval_recs:
-            raise DataError(f"data.eval_path: {cfg.eval_path}: the data set is empty")
+    check_fields(records, cfg)
+    if not cfg.eval_path:
+        return records, None
+    eval_recs = read_records(cfg.eval_path, "data.eval_path", cfg.split)
+    if not eval_recs:
+        raise DataError(f"data.eval_path: {cfg.eval_path}: the data set is empty")
+    check_fields(eval_recs, cfg)
+    return records, eval_recs
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
+    """Read, split, template, tokenize, mask and fit the data; fingerprint what the model sees."""
+    records, eval_records = read_data(cfg)
+    if eval_records is not None:
+        train_recs, eval_recs = records, eval_records
     else:
         train_recs, eval_recs = split_records(records, cfg)
     if cfg.max_eval_examples:

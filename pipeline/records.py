@@ -71,11 +71,17 @@ def _read_jsonl(p: Path) -> list[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{p}:{n}: malformed JSON line ({_json_problem(e)})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
             out.append(Record(obj, f"{p}:{n}"))
     return out
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    """`Expecting ',' delimiter at column 41`: some of json's messages end in "at" already
+    ("Invalid control character at"), which must not read "at at"."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def _read_json(p: Path) -> list[Record]:

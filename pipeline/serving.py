@@ -14,9 +14,10 @@ import torch
 
 from pipeline import names
 from pipeline.config import ModelConfig, TrainConfig
+from pipeline.device import DevicePlan, plan_device
 from pipeline.errors import ModelError
 from pipeline.metrics import generate
-from pipeline.model import DevicePlan, load_base_model, plan_device
+from pipeline.model import load_base_model
 
 
 def base_config(adapter_dir: str | Path) -> ModelConfig:

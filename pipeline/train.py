@@ -28,9 +28,9 @@ from pipeline.batching import (
 )
 from pipeline.config import EvalConfig, PipelineConfig, TrainConfig
 from pipeline.data import PreparedData
+from pipeline.device import DevicePlan
 from pipeline.interrupt import STOP_REQUESTED
 from pipeline.metrics import MemoryMonitor, eval_loss, perplexity
-from pipeline.model import DevicePlan
 
 MetricSink = Callable[[dict[str, float], int], None]
 
@@ -56,7 +56,7 @@ def build_training_args(
         warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
-        optim=train.optimizer,
+        optim=plan.optimizer,  # what runs on this device (a paged optimizer is unpaged on CPU)
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         activation_checkpointing=train.gradient_checkpointing,

@@ -19,14 +19,15 @@ import logging
 import math
 import shutil
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, lmeval, names, tracking
-from pipeline.config import PipelineConfig, config_fingerprint, fingerprint, flatten, to_dict, to_yaml
-from pipeline.data import PreparedData, prepare_data
+from pipeline import __version__, console, lmeval, names, tracking
+from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_dict, to_yaml
+from pipeline.device import plan_device
 from pipeline.errors import TrialFailed, TrialInterrupted, one_line
 from pipeline.metrics import (
     MemoryMonitor,
@@ -38,16 +39,13 @@ from pipeline.metrics import (
 )
 from pipeline.model import (
     BaseModel,
-    DevicePlan,
     attach_lora,
     count_parameters,
     detach_lora,
     is_out_of_memory,
-    load_base_model,
-    load_tokenizer,
-    plan_device,
 )
 from pipeline.provenance import git_commit, package_versions
+from pipeline.resources import Resources
 from pipeline.serving import base_reference
 from pipeline.timing import PhaseTimer
 from pipeline.train import EvalHook, TrainJob, TrainOutcome, train
@@ -89,42 +87,6 @@ class TrialResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class Resources:
-    """What consecutive trials can share: tokenizer, prepared data and the loaded base model.
-
-    The search keeps one of these for all its trials, so the (possibly 4-bit) base model is loaded
-    once and only the LoRA adapter changes between trials.
-    """
-
-    def __init__(self) -> None:
-        self._tokenizers: dict[str, Any] = {}
-        self._data: dict[str, PreparedData] = {}
-        self._base: tuple[str, BaseModel] | None = None
-        self.base_loads = 0  # how often a base model was loaded (a parallel worker tags it)
-
-    def tokenizer(self, config: PipelineConfig) -> Any:
-        key = fingerprint(config.model.model_dump())
-        if key not in self._tokenizers:
-            self._tokenizers[key] = load_tokenizer(config.model)
-        return self._tokenizers[key]
-
-    def data(self, config: PipelineConfig) -> PreparedData:
-        key = fingerprint([config.model.model_dump(), config.data.model_dump()])
-        if key not in self._data:
-            self._data[key] = prepare_data(config.data, self.tokenizer(config))
-        return self._data[key]
-
-    def base_model(self, config: PipelineConfig, plan: DevicePlan) -> tuple[BaseModel, bool]:
-        """The base model and whether it was reused from an earlier trial."""
-        key = fingerprint([config.model.model_dump(), plan.dtype, config.train.gradient_checkpointing])
-        if self._base is not None and self._base[0] == key:
-            return self._base[1], True
-        self._base = None  # free the old base before loading another
-        base = load_base_model(config.model, plan, config.train.gradient_checkpointing)
-        self._base, self.base_loads = (key, base), self.base_loads + 1
-        return base, False
-
-
 @dataclass
 class TrialSetup:
     """Everything a trial needs before its run starts (what `setup` built)."""
@@ -150,33 +112,14 @@ def setup(config: PipelineConfig, resources: Resources | None = None, quiet: boo
         lmeval.require()  # an optional extra: say how to install it before any run starts
     with timer.phase("load"):
         plan = plan_device(config.model, config.train)
+        for line in plan.fallbacks:
+            console.warn_once(line)
         tokenizer = resources.tokenizer(config)
         data = resources.data(config)
         gen = config.eval.generation_metric
         metric = load_generation_metric(gen) if gen else None
         base, reused = resources.base_model(config, plan)
     return TrialSetup(TrainJob(config, plan, tokenizer, data, quiet), base, reused, metric, timer, started)
-
-
-# Packages whose versions change a trial's numbers: a baseline is reused only under the same ones.
-NUMERICS_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
-
-
-def identity(config: PipelineConfig, resources: Resources) -> dict[str, str]:
-    """What decides a trial's numbers besides its config, as the run tags record it: data and
-    eval fingerprints, device, precision, and the versions of the numerics packages. Loads the
-    tokenizer and data (kept in `resources`), not the model."""
-    plan = plan_device(config.model, config.train)
-    data = resources.data(config)
-    versions = package_versions()
-    return {
-        names.CONFIG_FINGERPRINT: config_fingerprint(config),
-        names.DATA_FINGERPRINT: data.fingerprint,
-        names.EVAL_FINGERPRINT: data.eval_fingerprint,
-        names.DEVICE: plan.name,
-        names.PRECISION: plan.precision,
-        names.PACKAGE_VERSIONS: json.dumps({p: versions.get(p) for p in NUMERICS_PACKAGES}, sort_keys=True),
-    }
 
 
 def run_trial(
@@ -217,6 +160,7 @@ def fit(
         names.DEVICE: job.plan.name,
         **device_tags(),
         names.PRECISION: job.plan.precision,
+        **job.plan.tags(),
         names.PIPELINE_VERSION: __version__,
         **spec.tags,
     }
@@ -256,6 +200,8 @@ def fit(
                 failure = _failure(e)
                 status, reason = failure
                 run.set_tags({names.TRIAL_STATUS: status, names.TRIAL_FAILURE_REASON: reason})
+                if status != names.KILLED and not isinstance(e, TrialFailed):
+                    _keep_traceback(run)
                 raise
             with timer.phase("tracking"):
                 run.set_tags({names.TRIAL_STATUS: result.status})
@@ -273,8 +219,19 @@ def fit(
         if isinstance(e, TrialFailed):  # raised inside the run (divergence): it has its reason
             e.run_id, e.status = run_id, status
             raise
-        raise TrialFailed(reason, run_id, status) from e
+        raise TrialFailed(reason, run_id, status, traceback_file=names.ERROR_FILE) from e
     return result
+
+
+def _keep_traceback(run: tracking.TrackedRun) -> None:
+    """The failure's full traceback: an artifact of its run, and on stderr with -v. Called inside
+    the `except` block (the traceback is the one being handled)."""
+    text = traceback.format_exc()
+    console.show_traceback(text)
+    try:
+        run.log_text(text, names.ERROR_FILE)
+    except Exception as e:  # the store may be what failed; the one-line reason is tagged already
+        log.warning("could not keep the traceback on run %s: %s", run.run_id, one_line(e, 200))
 
 
 def _failure(e: BaseException) -> tuple[str, str]:
@@ -305,14 +262,13 @@ def _train_in_run(
     try:
         trainable, total = count_parameters(model)
         log.info(
-            "%s: %d train / %d eval examples, %s of %s parameters trainable, %s on %s",
+            "%s: %d train / %d eval examples, %s of %s parameters trainable, %s",
             name,
             data.stats.train_examples,
             data.stats.eval_examples,
             f"{trainable:,}",
             f"{total:,}",
-            job.plan.precision,
-            job.plan.name,
+            job.plan.describe(),
         )
         memory = MemoryMonitor()
         with timer.phase("train"):  # training steps and evaluations; the hooks are timed apart

@@ -143,6 +143,35 @@ def demo_tokenizer():
     return AutoTokenizer.from_pretrained(DEMO_MODEL)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A random-init Qwen2ForCausalLM folder shaped like the seed's target (Qwen2.5-7B-Instruct):
+    grouped-query attention (4 query heads, 2 key/value heads), biases on q/k/v, tied embeddings,
+    the demo tokenizer's ChatML template. Stands in for the 7B model in the seed config's tests."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def venv_env(tmp_path: Path) -> dict[str, str]:
     """Environment for subprocesses: this interpreter's bin first on PATH (`mlflow run` calls
     `python` from PATH with --env-manager local), the temp store, offline hub."""

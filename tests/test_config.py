@@ -221,9 +221,9 @@ def test_search_problems_are_found_by_config_check_with_their_lines(tmp_path):
         load_config(path)
     lines = {line.split(": ", 1)[0] for line in e.value.problems}
     msg = str(e.value)
-    assert "search.parameters: lora.r is an integer; bounds must be integers" in msg
+    assert "search.parameters.lora.r: the key is an integer; bounds must be integers" in msg
     assert "search.outcome_constraints.1: 'gpu < 3' must read `metric <= number`" in msg
-    row = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("  parameters:"))
+    row = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("    lora.r:"))
     assert f"{path}:{row}" in lines
     # The cross-section check runs once the sections themselves are valid, and points at its key.
     fixed = text.replace("[4.5, 32]", "[4, 32]").replace(", 'gpu < 3'", "")
@@ -276,3 +276,55 @@ def test_every_section_but_search_can_be_searched():
     assert config_field("lora.r") is not None and config_field("retrain.epochs") is not None
     for path in ("search.n_trials", "lora", "lora.rank", "lora.r.x", "nothing"):
         assert config_field(path) is None, path
+
+
+SEED = ROOT / "configs" / "qwen2.5-7b-qlora.yaml"
+
+
+def test_a_command_that_does_not_search_is_not_refused_over_search_rules():
+    """`baseline` and `retrain` load with search=False: the search section and search.* overrides
+    are dropped, so a rule only the search needs (early stopping needs eval_steps) does not stop
+    a plain baseline of the seed config."""
+    with pytest.raises(ConfigError, match="search.early_stopping.enabled: needs train.eval_steps"):
+        load_config(SEED, ["train.eval_steps=null"])
+    config = load_config(SEED, ["train.eval_steps=null", "search.n_trials=0"], search=False)
+    assert config.search is None and config.train.eval_steps is None
+
+
+def test_objectives_and_constraints_on_metrics_no_trial_logs():
+    """Found by validation (config check), led by the key that names the metric."""
+    cases = [
+        (
+            ["search.objectives='[{metric: eval_exact_match}]'"],
+            "search.objectives: eval_exact_match is not logged",
+        ),
+        (
+            ["eval.generation_metric=null", "search.outcome_constraints=\"['eval_rougeL >= 0.1']\""],
+            "search.outcome_constraints: eval_rougeL is a generation metric, but eval.generation_metric is null",
+        ),
+        (
+            ["eval.generation_samples=0", "search.objectives='[{metric: eval_rougeL, minimize: false}]'"],
+            "search.objectives: eval_rougeL is a generation metric, but eval.generation_samples is 0",
+        ),
+    ]
+    for sets, expected in cases:
+        with pytest.raises(ConfigError) as e:
+            load_config(DEMO_CONFIG, sets)
+        assert expected in str(e.value), str(e.value)
+    # A CUDA memory peak depends on the machine: valid, and refused only where there is no CUDA.
+    config = load_config(DEMO_CONFIG, ["search.outcome_constraints=\"['peak_gpu_mem_gb <= 15']\""])
+    assert config.unavailable_metrics() == [] and config.unavailable_metrics(cuda=True) == []
+    (problem,) = config.unavailable_metrics(cuda=False)
+    assert problem.startswith("search.outcome_constraints: peak_gpu_mem_gb is measured only on a CUDA GPU")
+
+
+def test_a_wrongly_typed_choice_value_names_the_parameter_and_its_line(tmp_path):
+    text = DEMO_CONFIG.read_text().replace("values: [4, 8, 16, 32]", "values: [4, big]")
+    path = tmp_path / "typed.yaml"
+    path.write_text(text)
+    row = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("    lora.r:"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.problems == [
+        f"{path}:{row}: search.parameters.lora.r: the key is an integer; the value 'big' is not"
+    ]

@@ -106,8 +106,9 @@ class _FakeRay(types.SimpleNamespace):
 def test_a_trial_whose_driver_is_gone_ends_killed_to_run_again(tiny_config):
     """A worker orphaned by a killed driver must not record its trial FAILED: a resumed search
     would count it as a failure instead of running its config again."""
+    from pipeline.resources import Resources
     from pipeline.search.executor import TrialJob, run_job
-    from pipeline.trial import Resources, RunSpec
+    from pipeline.trial import RunSpec
 
     class Gone(Exception):  # what ray.get raises once the driver's mailbox actor died with it
         pass

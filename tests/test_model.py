@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig
+from pipeline.device import plan_device
 from pipeline.errors import ModelError
+from pipeline.inputs import model_source
 from pipeline.model import (
     attach_lora,
     build_lora_config,
@@ -18,8 +20,6 @@ from pipeline.model import (
     linear_module_names,
     load_base_model,
     load_tokenizer,
-    plan_device,
-    resolve_source,
 )
 
 from .conftest import DEMO_MODEL
@@ -109,19 +109,19 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
 
 def test_missing_model_folder(tmp_path):
     with pytest.raises(ModelError, match=r"^model.name_or_path: no such folder: .*nowhere$"):
-        resolve_source(ModelConfig(name_or_path=str(tmp_path / "nowhere")))
+        model_source(ModelConfig(name_or_path=str(tmp_path / "nowhere")))
 
 
 def test_missing_gguf_file(tmp_path):
     with pytest.raises(ModelError, match=r"^model.gguf_file: missing.gguf not found in "):
-        resolve_source(ModelConfig(name_or_path=str(tmp_path), gguf_file="missing.gguf"))
+        model_source(ModelConfig(name_or_path=str(tmp_path), gguf_file="missing.gguf"))
 
 
 def test_pkg_source_resolves_to_the_package_folder():
-    src, _ = resolve_source(ModelConfig(name_or_path="pkg:pipeline"))
+    src, _ = model_source(ModelConfig(name_or_path="pkg:pipeline"))
     assert src.endswith("pipeline")
     with pytest.raises(ModelError, match="package 'no_such_pkg' is not installed"):
-        resolve_source(ModelConfig(name_or_path="pkg:no_such_pkg"))
+        model_source(ModelConfig(name_or_path="pkg:no_such_pkg"))
 
 
 def test_hub_id_offline_is_a_one_line_error():

@@ -56,11 +56,13 @@ def test_configuration_reference_is_current():
 # one, never a later one. Packages other than `search` are one stage each; the search package's
 # modules are stages of their own, in the order its loop uses them.
 STAGES = [
-    {"", "names", "errors", "timing", "provenance", "interrupt", "plotting"},  # the foundation
+    {"", "names", "errors", "timing", "provenance", "interrupt", "plotting", "console"},  # the foundation
     {"config"},
     {"records"},
     {"data"},
+    {"inputs"},
     {"batching"},
+    {"device"},
     {"model"},
     {"metrics"},
     {"train"},
@@ -68,7 +70,9 @@ STAGES = [
     {"serving"},
     {"tracking"},
     {"registry"},
+    {"resources"},
     {"trial"},
+    {"search.stopping"},
     {"search.space"},
     {"search.state"},
     {"search.summary"},
@@ -80,6 +84,7 @@ STAGES = [
     {"search.distributed"},
     {"search.baseline"},
     {"search.warm"},
+    {"search.preflight"},
     {"search.loop"},
     {"search"},
     {"retrain"},
@@ -92,8 +97,8 @@ ONLY_IN = {
     "ax": {"search.space"},
     "ray": {"search.distributed"},
     "lm_eval": {"lmeval"},
-    "torch": {"batching", "model", "metrics", "train", "serving"},
-    "transformers": {"batching", "model", "metrics", "train", "serving"},
+    "torch": {"batching", "device", "model", "metrics", "train", "serving"},
+    "transformers": {"batching", "device", "model", "metrics", "train", "serving"},
     "peft": {"batching", "model", "metrics", "train", "serving"},
     "bitsandbytes": {"batching", "model", "metrics", "train", "serving"},
 }

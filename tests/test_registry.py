@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names, registry
 from pipeline.config import with_overrides
-from pipeline.trial import Resources, run_trial
+from pipeline.resources import Resources
+from pipeline.trial import run_trial
 
 
 def champion(version: str, loss: float, fp: str = "fp1", **tags: str):

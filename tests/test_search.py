@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -22,7 +21,7 @@ from pipeline import names
 from pipeline.cli import main
 from pipeline.search import run_search, search_config
 
-from .conftest import DEMO_CONFIG, ROOT, mlflow_run_command, tiny_overrides, venv_env
+from .conftest import DEMO_CONFIG, ROOT, run_cli, tiny_overrides, venv_env
 
 MODEL = "tests-lora"
 
@@ -69,112 +68,6 @@ def summary_numbers(report: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.e2e
-def test_search_through_mlflow_run(tmp_path):
-    """`mlflow run . -e search -P n_trials=6`: the structure, the report, the promotion."""
-    env = venv_env(tmp_path)
-    cmd = mlflow_run_command(
-        "search",
-        "e2e-search",
-        "n_trials=6",
-        "set=" + " ".join(overrides(tmp_path, **{"search.early_stopping.enabled": True})),
-    )
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    progress = [line for line in p.stdout.splitlines() if line.startswith("[")]
-    assert len(progress) == 6 and "best" in progress[-1] and "ETA" in progress[-1]
-
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    client = MlflowClient()
-    exp = client.get_experiment_by_name("e2e-search")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH]
-    assert len(parents) == 1
-    parent = parents[0]
-    assert parent.info.status == "FINISHED"
-    kids = children(parent.info.run_id)
-    roles = sorted(r.data.tags[names.ROLE] for r in kids)
-    assert roles == ["baseline"] + ["trial"] * 6
-    trials = [r for r in kids if r.data.tags[names.ROLE] == "trial"]
-    for r in trials:
-        assert r.info.status == "FINISHED"
-        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert r.data.tags[names.TRIAL_STATUS] in ("completed", "early_stopped")
-        assert r.data.tags[names.AX_GENERATION_METHOD] in ("Sobol", "BoTorch", "CenterOfSearchSpace")
-        assert (
-            r.info.run_name.startswith("trial-0") and " r=" in r.info.run_name and " lr=" in r.info.run_name
-        )
-        for key in ("lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"):
-            assert key in r.data.params
-        assert len(client.get_metric_history(r.info.run_id, names.TRAIN_LOSS)) >= 2
-        assert len(client.get_metric_history(r.info.run_id, names.EVAL_LOSS)) >= 1
-        assert names.PEAK_RSS_GB in r.data.metrics
-        arts = {a.path for a in client.list_artifacts(r.info.run_id, names.ADAPTER_DIR)}
-        assert f"{names.ADAPTER_DIR}/adapter_model.safetensors" in arts
-    methods = [r.data.tags[names.AX_GENERATION_METHOD] for r in trials]
-    assert "BoTorch" in methods, methods
-
-    # The report's summary holds the numbers the runs hold.
-    out = tmp_path / "rep"
-    report = Path(
-        mlflow.artifacts.download_artifacts(
-            run_id=parent.info.run_id,
-            artifact_path=f"{names.REPORT_DIR}/{names.REPORT_FILE}",
-            dst_path=str(out),
-        )
-    ).read_text()
-    nums = summary_numbers(report)
-    baseline = next(r for r in kids if r.data.tags[names.ROLE] == "baseline")
-    scored = [r for r in trials if r.data.tags[names.TRIAL_STATUS] == "completed"]
-    best = min(scored, key=lambda r: r.data.metrics[names.EVAL_LOSS])
-    assert nums["Baseline eval_loss"] == f"{baseline.data.metrics[names.EVAL_LOSS]:.4f}"
-    assert nums["Best eval_loss"].startswith(
-        f"{best.data.metrics[names.EVAL_LOSS]:.4f} (trial {best.data.tags[names.AX_TRIAL_INDEX]})"
-    )
-    improvement = (
-        100
-        * (baseline.data.metrics[names.EVAL_LOSS] - best.data.metrics[names.EVAL_LOSS])
-        / baseline.data.metrics[names.EVAL_LOSS]
-    )
-    assert nums["Improvement"] == f"{improvement:.1f}%"
-    n_stopped = sum(r.data.tags[names.TRIAL_STATUS] == "early_stopped" for r in trials)
-    assert nums["Trials"].startswith(
-        f"6: {6 - n_stopped} completed, {n_stopped} early-stopped, 0 failed, 0 abandoned"
-    )
-    assert parent.data.metrics[names.BEST_EVAL_LOSS] == pytest.approx(best.data.metrics[names.EVAL_LOSS])
-    assert parent.data.metrics[names.BASELINE_EVAL_LOSS] == pytest.approx(
-        baseline.data.metrics[names.EVAL_LOSS]
-    )
-    assert parent.data.metrics[names.IMPROVEMENT_PCT] == pytest.approx(improvement)
-    trace = client.get_metric_history(parent.info.run_id, names.BEST_EVAL_LOSS)
-    assert [m.step for m in trace] == [1, 2, 3, 4, 5, 6, 6]  # one per trial, then the final summary
-    for run_id in [r.info.run_id for r in kids]:
-        assert run_id in report  # provenance: every trial's run id
-    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {names.BEST_CONFIG_FILE, names.REPORT_DIR, names.STATE_DIR, names.CONFIG_FILE} <= top
-    plots = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id, names.REPORT_DIR)}
-    for png in ("optimization_trace.png", "eval_loss_curves.png", "parameter_slices.png"):
-        assert plots[f"{names.REPORT_DIR}/{png}"] > 10_000, f"{png} is missing or blank"
-
-    # best_config.yaml is a complete config the baseline entry point accepts, with the best params.
-    from pipeline.config import load_config
-
-    best_cfg = load_config(
-        mlflow.artifacts.download_artifacts(
-            run_id=parent.info.run_id, artifact_path=names.BEST_CONFIG_FILE, dst_path=str(out)
-        )
-    )
-    assert best_cfg.lora.r == int(best.data.params["lora.r"])
-    assert best_cfg.train.learning_rate == pytest.approx(float(best.data.params["train.learning_rate"]))
-
-    # Registered, champion, pointing at the best child.
-    mv = client.get_model_version_by_alias(MODEL, names.CHAMPION_ALIAS)
-    assert mv.tags["source_run_id"] == best.info.run_id
-    assert mv.tags["search_run_id"] == parent.info.run_id
-    assert float(mv.tags["eval_loss"]) == pytest.approx(best.data.metrics[names.EVAL_LOSS], abs=1e-6)
-    assert "improvement_pct" in mv.tags and "lora:" in (mv.description or "")
 
 
 def _poison(monkeypatch, plan: dict[int, str]):
@@ -511,20 +404,78 @@ def test_bad_search_input(tmp_path, capsys):
         "--set", "search.parameters.lora.r.bounds=[64,8]", "--set", "search.parameters.lora.r.type=range"
     )
     assert code == 2 and "search.parameters.lora.r" in err and "inverted" in err
-    # An objective no trial logs: found on the baseline, before any trial or registration.
+    # An objective no trial logs: found in the config, before anything trains.
     code, err = run("--set", "search.objectives='[{metric: eval_exact_match}]'", "--n-trials", "1")
-    assert code == 2 and "search.objectives: the baseline logged no eval_exact_match" in err
-    # Resume a run that is not a search parent.
-    base = next(
-        r
-        for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
-        if r.data.tags.get(names.ROLE) == names.ROLE_BASELINE
-    )
-    code, err = run("--resume", base.info.run_id)
+    assert code == 2 and "search.objectives: eval_exact_match is not logged by eval.generation_metric" in err
+    # A constraint on a CUDA memory peak, on a machine without CUDA: refused before any run exists,
+    # naming the key that holds it (the seed config's `peak_gpu_mem_gb <= 15` on a laptop).
+    before = len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]))
+    code, err = run("--set", "search.outcome_constraints='[peak_gpu_mem_gb <= 15]'", "--n-trials", "1")
+    assert code == 2 and "search.outcome_constraints: peak_gpu_mem_gb is measured only on a CUDA GPU" in err
+    after = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert len(after) == before, "the refusal left a run behind"
+    # Resume a run that is not a search parent (a baseline's).
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tests") or client.get_experiment(client.create_experiment("tests"))
+    base = client.create_run(exp.experiment_id, tags={names.ROLE: names.ROLE_BASELINE}).info.run_id
+    client.set_terminated(base)
+    code, err = run("--resume", base)
     assert code == 2 and "is not a search run" in err
     assert not MlflowClient().search_registered_models()
     exp = MlflowClient().get_experiment_by_name("tests").experiment_id
     assert all(r.info.status != "RUNNING" for r in MlflowClient().search_runs([exp]))
+
+
+def test_resuming_a_finished_search_says_so_and_leaves_no_run(tmp_path, capsys):
+    """The run id is printed as the search starts; resuming a search that ran all its trials is one
+    line, exit 0, and no run: not even the one `mlflow run` made for the invocation."""
+    code, out, err = run_cli(
+        [
+            "search",
+            "--config",
+            str(DEMO_CONFIG),
+            "--n-trials",
+            "1",
+            "--quiet",
+            *[f"--set={o}" for o in overrides(tmp_path)],
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert (
+        first.startswith("search run ")
+        and "started; after an interruption, continue it with --resume" in first
+    )
+    parent = first.split()[2]
+    client = MlflowClient()
+    exp = client.get_run(parent).info.experiment_id
+    runs = {r.info.run_id for r in client.search_runs([exp])}
+    outer = client.create_run(exp).info.run_id  # what `mlflow run` makes before the entry point starts
+    os.environ["MLFLOW_RUN_ID"] = outer
+    try:
+        code, out, err = run_cli(
+            [
+                "search",
+                "--config",
+                str(DEMO_CONFIG),
+                "--resume",
+                parent,
+                "--quiet",
+                *[f"--set={o}" for o in overrides(tmp_path)],
+            ],
+            capsys,
+        )
+    finally:
+        os.environ.pop("MLFLOW_RUN_ID", None)
+    assert code == 0, err
+    assert out.strip() == (
+        f"search run {parent} has finished (1 of 1 trials); nothing to do (give --n-trials more than that "
+        "to run more trials)"
+    )
+    assert {r.info.run_id for r in client.search_runs([exp])} == runs
+    assert client.get_run(outer).info.lifecycle_stage == "deleted"
+    assert client.get_run(parent).info.status == "FINISHED"
 
 
 def test_resume_from_another_experiment_is_refused(tmp_path, capsys):

@@ -91,8 +91,8 @@ def test_a_searched_key_means_what_trains(tmp_path, capsys):
     """lora.alpha_ratio sets lora.alpha: searching alpha beside it trained r x ratio while Ax
     recorded the asked alpha. The config refuses it, naming both keys; and a trial whose built
     config does not hold the values Ax asked for never trains."""
+    from pipeline.resources import Resources
     from pipeline.search.executor import TrialJob, run_job
-    from pipeline.trial import Resources
 
     from .conftest import run_cli, tiny_overrides
 
@@ -125,9 +125,10 @@ def test_early_stopping_compares_trials_at_the_same_share_of_their_training(tiny
     carries both the step and the training examples seen, and early stopping compares trials in
     the unit that puts each at the same share of its own training: steps when trials run
     train.max_steps steps, examples when they run epochs (or as `progression` says)."""
+    from pipeline.resources import Resources
     from pipeline.search.executor import TrialJob, run_job
-    from pipeline.search.space import early_stopping_strategy, progression, progression_unit
-    from pipeline.trial import Resources
+    from pipeline.search.space import early_stopping_strategy
+    from pipeline.search.stopping import progression, progression_unit
 
     base = tiny_config.model_copy(update={"search": None})
     resources, heard, outs = Resources(), [], []
@@ -419,8 +420,9 @@ def test_oom_recovery_frees_the_failed_trials_memory(tiny_config, monkeypatch):
     import torch
 
     import pipeline.trial as trial_mod
+    from pipeline.resources import Resources
     from pipeline.search.executor import TrialJob, run_job
-    from pipeline.trial import Resources, setup
+    from pipeline.trial import setup
 
     base = tiny_config.model_copy(update={"search": None})
     resources = Resources()
@@ -470,7 +472,7 @@ def test_a_trial_runs_on_one_gpu_unless_the_config_asks_for_more(tiny_config):
     in its device tag, and train.multi_gpu opts out."""
     from types import SimpleNamespace
 
-    from pipeline.model import plan_device
+    from pipeline.device import plan_device
     from pipeline.train import pin_to_plan
 
     plan = plan_device(
@@ -520,7 +522,8 @@ def test_load_adapter_uses_the_recorded_dtype_and_places_weights_at_load(tiny_co
     import torch
 
     from pipeline import names
-    from pipeline.model import from_pretrained_kwargs, plan_device
+    from pipeline.device import plan_device
+    from pipeline.model import from_pretrained_kwargs
     from pipeline.serving import load_adapter
     from pipeline.trial import run_trial
 

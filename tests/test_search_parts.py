@@ -13,12 +13,13 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.config import load_config, with_overrides
+from pipeline.resources import Resources
 from pipeline.search import state as store
 from pipeline.search import summary
 from pipeline.search.executor import LocalExecutor, TrialJob, run_job
 from pipeline.search.space import Optimizer
 from pipeline.search.state import BaselineRecord, SearchState, TrialRecord
-from pipeline.trial import Resources, RunSpec
+from pipeline.trial import RunSpec
 
 from .conftest import DEMO_CONFIG
 
@@ -168,7 +169,6 @@ def test_summary_metrics_and_steps_saved():
 
 
 def test_recommendations_point_at_the_edges_of_the_space():
-    search = demo().search
     state = SearchState("p", 1)
     state.baseline = BaselineRecord("b", {}, 3.0, {}, False, True)
     best = TrialRecord(
@@ -179,11 +179,85 @@ def test_recommendations_point_at_the_edges_of_the_space():
         eval_loss=2.99,
     )
     state.trials = [best]
-    recs = summary.recommendations(search, state, best)
+    recs = summary.recommendations(demo(), state, best)
     assert recs[0].startswith("Retrain the best configuration (trial 0, run `r`)")
     assert any("within 1% of the baseline" in r for r in recs)
     assert any(r.startswith("Widen `train.learning_rate` above 0.01") for r in recs)
     assert any(r.startswith("Try `lora.r` beyond 32") for r in recs)
+
+
+def test_early_stopping_that_cannot_act_is_named_with_its_reason():
+    """The seed config's `min_progression: 400` (examples) on a short run, and min_curves that
+    the number of trials never reaches, are found before anything trains; the report's advice
+    says the actual reason instead of asking for evaluations the trials already make."""
+    from pipeline.search.stopping import stopping_plan, unreachable
+
+    demo_ok = demo()
+    assert stopping_plan(demo_ok).enabled and unreachable(demo_ok, 6849) is None
+    # 150 steps of batch 4-16, evaluated every 50: the last evaluation before the end is at step 100.
+    far = demo(**{"search.early_stopping.min_progression": 400, "search.early_stopping.progression": "steps"})
+    why = unreachable(far, 6849)
+    assert why.startswith("search.early_stopping.min_progression is 400 steps, and the last evaluation")
+    assert "comes at 100 steps at most (train.eval_steps 50" in why
+    few = demo(**{"search.early_stopping.min_curves": 4, "search.n_trials": 3})
+    assert unreachable(few, 6849).startswith(
+        "search.early_stopping.min_curves is 4: 3 trial(s) besides the baseline"
+    )
+    assert unreachable(few, 6849, baseline_counts=False) is not None
+    assert unreachable(demo(**{"search.early_stopping.min_curves": 4, "search.n_trials": 4}), 6849) is None
+    # Epochs: the trials' steps come from the data size and each searched batch size.
+    epochs = demo(
+        **{
+            "train.max_steps": -1,
+            "train.epochs": 0.01,
+            "train.eval_steps": 2,
+            "search.early_stopping.enabled": True,
+            "search.early_stopping.min_progression": 400,  # examples, the unit of epoch budgets
+        }
+    )
+    assert unreachable(epochs, 6849) is not None and unreachable(epochs, 684900) is None
+
+    state = SearchState("p", 3)
+    state.baseline = BaselineRecord("b", {}, 3.0, {names.DATA_TRAIN_EXAMPLES: 6849}, False, True)
+    state.trials = [record(1, "completed", 2.9), record(2, "completed", 2.8)]
+    recs = summary.recommendations(far, state, None, summary.why_no_stopping(far, state))
+    (line,) = [r for r in recs if "stopped early" in r]
+    assert line.startswith(
+        "No trial was stopped early: early stopping could not act (search.early_stopping.min_progression"
+    )
+    off = demo(**{"train.eval_steps": 100})  # auto: fewer than 3 evaluations per trial
+    (line,) = [
+        r
+        for r in summary.recommendations(off, state, None, summary.why_no_stopping(off, state))
+        if "early" in r
+    ]
+    assert (
+        "early stopping was off (search.early_stopping.enabled is auto and trials evaluate fewer than 3 times"
+        in line
+    )
+    assert not [
+        r
+        for r in summary.recommendations(demo_ok, state, None, summary.why_no_stopping(demo_ok, state))
+        if "stopped early" in r
+    ]
+
+
+def test_batch_size_advice_says_a_step_budget_also_changes_the_data_seen():
+    state = SearchState("p", 1)
+    state.baseline = BaselineRecord("b", {}, 3.0, {}, False, True)
+    best = TrialRecord(
+        0,
+        {"lora.r": 8, "lora.alpha": 16.0, "train.learning_rate": 1e-3, "train.batch_size": 16},
+        "completed",
+        run_id="r",
+        eval_loss=2.5,
+    )
+    state.trials = [best]
+    (line,) = [r for r in summary.recommendations(demo(), state, best) if "train.batch_size" in r]
+    assert "With train.max_steps fixed at 150, a larger value also trains on more examples" in line
+    epochs = demo(**{"train.max_steps": -1, "train.epochs": 1.0})
+    (line,) = [r for r in summary.recommendations(epochs, state, best) if "train.batch_size" in r]
+    assert "train.max_steps fixed" not in line
 
 
 def test_trial_names_and_durations():

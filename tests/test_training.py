@@ -12,8 +12,9 @@ import torch
 from pipeline import names
 from pipeline.config import with_overrides
 from pipeline.data import prepare_data
+from pipeline.device import plan_device
 from pipeline.metrics import MemoryMonitor
-from pipeline.model import attach_lora, count_parameters, load_base_model, load_tokenizer, plan_device
+from pipeline.model import attach_lora, count_parameters, load_base_model, load_tokenizer
 from pipeline.train import StreamingCallback, TrainJob, build_training_args, train
 
 
@@ -66,12 +67,15 @@ def test_lora_invariant_base_frozen_adapter_learns(tiny_config):
 
 
 def test_qlora_4bit_nf4_trains_on_cpu(tiny_config):
+    """QLoRA through evaluations while it trains (every evaluation once repacked the 4-bit layers
+    for inference on this CPU): the loss falls, the 4-bit base stays as loaded and in its training
+    layout, only the adapter moves. Gradients before/after an evaluation: tests/test_quantized.py."""
     config = with_overrides(
         tiny_config,
         {
             "model.load_in_4bit": True,
             "train.max_steps": 10,
-            "train.eval_steps": None,
+            "train.eval_steps": 5,
             "train.learning_rate": 3e-3,
             "eval.at_start": True,
             "lora.r": 8,
@@ -81,13 +85,25 @@ def test_qlora_4bit_nf4_trains_on_cpu(tiny_config):
     quantized = [m for m in base.model.modules() if type(m).__name__ == "Linear4bit"]
     assert quantized, "the linear layers must be bitsandbytes 4-bit layers"
     assert quantized[0].weight.quant_state.quant_type == "nf4"
+    base_before = {n: t.detach().clone() for n, t in base.model.state_dict().items()}
     model = attach_lora(base.model, config.lora, config.train.seed)
+    adapter_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     _, outcome, logged = _train(config, model, tok, data, plan)
     losses = [m[names.TRAIN_LOSS] for _, m in logged if names.TRAIN_LOSS in m]
-    evals = [m[names.EVAL_LOSS] for _, m in logged if names.EVAL_LOSS in m]
-    assert all(math.isfinite(x) for x in losses + evals)
-    assert len(evals) == 2 and evals[-1] < evals[0], f"eval loss should fall: {evals}"
+    evals = [(s, m[names.EVAL_LOSS]) for s, m in logged if names.EVAL_LOSS in m]
+    assert all(math.isfinite(x) for x in losses + [e for _, e in evals])
+    assert [s for s, _ in evals] == [0, 5, 10], "evaluations at the start, mid-training and the end"
+    assert evals[1][1] < evals[0][1] and evals[2][1] < evals[1][1], f"eval loss should fall: {evals}"
     assert outcome.steps == 10
+    packed = [m for m in quantized if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert packed == [], "a 4-bit layer went into the inference layout while training"
+    base_after = model.get_base_model().state_dict()
+    for name, before in base_before.items():
+        key = name if name in base_after else name.replace(".weight", ".base_layer.weight")
+        key = key if key in base_after else name.replace(".bias", ".base_layer.bias")
+        assert torch.equal(base_after[key], before), f"4-bit base weight {name} changed"
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(after[n], p) for n, p in adapter_before.items() if "lora_B" in n)
 
 
 def test_padding_free_batches_give_the_padded_loss(tiny_config):

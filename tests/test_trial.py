@@ -13,7 +13,8 @@ from pipeline import names
 from pipeline.config import with_overrides
 from pipeline.data import prepare_data
 from pipeline.errors import TrialFailed, TrialInterrupted
-from pipeline.trial import Resources, run_trial
+from pipeline.resources import Resources
+from pipeline.trial import run_trial
 
 from .conftest import DEMO_DATA, PROBE
 

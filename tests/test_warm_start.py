@@ -110,7 +110,11 @@ def test_a_trial_measured_otherwise_is_skipped_with_why(config, change, expected
 
 def test_a_trial_without_a_metric_this_search_optimizes_is_skipped(config):
     maximize = with_overrides(
-        config, {"search.objectives": [{"metric": "eval_exact_match", "minimize": False}]}
+        config,
+        {
+            "eval.generation_metric": "exact_match",
+            "search.objectives": [{"metric": "eval_exact_match", "minimize": False}],
+        },
     )
     run = trial_run(maximize, **{"lora.r": 16})
     assert match(run, maximize, ME, lambda p: True)[1] == "logged no eval_exact_match"

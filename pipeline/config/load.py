@@ -124,7 +124,16 @@ def _format_problem(err: Mapping[str, Any], lines: dict, labels: Mapping[str, st
             key, sep, text = problem.partition(": ")
             out.append(_place(tuple(key.split(".")), text, lines, labels, source) if sep else problem)
         return out
-    return [_place(loc, msg, lines, labels, source)]
+    out = []
+    for problem in msg.split(PROBLEM_SEPARATOR):
+        # A check of a mapping (search.parameters) leads each problem with the entry at fault,
+        # a key of its own in the YAML (`lora.r`, dots and all): point at that entry's line.
+        key, sep, text = problem.partition(": ")
+        if sep and (*loc, key) in lines:
+            out.append(_place((*loc, key), text, lines, labels, source))
+        else:
+            out.append(_place(loc, problem, lines, labels, source))
+    return out
 
 
 def _place(loc: tuple[str, ...], msg: str, lines: dict, labels: Mapping[str, str], source: str) -> str:
@@ -155,8 +164,12 @@ def validate(
         raise ConfigError(source, problems) from None
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
-    """Read a YAML config, apply `key=value` overrides, validate once."""
+def load_config(path: str | Path, overrides: Iterable[str] = (), search: bool = True) -> PipelineConfig:
+    """Read a YAML config, apply `key=value` overrides, validate once.
+
+    `search=False` (a command that does not search: baseline, retrain) drops the file's search
+    section and the `search.*` overrides before validation, so that only what the command uses
+    is checked: a baseline is not refused over a rule of the search's."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -168,6 +181,10 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConf
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(where, [f"not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    if not search:
+        overrides = select_overrides(overrides, "search.", keep=False)
+        if isinstance(data, dict):
+            data.pop("search", None)
     pairs = parse_overrides(overrides)
     if isinstance(data, dict):
         apply_overrides(data, pairs)

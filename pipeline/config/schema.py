@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config.search import SearchConfig
 from pipeline.config.sections import (
+    PROBLEM_SEPARATOR,
     DataConfig,
     EvalConfig,
     LoraConfig,
@@ -20,14 +21,19 @@ from pipeline.config.sections import (
     TrackingConfig,
     TrainConfig,
 )
-from pipeline.names import LMEVAL_PREFIX
+from pipeline.names import (
+    CUDA_ONLY_METRIC_PREFIX,
+    EVAL_LOSS,
+    EVAL_PERPLEXITY,
+    GENERATION_METRIC_KEYS,
+    GENERATION_METRIC_PREFIX,
+    LMEVAL_PREFIX,
+)
 
 __all__ = ["PROBLEM_SEPARATOR", "RESULT_SECTIONS", "PipelineConfig"]
 
 # Sections that change a trial's result. Tracking and registry do not.
 RESULT_SECTIONS = ("model", "data", "lora", "train", "eval")
-# Separates problems in one cross-check error (the loader splits them again).
-PROBLEM_SEPARATOR = "\n"
 
 
 class PipelineConfig(Section):
@@ -62,26 +68,52 @@ class PipelineConfig(Section):
             problems.append(
                 "search.early_stopping.enabled: needs train.eval_steps (trials must evaluate while they train)"
             )
-        problems += self._task_metrics_configured()
+        problems += self.unavailable_metrics()
         if problems:
             raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
 
-    def _task_metrics_configured(self) -> list[str]:
-        """A `lmeval_<task>_...` objective or constraint needs that task in `eval.lm_eval.tasks`."""
+    def unavailable_metrics(self, cuda: bool | None = None) -> list[str]:
+        """Objectives and outcome constraints on a metric no trial of this config would log, each
+        led by the key that names it: a task metric without its task, a generation metric
+        without generation (or not among the shipped metric's keys), and with `cuda=False` a
+        CUDA memory peak. `cuda=None` (validation: the machine is not known yet) skips the last."""
         if self.search is None:
             return []
-        named = [("search.objectives", o.metric) for o in self.search.objectives]
-        named += [("search.outcome_constraints", c.metric) for c in self.search.outcome_constraints]
-        tasks = self.eval.lm_eval.tasks if self.eval.lm_eval is not None else []
-        return [
-            f"{key}: {metric} is a task metric, but "
-            + (
-                f"no task of eval.lm_eval.tasks ({', '.join(tasks)}) logs it"
-                if tasks
-                else "eval.lm_eval is not set"
-            )
-            for key, metric in named
-            if metric.startswith(LMEVAL_PREFIX)
-            and not any(metric.startswith(f"{LMEVAL_PREFIX}{t}_") for t in tasks)
-        ]
+        ev = self.eval
+        tasks = ev.lm_eval.tasks if ev.lm_eval is not None else []
+        shipped = GENERATION_METRIC_KEYS.get(ev.generation_metric or "")
+        problems = []
+        for key, metric in self.search.named_metrics():
+            if metric.startswith(LMEVAL_PREFIX):
+                if not any(metric.startswith(f"{LMEVAL_PREFIX}{t}_") for t in tasks):
+                    problems.append(
+                        f"{key}: {metric} is a task metric, but "
+                        + (
+                            f"no task of eval.lm_eval.tasks ({', '.join(tasks)}) logs it"
+                            if tasks
+                            else "eval.lm_eval is not set"
+                        )
+                    )
+            elif metric.startswith(GENERATION_METRIC_PREFIX) and metric not in (EVAL_LOSS, EVAL_PERPLEXITY):
+                if not ev.generation_metric or not ev.generation_samples:
+                    problems.append(
+                        f"{key}: {metric} is a generation metric, but eval."
+                        + (
+                            "generation_metric is null"
+                            if not ev.generation_metric
+                            else "generation_samples is 0"
+                        )
+                    )
+                elif shipped is not None and metric.removeprefix(GENERATION_METRIC_PREFIX) not in shipped:
+                    logs = ", ".join(GENERATION_METRIC_PREFIX + k for k in shipped)
+                    problems.append(
+                        f"{key}: {metric} is not logged by eval.generation_metric "
+                        f"{ev.generation_metric} (it logs {logs})"
+                    )
+            elif metric.startswith(CUDA_ONLY_METRIC_PREFIX) and cuda is False:
+                problems.append(
+                    f"{key}: {metric} is measured only on a CUDA GPU, and this machine has none: no trial "
+                    "here would log it (drop it, or run the search on a GPU)"
+                )
+        return problems

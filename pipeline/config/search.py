@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from pipeline.config.sections import Section, config_field, value_kind
+from pipeline.config.sections import PROBLEM_SEPARATOR, Section, config_field, value_kind
 from pipeline.names import is_trial_metric
 
 
@@ -274,13 +274,20 @@ class SearchConfig(Section):
             values = list(spec.bounds or []) if spec.type == "range" else spec.choices()
             kind = value_kind(name, values)
             numbers = [x for x in values if not isinstance(x, (str, bool))]
+            what = "an integer" if kind == "int" else "a number"
+            # Each problem led by the parameter's name: the loader points at its line.
             if spec.type == "range" and kind not in ("int", "float"):
-                problems.append(f"a range needs a numeric key, {name} is {kind}")
+                problems.append(f"{name}: a range needs a numeric key; this one is {kind}")
+            elif kind in ("int", "float") and len(numbers) < len(values):
+                wrong = next(x for x in values if isinstance(x, (str, bool)))
+                problems.append(f"{name}: the key is {what}; the value {wrong!r} is not")
             elif kind == "int" and any(float(x) != int(x) for x in numbers):
-                what = "bounds must be integers" if spec.type == "range" else f"values {values} are not"
-                problems.append(f"{name} is an integer; {what}")
+                problems.append(
+                    f"{name}: the key is an integer; "
+                    + ("bounds must be integers" if spec.type == "range" else f"values {values} are not")
+                )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return v
 
     @field_validator("objectives")
@@ -323,8 +330,10 @@ class SearchConfig(Section):
 
     def required_metrics(self) -> list[str]:
         """Metrics every trial must report to Ax: the objectives, then the constrained metrics."""
-        metrics = [o.metric for o in self.objectives]
-        for c in self.outcome_constraints:
-            if c.metric not in metrics:
-                metrics.append(c.metric)
-        return metrics
+        return list(dict.fromkeys(metric for _, metric in self.named_metrics()))
+
+    def named_metrics(self) -> list[tuple[str, str]]:
+        """(the key that names it, metric) for every objective and outcome constraint, in order:
+        what an error about a metric points at."""
+        named = [("search.objectives", o.metric) for o in self.objectives]
+        return named + [("search.outcome_constraints", c.metric) for c in self.outcome_constraints]

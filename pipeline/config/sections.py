@@ -13,6 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# Separates problems in one validator's error, each led by the key at fault (the loader splits
+# them again and points at that key's line).
+PROBLEM_SEPARATOR = "\n"
 
 
 class Section(BaseModel):

@@ -29,8 +29,9 @@ from pipeline.config import (
     with_overrides,
 )
 from pipeline.errors import PipelineError
+from pipeline.resources import Resources
 from pipeline.retrain.report import RetrainContext, Row, write_retrain_report
-from pipeline.trial import Resources, RunSpec, TrialResult, run_trial
+from pipeline.trial import RunSpec, TrialResult, run_trial
 
 
 @dataclass
@@ -54,7 +55,7 @@ def _config_of_search(run_id: str, overrides: list[str]) -> PipelineConfig:
     tracking.require_search_run(run_id, "from_search")
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_run_file(run_id, names.BEST_CONFIG_FILE, tmp, "from_search")
-        return load_config(path, overrides)
+        return load_config(path, overrides, search=False)
 
 
 def resolve_source(
@@ -62,10 +63,10 @@ def resolve_source(
 ) -> RetrainSource:
     """The configuration to retrain and where it came from."""
     tracking.setup(base.tracking)
-    # The retrain has no search: search.* overrides (shared `set` strings) do not apply to it.
-    overrides = select_overrides(overrides, "search.", keep=False)
+    # The retrain has no search: a search section and search.* overrides (shared `set` strings)
+    # are dropped, not validated (load_config(search=False)).
     if best_config:
-        return RetrainSource("file", f"file {best_config}", load_config(best_config, overrides))
+        return RetrainSource("file", f"file {best_config}", load_config(best_config, overrides, search=False))
     if from_search:
         return RetrainSource(
             "search", f"search run {from_search}", _config_of_search(from_search, overrides), from_search
@@ -134,7 +135,7 @@ def run_retrain(
     quiet: bool = False,
 ) -> RetrainResult:
     """The retrain entry point."""
-    base = load_config(config_path, overrides)
+    base = load_config(config_path, overrides, search=False)
     source = resolve_source(base, overrides, from_search, best_config)
     resources = Resources()
     data = resources.data(source.config)

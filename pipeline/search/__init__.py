@@ -10,6 +10,8 @@ One job per module, in the order data flows:
 - `executor.py`: where trials run (`LocalExecutor`: one at a time, in this process);
 - `distributed.py`: `RayExecutor`: trials in parallel on Ray workers, Ax stays in the driver;
 - `baseline.py`: the baseline, reused or trained;
+- `stopping.py`: early stopping as the config plans it (progression unit, whether it can act);
+- `preflight.py`: the final config and the checks made before the search's run exists;
 - `loop.py`: the search itself: ask Ax, hand trials to the executor, feed results back.
 """
 
@@ -27,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from pipeline.search.finish import SearchResult
 
         return SearchResult
+    if name == "search_config":
+        from pipeline.search.preflight import search_config
+
+        return search_config
     if name in __all__:
         from pipeline.search import loop
 

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline import names, tracking
-from pipeline.config import PipelineConfig, values_at
+from pipeline.config import PipelineConfig, SearchConfig, values_at
 from pipeline.errors import PipelineError
+from pipeline.resources import NUMERICS_PACKAGES, Resources, identity
 from pipeline.search.executor import Executor, TrialJob
 from pipeline.search.state import BaselineRecord
-from pipeline.trial import NUMERICS_PACKAGES, Resources, RunSpec, discard_local_adapter, identity
+from pipeline.trial import RunSpec, discard_local_adapter
 
 
 def baseline_parameters(config: PipelineConfig) -> dict[str, Any]:
@@ -24,13 +25,16 @@ def baseline_parameters(config: PipelineConfig) -> dict[str, Any]:
     return values_at(config, config.search.parameters)
 
 
-def require_metrics(metrics: dict[str, float], required: list[str], what: str) -> None:
-    """PipelineError when a run did not log a metric the search optimizes or constrains."""
-    missing = [m for m in required if m not in metrics]
+def require_metrics(metrics: dict[str, float], search: SearchConfig, what: str) -> None:
+    """PipelineError, led by the key that names it, when a run did not log a metric the search
+    optimizes or constrains. (The config and the search's start refuse the metrics known not to
+    exist here; this catches the rest, e.g. a hub metric's key or a Ray worker without CUDA.)"""
+    missing = [(key, m) for key, m in search.named_metrics() if m not in metrics]
     if missing:
+        key = missing[0][0]
         raise PipelineError(
-            f"search.objectives: {what} logged no {', '.join(missing)} (is it a metric of this setup? "
-            "eval_<metric> needs eval.generation_metric; peak_gpu_* needs CUDA)"
+            f"{key}: {what} logged no {', '.join(dict.fromkeys(m for _, m in missing))} (is it a metric of "
+            "this setup? eval_<metric> needs eval.generation_metric; peak_gpu_* needs CUDA)"
         )
 
 
@@ -88,12 +92,11 @@ def find_or_train(
     A baseline that fails raises its error: without it, no trial can be judged."""
     trial_base = config.model_copy(update={"search": None})
     params = baseline_parameters(config)
-    required = config.search.required_metrics()
     reused, why = None, "search.reuse_baseline is off"
     if config.search.reuse_baseline:
         me = identity(trial_base, resources)
         candidates = tracking.finished_baselines(parent.experiment_id, me[names.CONFIG_FINGERPRINT])
-        reused, why = reusable(candidates, me, required)
+        reused, why = reusable(candidates, me, config.search.required_metrics())
     if reused is not None:
         echo(f"baseline: reusing run {reused.run_id} ({why}), eval_loss {reused.eval_loss:.4f}")
         return BaselineRecord(
@@ -116,7 +119,7 @@ def find_or_train(
         raise outcome.error or PipelineError(f"baseline: {outcome.reason}")
     result = outcome.result
     discard_local_adapter(result.adapter_dir)  # it is on the run; no one promotes a baseline
-    require_metrics(result.metrics, required, "the baseline")
+    require_metrics(result.metrics, config.search, "the baseline")
     echo(f"baseline: eval_loss {result.eval_loss:.4f} ({result.wall_seconds:.0f}s)")
     return BaselineRecord(
         result.run_id,

@@ -39,12 +39,12 @@ from typing import Any
 
 from pipeline import names, tracking
 from pipeline.config import PipelineConfig
+from pipeline.device import quiet_libraries, use_cpu_threads
 from pipeline.errors import PipelineError, one_line
 from pipeline.interrupt import STOP_REQUESTED
-from pipeline.model import quiet_libraries, use_cpu_threads
+from pipeline.resources import Resources
 from pipeline.search.executor import EvalReport, TrialJob, TrialOutcome, run_job
 from pipeline.search.mailbox import Reports
-from pipeline.trial import Resources
 
 INSTALL = "search.executor: ray needs Ray: pip install -e '.[distributed]'"
 # What a worker must not inherit from the driver's environment (see the module docstring).

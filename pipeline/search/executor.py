@@ -27,7 +27,8 @@ from pipeline import names
 from pipeline.config import PipelineConfig, values_at, with_overrides
 from pipeline.errors import PipelineError, TrialFailed, TrialInterrupted, one_line
 from pipeline.model import release
-from pipeline.trial import Resources, RunSpec, TrialResult, run_trial
+from pipeline.resources import Resources
+from pipeline.trial import RunSpec, TrialResult, run_trial
 
 # (Ax trial index, step, training examples seen, eval_loss) -> should the trial stop early?
 EvalReport = Callable[[int, int, int, float], bool]
@@ -54,6 +55,7 @@ class TrialOutcome:
     reason: str | None = None  # one line, for failures
     error: BaseException | None = None  # the error itself (the baseline's caller re-raises it)
     wall_seconds: float = 0.0
+    where: str = ""  # where a failure's full traceback is (TrialFailed.where), for progress lines
 
 
 class Executor(Protocol):
@@ -97,7 +99,7 @@ def run_job(
         run_id = e.run_id if isinstance(e, TrialInterrupted) else None
         return outcome(names.KILLED, run_id=run_id, reason="interrupted", error=e)
     except TrialFailed as e:
-        ended = outcome(e.status, run_id=e.run_id, reason=e.reason, error=e)
+        ended = outcome(e.status, run_id=e.run_id, reason=e.reason, error=e, where=e.where())
     except Exception as e:  # failed before its run started (this config's data or model)
         ended = outcome(names.FAILED, reason=one_line(f"{type(e).__name__}: {e}"), error=e)
     if ended.error is not None:  # out of the except block: its frames can go now

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline import names, registry, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, to_yaml, with_overrides
-from pipeline.model import hardware
+from pipeline.device import hardware
 from pipeline.provenance import git_commit, package_versions
 from pipeline.search import state as store
 from pipeline.search.report import ReportContext, description, write_report

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import lmeval, names, tracking
-from pipeline.config import PipelineConfig, config_fingerprint, flatten, load_config, to_yaml, with_overrides
-from pipeline.errors import ConfigError, SearchAborted
+from pipeline import names, tracking
+from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_yaml
+from pipeline.errors import SearchAborted, SearchFinished
 from pipeline.interrupt import STOP_REQUESTED, graceful_stop
 from pipeline.provenance import git_commit, package_versions
+from pipeline.resources import Resources
 from pipeline.search import baseline, warm
 from pipeline.search import state as store
 from pipeline.search.executor import Executor, LocalExecutor, TrialJob, TrialOutcome
 from pipeline.search.finish import SearchResult, finish
-from pipeline.search.space import Optimizer, progression, progression_unit
+from pipeline.search.preflight import check_before_run
+from pipeline.search.space import Optimizer
 from pipeline.search.state import (
     ABANDONED,
     COMPLETED,
@@ -35,38 +36,10 @@ from pipeline.search.state import (
     SearchState,
     TrialRecord,
 )
+from pipeline.search.stopping import progression, progression_unit, unreachable
 from pipeline.search.summary import best_trial, duration, trial_name
 from pipeline.timing import PhaseTimer
-from pipeline.trial import Resources, RunSpec, discard_local_adapter
-
-
-def search_config(
-    config_path: str | Path,
-    overrides: list[str] = (),
-    resume: str | None = None,
-    n_trials: int | None = None,
-    budget_minutes: float | None = None,
-) -> PipelineConfig:
-    """A search's final config, validated once: the file (or, resuming, the search's own config
-    logged on its run), the --set overrides, then --n-trials and --budget-minutes."""
-    config = load_config(config_path, overrides)
-    source = str(config_path)
-    if resume:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = store.fetch_config(resume, config, tmp)
-            config, source = load_config(path, overrides), f"{path.name} of search run {resume}"
-    if config.search is None:
-        raise ConfigError(source, ["search: the config has no search section (see configs/demo-cpu.yaml)"])
-    options = {
-        "search.n_trials": ("--n-trials", n_trials),
-        "search.budget_minutes": ("--budget-minutes", budget_minutes),
-    }
-    given = {key: value for key, (_, value) in options.items() if value is not None}
-    if not given:
-        return config
-    return with_overrides(
-        config, given, source=source, labels={k: label for k, (label, _) in options.items()}
-    )
+from pipeline.trial import RunSpec, discard_local_adapter
 
 
 def run_search(
@@ -75,10 +48,7 @@ def run_search(
     """Search with a validated config (the CLI builds it): a new search, or `resume` the search
     run of that id. Trials run one at a time in this process, or in parallel on Ray workers
     (`search.executor: ray`), unless another executor is given."""
-    if config.eval.lm_eval is not None:
-        lmeval.require()  # before the search's run exists
-    if not resume:
-        warm.check_sources(config)  # a wrong run id leaves no run behind
+    check_before_run(config, resume)
     resources = Resources()  # shared by the baseline check and the local executor's trials
     if executor is None and config.search.executor == "ray":
         from pipeline.search.distributed import RayExecutor  # Ray is an optional extra
@@ -108,7 +78,6 @@ class Search:
         self.executor = executor
         self.resources = resources or Resources()
         self.trial_base = config.model_copy(update={"search": None})
-        self.required = self.search.required_metrics()
         # This session's time by phase (ax, trials, baseline, state, report, registry), logged on
         # the parent run as search_time_<phase>_s; each trial logs its own breakdown.
         self.timer = PhaseTimer()
@@ -122,6 +91,7 @@ class Search:
         t_session = self.clock()
         if resume:
             self.optimizer, loaded = store.load(resume, self.config)
+            self._refuse_finished(resume, loaded)
         else:
             self.optimizer, loaded = Optimizer.create(self.config), None
         with (
@@ -129,9 +99,16 @@ class Search:
             tracking.start_run(self._tracking(), self._run_name(), self._tags(), resume_run_id=resume) as run,
         ):
             self.parent_run = run
+            url = tracking.run_url(run.experiment_id, run.run_id)
+            self._echo(
+                f"search run {run.run_id} {'resumed' if resume else 'started'}"
+                + (f" ({url})" if url.startswith("http") else "")
+                + f"; after an interruption, continue it with --resume {run.run_id}"
+            )
             self.state = state = self._open(run, loaded)
             self.dir = store.search_dir(self.config, run.run_id)
             try:
+                self._check_early_stopping()
                 if state.baseline is None:
                     with self.timer.phase("baseline"):
                         self._baseline()
@@ -153,6 +130,17 @@ class Search:
             self._save()
             return self._finish()
 
+    def _refuse_finished(self, run_id: str, state: SearchState) -> None:
+        """SearchFinished, before any run is opened, when the search ran all its trials and ended
+        (a search interrupted while finishing, or given more --n-trials, goes on)."""
+        done = len(state.finished())
+        run = tracking.get_run(run_id)
+        if done >= self.search.n_trials and run is not None and run.status == "FINISHED":
+            raise SearchFinished(
+                f"search run {run_id} has finished ({done} of {self.search.n_trials} trials); nothing to "
+                "do (give --n-trials more than that to run more trials)"
+            )
+
     def _open(self, run: tracking.TrackedRun, loaded: SearchState | None) -> SearchState:
         """A new search's records (and its config on the run), or a resumed one's, reconciled."""
         if loaded is None:
@@ -167,6 +155,16 @@ class Search:
             store.reconcile(self.optimizer, state)
         state.sessions += 1
         return state
+
+    def _check_early_stopping(self) -> None:
+        """One warning line now (and a note in the report) when the early-stopping rule can never
+        act in this search: too few trials for min_curves, or min_progression past every trial's
+        last evaluation."""
+        data = self.resources.data(self.trial_base)  # the baseline needs it next anyway
+        in_space = self.optimizer.in_search_space(baseline.baseline_parameters(self.config))
+        why = unreachable(self.config, data.stats.train_examples, in_space)
+        if why:
+            self.optimizer.note(f"warning: early stopping cannot act in this search: {why}")
 
     def _baseline(self) -> None:
         """Run (or reuse) the baseline and give it to Ax as the status-quo arm."""
@@ -205,7 +203,7 @@ class Search:
             # on short trials it showed), and so does every way out of the loop. A crash in
             # between loses nothing: the trial's run has ended with its status and metrics, and
             # resume takes it from there (store.reconcile).
-            self._progress(record, t_session)
+            self._progress(record, t_session, outcome.where)
             self._check_failure_rate()
             if self.optimizer.broken:
                 raise SearchAborted(f"search stopped: {self.optimizer.broken}")
@@ -287,7 +285,7 @@ class Search:
         result = outcome.result
         if result.status != EARLY_STOPPED:
             record.stopped_by = None  # the budget asked at the last evaluation, which ends it anyway
-        baseline.require_metrics(result.metrics, self.required, f"trial {index}")
+        baseline.require_metrics(result.metrics, self.search, f"trial {index}")
         record.eval_loss, record.metrics, record.evals = result.eval_loss, result.metrics, result.evals
         record.steps, record.max_steps = result.steps, result.max_steps
         record.eval_fingerprint, record.adapter_dir = result.eval_fingerprint, str(result.adapter_dir)
@@ -307,7 +305,7 @@ class Search:
                 discard_local_adapter(t.adapter_dir)
                 t.adapter_dir = None
 
-    def _progress(self, record: TrialRecord, t_session: float) -> None:
+    def _progress(self, record: TrialRecord, t_session: float, where: str = "") -> None:
         state = self.state
         n = len(state.finished())
         best = best_trial(state, self.search)
@@ -322,7 +320,9 @@ class Search:
         loss = f"{record.eval_loss:.4f}" if record.eval_loss is not None else "-"
         best_text = f"best {best.eval_loss:.4f} ({best.run_name.split()[0]})" if best else "best -"
         failure = (
-            f" | {record.failure_reason}" if record.failure_reason and record.status != COMPLETED else ""
+            f" | {record.failure_reason}{where}"
+            if record.failure_reason and record.status != COMPLETED
+            else ""
         )
         self._echo(
             f"[{n}/{state.n_trials}] {record.run_name} | eval_loss {loss} {record.status} | {best_text} | "

@@ -16,8 +16,8 @@ from typing import Any
 from pipeline import names
 from pipeline.config import PipelineConfig
 from pipeline.search import plots
-from pipeline.search.space import progression_unit
 from pipeline.search.state import COMPLETED, KILLED, SearchState, TrialRecord
+from pipeline.search.stopping import progression_unit
 from pipeline.search.summary import (
     best_so_far,
     counts,
@@ -28,6 +28,7 @@ from pipeline.search.summary import (
     pct,
     recommendations,
     steps_saved_pct,
+    why_no_stopping,
 )
 
 PLOTS = names.REPORT_PLOTS
@@ -327,7 +328,7 @@ def _pareto(ctx: ReportContext) -> list[str]:
 
 
 def _next_steps(ctx: ReportContext) -> list[str]:
-    recs = recommendations(ctx.config.search, ctx.state, ctx.best)
+    recs = recommendations(ctx.config, ctx.state, ctx.best, why_no_stopping(ctx.config, ctx.state))
     md = ["## Recommendations", "", *(f"{i}. {r}" for i, r in enumerate(recs, 1)), ""]
     if ctx.promotion is not None:
         md += ["## Registry", "", ctx.promotion + ".", ""]

@@ -23,6 +23,7 @@ from ax.utils.common.logger import set_ax_logger_levels
 from pipeline import names
 from pipeline.config import PipelineConfig, SearchConfig, value_kind
 from pipeline.errors import ConfigError, SearchAborted
+from pipeline.search.stopping import stopping_plan
 
 set_ax_logger_levels(logging.WARNING)
 
@@ -118,47 +119,16 @@ def build_client(search: SearchConfig, name: str = "lora-search") -> Client:
     return client
 
 
-def progression_unit(config: PipelineConfig) -> str:
-    """`steps` or `examples`: what early stopping compares trials at (see EarlyStoppingSpec).
-
-    `auto` compares every trial at the same share of its own planned training: optimizer steps
-    when trials run train.max_steps steps whatever their batch size, training examples when they
-    run epochs (then a bigger batch takes fewer steps for the same share)."""
-    unit = config.search.early_stopping.progression
-    if unit != "auto":
-        return unit
-    return "steps" if config.train.max_steps > 0 else "examples"
-
-
-def progression(config: PipelineConfig, step: int, examples_per_step: int) -> int:
-    """A trial's progression at `step`, in the search's unit."""
-    return step * examples_per_step if progression_unit(config) == "examples" else step
-
-
 def early_stopping_strategy(config: PipelineConfig) -> PercentileEarlyStoppingStrategy | None:
-    """Ax's percentile rule on eval_loss, when enabled (auto: trials evaluate at least 3 times).
-
-    The config has checked that an enabled rule has `train.eval_steps` to work with."""
-    es = config.search.early_stopping
-    tr = config.train
-    evals_per_trial = tr.max_steps // tr.eval_steps if tr.eval_steps and tr.max_steps > 0 else 0
-    enabled = es.enabled if es.enabled is not None else evals_per_trial >= 3
-    if (
-        not enabled
-        or not tr.eval_steps
-        or names.EVAL_LOSS not in [o.metric for o in config.search.objectives]
-    ):
+    """Ax's percentile rule on eval_loss, as `stopping.stopping_plan` plans it; None when off."""
+    plan = stopping_plan(config)
+    if not plan.enabled:
         return None
-    # Default: the config's own first evaluation, or a third of its training, in the search's unit.
-    base_steps = max(tr.eval_steps, tr.max_steps // 3 if tr.max_steps > 0 else tr.eval_steps)
-    min_progression = es.min_progression or progression(
-        config, base_steps, tr.batch_size * tr.gradient_accumulation_steps
-    )
     return PercentileEarlyStoppingStrategy(
         metric_signatures=[names.EVAL_LOSS],
-        percentile_threshold=es.percentile,
-        min_progression=min_progression,
-        min_curves=es.min_curves,
+        percentile_threshold=plan.percentile,
+        min_progression=plan.min_progression,
+        min_curves=plan.min_curves,
     )
 
 

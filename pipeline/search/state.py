@@ -20,7 +20,8 @@ from typing import Any
 from pipeline import names, tracking
 from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, load_config, to_dict
 from pipeline.errors import PipelineError
-from pipeline.search.space import Optimizer, progression
+from pipeline.search.space import Optimizer
+from pipeline.search.stopping import progression
 
 # Trial outcomes (the `trial.status` tag's values). `killed` trials were interrupted: they do not
 # count toward n_trials, and a resumed search runs their config again.

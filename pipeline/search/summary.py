@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipeline import names
-from pipeline.config import OutcomeConstraint, SearchConfig
+from pipeline.config import OutcomeConstraint, PipelineConfig, SearchConfig
 from pipeline.search.state import (
     ABANDONED,
     COMPLETED,
@@ -23,6 +23,7 @@ from pipeline.search.state import (
     SearchState,
     TrialRecord,
 )
+from pipeline.search.stopping import stopping_plan, unreachable
 
 
 def feasible(t: TrialRecord, constraints: Iterable[OutcomeConstraint]) -> bool:
@@ -236,8 +237,12 @@ def parameter_effects(search: SearchConfig, state: SearchState) -> list[str]:
     return lines
 
 
-def recommendations(search: SearchConfig, state: SearchState, best: TrialRecord | None) -> list[str]:
-    """What to do next, derived from the numbers above."""
+def recommendations(
+    config: PipelineConfig, state: SearchState, best: TrialRecord | None, stopping: str | None = None
+) -> list[str]:
+    """What to do next, derived from the numbers above. `stopping`: why early stopping was off or
+    could not act in this search (None when it could), for the line on early stopping."""
+    search = config.search
     recs = []
     base = state.baseline
     if best is not None:
@@ -273,6 +278,7 @@ def recommendations(search: SearchConfig, state: SearchState, best: TrialRecord 
             ):
                 recs.append(
                     f"Try `{name}` beyond {fmt(value)}: the best trial uses the end of the list {spec.values}."
+                    + _data_caveat(config, name)
                 )
     bad = [t for t in state.trials if t.status in (FAILED, ABANDONED)]
     if bad:
@@ -284,14 +290,21 @@ def recommendations(search: SearchConfig, state: SearchState, best: TrialRecord 
         recs.append(
             f"Early stopping saved {saved:.0f}% of the planned training steps; keep it on for longer searches."
         )
-    elif (
-        any(t.status == EARLY_STOPPED for t in state.trials) is False
-        and search.early_stopping.enabled is not False
-    ):
-        recs.append(
-            "No trial was stopped early: set `train.eval_steps` so trials evaluate at least 3 times to let early stopping act."
-        )
+    elif stopping and search.early_stopping.enabled is not False:
+        recs.append(f"No trial was stopped early: {stopping}.")
     return recs
+
+
+def _data_caveat(config: PipelineConfig, name: str) -> str:
+    """With a step budget, a larger batch (or more accumulation) also trains on more examples:
+    part of what looks like the batch size's effect may be the extra data."""
+    if name not in ("train.batch_size", "train.gradient_accumulation_steps") or config.train.max_steps <= 0:
+        return ""
+    return (
+        f" With train.max_steps fixed at {config.train.max_steps}, a larger value also trains on more "
+        "examples, so part of its gain may be the extra data; compare at equal examples (train.epochs) "
+        "before concluding."
+    )
 
 
 def important_parameters(
@@ -340,3 +353,17 @@ def duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def why_no_stopping(config: PipelineConfig, state: SearchState) -> str | None:
+    """Why no trial of a finished search could be stopped early, from its records: the rule was
+    off, or could not act (`unreachable`, with the baseline's train-set size and whether it was in
+    the space); None when it could have acted."""
+    plan = stopping_plan(config)
+    if not plan.enabled:
+        return f"early stopping was off ({plan.why_off})"
+    base = state.baseline
+    if base is None or names.DATA_TRAIN_EXAMPLES not in base.metrics:
+        return None
+    why = unreachable(config, int(base.metrics[names.DATA_TRAIN_EXAMPLES]), bool(base.in_search_space))
+    return f"early stopping could not act ({why})" if why else None

@@ -25,9 +25,10 @@ from pipeline import names, tracking
 from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, to_dict, values_at, with_overrides
 from pipeline.config.search import ParameterSpec
 from pipeline.errors import PipelineError
-from pipeline.search.space import Optimizer, progression
+from pipeline.resources import Resources, identity
+from pipeline.search.space import Optimizer
 from pipeline.search.state import WarmTrial
-from pipeline.trial import Resources, identity
+from pipeline.search.stopping import progression
 
 # Keys that do not decide a trial's numbers (scratch folders).
 FREE = ("train.output_dir",)

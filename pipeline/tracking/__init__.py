@@ -24,6 +24,7 @@ from pipeline.tracking.queries import (
 )
 from pipeline.tracking.runs import (
     TrackedRun,
+    discard_run,
     end_failed,
     end_killed,
     mark_failed,
@@ -50,6 +51,7 @@ __all__ = [
     "best_trial_of",
     "children_of",
     "current_experiment_id",
+    "discard_run",
     "download_artifacts",
     "download_run_file",
     "end_failed",

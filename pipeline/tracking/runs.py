@@ -182,6 +182,15 @@ def mark_failed(run_id: str, message: str, tracking_uri: str | None = None) -> N
     client.set_terminated(run_id, "FAILED")
 
 
+def discard_run(run_id: str) -> None:
+    """End and delete a run that holds nothing (the run `mlflow run` made for an invocation that
+    had nothing to do): it does not linger in the experiment. Ended first, so that `mlflow run`
+    leaves its status alone."""
+    client = MlflowClient()
+    client.set_terminated(run_id, "FINISHED")
+    client.delete_run(run_id)
+
+
 def tag_run(run_id: str, tags: Mapping[str, Any]) -> None:
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
 

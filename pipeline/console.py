@@ -1,0 +1,91 @@
+"""What the pipeline shows besides its progress lines: third-party noise silenced once, here;
+warnings said once per process; full tracebacks when asked for (`-v`, `PIPELINE_DEBUG=1`).
+
+Light on purpose (no torch, mlflow or ax import): the CLI calls it before the heavy imports, so
+the filters are in place when those libraries log at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+DEBUG_ENV = "PIPELINE_DEBUG"  # inherited by `mlflow run`'s process and by Ray workers
+
+log = logging.getLogger("pipeline")
+_said: set[str] = set()
+
+# Library loggers whose info lines drown the progress lines.
+CHATTY = ("transformers", "mlflow", "peft", "accelerate", "httpx", "urllib3", "absl", "ax", "botorch")
+
+
+class _Drop(logging.Filter):
+    """Drops records whose message contains any of the given texts."""
+
+    def __init__(self, *texts: str) -> None:
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(t in message for t in self.texts)
+
+
+# Said on every command, true of no run the pipeline makes. Each: (logger, message fragment, why).
+NOISE = (
+    # bitsandbytes looks for a fused CPU inference kernel on the hub at import, on every command
+    # (4-bit or not); offline it warns twice. Training never uses that kernel (model.keep_4bit_trainable).
+    ("bitsandbytes.backends.cpu.ops", "kernels-community", "hub kernel for CPU 4-bit inference"),
+    ("kernels", "kernels-community", "the same lookup, from the kernels package"),
+    # Ax announces its (unused) SQL storage at import, at info level, past its own log levels.
+    ("ax.storage.sqa_store.with_db_settings_base", "Ax SQL storage initialized", "an unused Ax feature"),
+)
+
+
+def debug() -> bool:
+    """Full tracebacks wanted (`-v` on the command line, or PIPELINE_DEBUG=1)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def set_debug(on: bool) -> None:
+    """Turn tracebacks on for this process and the ones it starts (`mlflow run`, Ray workers)."""
+    if on:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def show_traceback(text: str) -> None:
+    """Print a failure's full traceback to stderr when debugging is on."""
+    if debug():
+        print(text.rstrip(), file=sys.stderr, flush=True)
+
+
+def warn_once(line: str) -> None:
+    """A warning line, said once per process (a search's trials share one device plan)."""
+    if line not in _said:
+        _said.add(line)
+        log.warning(line)
+
+
+def silence_library_noise(quiet: bool = False) -> None:
+    """Library loggers at warning level (error with --quiet), the known noise dropped, progress
+    bars off with --quiet. Idempotent; call before importing the libraries."""
+    level = logging.ERROR if quiet else logging.WARNING
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(level)
+    for name, text, _why in NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) and text in f.texts for f in logger.filters):
+            logger.addFilter(_Drop(text))
+    # Deprecations inside libraries are theirs to fix, not the user's to read.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # BoTorch retrying its acquisition optimizer with other starting points: Ax's business.
+    warnings.filterwarnings("ignore", message="Optimization failed", module="botorch")
+    # MLflow and Ax configure their own loggers when first imported (after this): ask by env.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR" if quiet else "WARNING")
+    if quiet:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")
