@@ -193,6 +193,10 @@ def cpu_kernels() -> str:
     into other trials: a search reproduces trial for trial only where this matches."""
     parts = [f"torch {torch.backends.cpu.get_cpu_capability()}"]
     try:
+        # The BLAS libraries numpy and scipy load (Ax's GP fit runs on them), loaded here so the
+        # answer does not depend on what the process happened to import before.
+        import numpy  # noqa: F401
+        import scipy.linalg  # noqa: F401
         from threadpoolctl import threadpool_info  # installed with BoTorch
 
         parts += sorted(

