@@ -38,7 +38,7 @@ NOISE = (
     # bitsandbytes looks for a fused CPU inference kernel on the hub at import, on every command
     # (4-bit or not); offline it warns twice. Training never uses that kernel (model.keep_4bit_trainable).
     ("bitsandbytes.backends.cpu.ops", "kernels-community", "hub kernel for CPU 4-bit inference"),
-    ("kernels", "kernels-community", "the same lookup, from the kernels package"),
+    ("kernels._internals.hf_hub", "kernels-community", "the same lookup, from the kernels package"),
     # Ax announces its (unused) SQL storage at import, at info level, past its own log levels.
     ("ax.storage.sqa_store.with_db_settings_base", "Ax SQL storage initialized", "an unused Ax feature"),
 )
@@ -78,6 +78,12 @@ def silence_library_noise(quiet: bool = False) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) and text in f.texts for f in logger.filters):
             logger.addFilter(_Drop(text))
+    # The same texts at the root's handlers too: a library that moves its message to another
+    # logger (a child of the one named) stays silenced.
+    texts = tuple(text for _, text, _ in NOISE)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Drop) for f in handler.filters):
+            handler.addFilter(_Drop(*texts))
     # Deprecations inside libraries are theirs to fix, not the user's to read.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -215,3 +215,38 @@ def test_config_check_warns_about_what_this_machine_cannot_do(capsys):
             f"warning: {seed}: on this machine: search.outcome_constraints: peak_gpu_mem_gb is measured "
             "only on a CUDA GPU"
         ) in err
+
+
+def test_a_4bit_baseline_on_cpu_prints_no_library_noise(tmp_path):
+    """What a user sees on stderr is the pipeline's own lines: the paged optimizer's fallback,
+    once; not bitsandbytes' hub-kernel lookup, deprecations, or a backward through an inference
+    kernel."""
+    sets = [
+        *tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.eval_steps": 2}),
+        "model.load_in_4bit=true",
+    ]
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "baseline",
+            "--quiet",
+            "--set",
+            " ".join(sets),
+            "--set",
+            "train.optimizer=paged_adamw_8bit",
+        ],
+        capture_output=True,
+        text=True,
+        env=venv_env(tmp_path),
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    for noise in ("kernels-community", "Warning", "Ax SQL storage", "autograd kernel"):
+        assert noise not in p.stderr, p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.strip()]
+    assert line.endswith(
+        "WARNING pipeline: train.optimizer: paged_adamw_8bit pages its state through CUDA memory; on CPU "
+        "adamw_8bit runs instead (the same update, not paged)"
+    )
