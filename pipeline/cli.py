@@ -184,11 +184,9 @@ def retrain(
     Without --from-search or --best-config, the search behind the current champion of the
     config's registry.model_name is retrained."""
     _setup_logging(quiet)
+    # Both configs answer before the heavy imports; the files of the one that trains are checked.
     base = load_config(config_path, overrides, search=False)
-    if best_config:
-        check_inputs(load_config(best_config, overrides, search=False))
-    else:
-        check_inputs(base)
+    check_inputs(load_config(best_config, overrides, search=False) if best_config else base)
     from pipeline.retrain import run_retrain
 
     out = run_retrain(
@@ -276,23 +274,12 @@ def config_check(paths: tuple[str, ...]) -> None:
             failed += 1
             click.echo(f"error: {e}", err=True)
             continue
-        if _needs_device(config):
-            from pipeline.device import cannot_run_here  # imports torch: only when it can matter
+        from pipeline.device import cannot_run_here  # torch: only once a file is valid
 
-            for problem in cannot_run_here(config):
-                click.echo(f"warning: {path}: on this machine: {problem}", err=True)
+        for problem in cannot_run_here(config):
+            click.echo(f"warning: {path}: on this machine: {problem}", err=True)
     if failed:
         raise SystemExit(USER_ERROR_EXIT_CODE)
-
-
-def _needs_device(config) -> bool:
-    """Whether a valid config names something only some machines can do (CUDA metrics or
-    kernels, fp16 weights or training): worth importing torch to tell."""
-    tr, model = config.train, config.model
-    gpu_only = tr.use_liger_kernel or tr.precision == "fp16" or model.dtype == "float16"
-    gpu_only = gpu_only or (model.attn_implementation or "").startswith("flash_attention")
-    named = [m for _, m in config.search.named_metrics()] if config.search is not None else []
-    return gpu_only or any(m.startswith(names.CUDA_ONLY_METRIC_PREFIX) for m in named)
 
 
 @cli.command()

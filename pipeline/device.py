@@ -132,26 +132,15 @@ def plan_device(
         raise ModelError(
             "model.dtype: float16 weights need a CUDA GPU on this stack; use float32 or bfloat16"
         )
+    optimizer, fallback = effective_optimizer(train.optimizer, cuda)
+    what_runs = {
+        "optimizer": optimizer,
+        "quantization": quantization_label(model),
+        "fallbacks": (fallback,) if fallback else (),
+    }
     if not cuda:
-        # GPU-only kernels fail here, with the key at fault, not deep inside the first step.
-        if train.use_liger_kernel:
-            raise ModelError(
-                "train.use_liger_kernel: Liger's Triton kernels need a CUDA GPU; set it to false"
-            )
-        if model.attn_implementation and model.attn_implementation.startswith("flash_attention"):
-            raise ModelError(
-                f"model.attn_implementation: {model.attn_implementation} needs a CUDA GPU; use sdpa or null"
-            )
-        optimizer, fallback = effective_optimizer(train.optimizer, cuda=False)
-        return DevicePlan(
-            "cpu",
-            f"cpu ({torch.get_num_threads()} threads)",
-            dtype,
-            precision,
-            optimizer=optimizer,
-            quantization=quantization_label(model),
-            fallbacks=(fallback,) if fallback else (),
-        )
+        _refuse_gpu_kernels(model, train)
+        return DevicePlan("cpu", f"cpu ({torch.get_num_threads()} threads)", dtype, precision, **what_runs)
     if train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         raise ModelError(
             "train.use_liger_kernel: the liger-kernel package is not installed (pip install -e '.[gpu]')"
@@ -159,15 +148,17 @@ def plan_device(
     visible = max(1, gpu_count or 1)
     gpus = visible if train.multi_gpu else 1
     name = (gpu_name or "cuda") + (f" ({gpus} of {visible} visible)" if visible > 1 else "")
-    return DevicePlan(
-        "cuda",
-        name,
-        dtype,
-        precision,
-        gpus,
-        optimizer=train.optimizer,
-        quantization=quantization_label(model),
-    )
+    return DevicePlan("cuda", name, dtype, precision, gpus, **what_runs)
+
+
+def _refuse_gpu_kernels(model: ModelConfig, train: TrainConfig) -> None:
+    """Without CUDA, GPU-only kernels fail here, with the key at fault, not inside the first step."""
+    if train.use_liger_kernel:
+        raise ModelError("train.use_liger_kernel: Liger's Triton kernels need a CUDA GPU; set it to false")
+    if model.attn_implementation and model.attn_implementation.startswith("flash_attention"):
+        raise ModelError(
+            f"model.attn_implementation: {model.attn_implementation} needs a CUDA GPU; use sdpa or null"
+        )
 
 
 def use_cpu_threads(n: int) -> None:
