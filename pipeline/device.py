@@ -195,23 +195,23 @@ def cpu_kernels() -> str:
         )
     except Exception:  # a BLAS it cannot introspect: leave it out
         pass
-    flags = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    flags = set(_cpuinfo("flags").split())
     parts += [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     return "; ".join(parts)
 
 
 def cpu_model() -> str:
     """The CPU's model name (Linux), else what the platform says."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpuinfo(field: str) -> str:
+    """The first value of a /proc/cpuinfo field ('' where there is none: not Linux)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return ""
 
 
 def hardware() -> dict[str, str]:
