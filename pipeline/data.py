@@ -227,6 +227,18 @@ def _fit(example: dict[str, list[int]], cfg: DataConfig, where: str) -> dict[str
     return cut
 
 
+def example_ids(examples: Sequence[dict[str, list[int]]]) -> tuple[str, ...]:
+    """A stable id per example: a hash of its tokens and labels (the same example gets the same
+    id in every run on this eval set; a repeated example gets `#2`, `#3` ...)."""
+    seen: dict[str, int] = {}
+    out = []
+    for ex in examples:
+        h = _tokens_sha([ex])[:12]
+        seen[h] = seen.get(h, 0) + 1
+        out.append(h if seen[h] == 1 else f"{h}#{seen[h]}")
+    return tuple(out)
+
+
 def _tokens_sha(examples: Sequence[dict[str, list[int]]]) -> str:
     h = hashlib.sha256()
     for ex in examples:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import names
 from pipeline.config import LmEvalConfig
 from pipeline.errors import PipelineError
+from pipeline.stats import ExampleScores
 from pipeline.timing import PhaseTimer
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def _evaluate(model: Any, tokenizer: Any, cfg: LmEvalConfig, seed: int) -> dict[
             limit=cfg.limit,
             apply_chat_template=cfg.apply_chat_template,
             task_manager=manager,
-            log_samples=False,
+            log_samples=True,  # per-document scores: paired comparisons between runs (stats)
             bootstrap_iters=cfg.bootstrap_iters,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -154,6 +155,34 @@ def _task_manager(cls: Any, cfg: LmEvalConfig) -> Any:
     return cls()
 
 
+def sample_scores(out: dict[str, Any], cfg: LmEvalConfig, seed: int, run_id: str) -> dict[str, ExampleScores]:
+    """Each task metric's per-document scores (the harness's logged samples), by metric name:
+    two runs on the same task settings then compare paired, document by document."""
+    fp = fingerprint(cfg)
+    out_scores: dict[str, ExampleScores] = {}
+    for task, samples in (out.get("samples") or {}).items():
+        rows: dict[str, list[tuple[str, float]]] = {}
+        for sample in samples:
+            for metric in sample.get("metrics", []):
+                value = sample.get(metric)
+                name = metric_name(task, f"{metric},{sample.get('filter', 'none')}")
+                if name is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                rows.setdefault(name, []).append((str(sample.get("doc_id")), float(value)))
+        for name, values in rows.items():
+            values.sort(key=lambda r: r[0])
+            out_scores[name] = ExampleScores(
+                ids=tuple(i for i, _ in values),
+                sums=tuple(v for _, v in values),
+                weights=(1.0,) * len(values),
+                fingerprint=fp,
+                seed=seed,
+                run_id=run_id,
+                metric=name,
+            )
+    return out_scores
+
+
 def log_scores(run: Any, model: Any, job: TrainJob, timer: PhaseTimer) -> dict[str, float]:
     """Score the trial's trained model on `eval.lm_eval` (timed as the `lm_eval` phase); log the
     harness's results table and task configs on `run` (timed as `tracking`, like every other
@@ -170,6 +199,8 @@ def log_scores(run: Any, model: Any, job: TrainJob, timer: PhaseTimer) -> dict[s
     with timer.phase("tracking"):
         run.log_dict(_jsonable(out["results"]), names.LMEVAL_RESULTS_FILE)
         run.log_dict(_jsonable(out.get("configs", {})), names.LMEVAL_CONFIGS_FILE)
+        for name, scores in sample_scores(out, cfg, seed, run.run_id).items():
+            run.log_dict(scores.to_json(), names.LMEVAL_EXAMPLES_FILE.format(name))
     return metrics
 
 

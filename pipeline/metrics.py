@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +100,34 @@ def process_peak_rss_gb() -> float:
 # Eval loss
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class EvalLosses:
+    """One evaluation: the eval loss, and each example's summed NLL and response-token count
+    (in the order the examples were given), what paired comparisons between runs use."""
+
+    loss: float
+    nll: tuple[float, ...]
+    tokens: tuple[int, ...]
+
+
 def eval_loss(
     model: Any, examples: list[dict[str, list[int]]], tokenizer: Any, batch_size: int, precision: str = "fp32"
 ) -> float:
-    """Mean negative log-likelihood per response token over the whole eval set.
+    """Mean negative log-likelihood per response token over the whole eval set."""
+    return eval_losses(model, examples, tokenizer, batch_size, precision).loss
+
+
+@torch.no_grad()
+def eval_losses(
+    model: Any, examples: list[dict[str, list[int]]], tokenizer: Any, batch_size: int, precision: str = "fp32"
+) -> EvalLosses:
+    """Mean negative log-likelihood per response token over the whole eval set, and per example.
 
     Token-weighted, so it does not depend on how the eval set is batched (the HF Trainer's
-    eval_loss is a mean of per-batch means and changes with batch composition). Batches are
-    taken in a fixed order, each padded to its longest example.
+    eval_loss is a mean of per-batch means and changes with batch composition). Examples are
+    batched longest first (less padding), each batch padded to its longest example. The loss is
+    the model's own (so it is what training optimizes); the per-example sums come from the same
+    forward's logits at the response positions only (no vocabulary-sized copy of the batch).
     """
     from pipeline.batching import build_collator
     from pipeline.data import IGNORE_INDEX
@@ -115,24 +135,42 @@ def eval_loss(
     collate = build_collator("length_grouped", tokenizer, 0)
     device = next(model.parameters()).device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
+    nll = [0.0] * len(examples)
+    tokens = [0] * len(examples)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size]).items()}
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
             # The model's loss is the mean over the label tokens that follow a position (shifted
             # by one); times their number it is the batch's sum.
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            labels = batch["labels"][:, 1:]
+            mask = labels != IGNORE_INDEX
+            n = int(mask.sum())
             if n == 0:
                 continue
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = model(**batch).loss
-            total += float(loss) * n
+                out = model(**batch)
+            total += float(out.loss) * n
             count += n
+            if out.logits is None:  # a fused loss kernel kept no logits: the mean loss only
+                continue
+            logits = out.logits[:, :-1]
+            for j, i in enumerate(rows):
+                at = mask[j].nonzero(as_tuple=True)[0]
+                tokens[i] = int(at.numel())
+                if tokens[i]:
+                    nll[i] = float(
+                        torch.nn.functional.cross_entropy(
+                            logits[j, at].float(), labels[j, at], reduction="sum"
+                        )
+                    )
     finally:
         model.train(was_training)
-    return total / count if count else float("nan")
+    return EvalLosses(total / count if count else float("nan"), tuple(nll), tuple(tokens))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,8 +73,12 @@ CONFIG_FILE = "config.yaml"  # the resolved config of the run
 ERROR_FILE = "error.txt"  # on a failed run: the full traceback of what failed
 DATA_STATS_FILE = "data_stats.json"
 GENERATIONS_FILE = "eval_generations.json"
+# Per-example eval losses of the run's final evaluation (stats.ExampleScores): what paired
+# comparisons (confidence intervals, promotion) read.
+EVAL_EXAMPLES_FILE = "eval_examples.json"
 LMEVAL_RESULTS_FILE = "lm_eval/results.json"  # the harness's results table of the trial
 LMEVAL_CONFIGS_FILE = "lm_eval/task_configs.json"  # the tasks as the harness resolved them
+LMEVAL_EXAMPLES_FILE = "lm_eval/examples/{}.json"  # a task metric's per-document scores (stats.ExampleScores)
 
 # Metrics a finished trial always reports (plus eval_<key> of its generation metric), so the
 # ones a search may optimize or constrain.
@@ -126,6 +130,10 @@ TRIAL_WORKER = "trial.worker"  # w1, w2, ... (a replaced worker keeps its slot's
 TRIAL_WORKER_PID = "trial.worker_pid"
 TRIAL_WORKER_HOST = "trial.worker_host"
 TRIAL_WORKER_BASE_LOADS = "trial.worker_base_loads"
+# Seed replicates (search.replicates): which configuration a run replicates (an Ax trial index,
+# or "baseline") and its train.seed. Not trials: no Ax index, not counted in n_trials.
+TRIAL_REPLICATE_OF = "trial.replicate_of"
+TRIAL_REPLICATE_SEED = "trial.replicate_seed"
 SEARCH_BASELINE_RUN = "search.baseline_run_id"
 SEARCH_BEST_RUN = "search.best_run_id"
 SEARCH_WARM_START = "search.warm_start_runs"  # comma-separated search run ids
@@ -135,7 +143,11 @@ SEARCH_RESUMED_INTO = "search.resumed_into"  # on a run created by `mlflow run` 
 BASELINE_EVAL_LOSS = "baseline_eval_loss"
 BEST_EVAL_LOSS = "best_eval_loss"  # also a step series over trials: the optimization trace
 TRIAL_EVAL_LOSS = "trial_eval_loss"  # step series over trials
-IMPROVEMENT_PCT = "improvement_pct"
+IMPROVEMENT_PCT = "improvement_pct"  # the recommendation on the baseline (replicate means where run)
+IMPROVEMENT_CI_LOW = "improvement_ci_low_pct"  # its confidence interval (registry.confidence)
+IMPROVEMENT_CI_HIGH = "improvement_ci_high_pct"
+IMPROVEMENT_SINGLE_RUN_PCT = "improvement_single_run_pct"  # the selection run vs the baseline run
+REPLICATE_RUNS = "replicate_runs"  # seed replicates that completed
 TRIALS_COMPLETED = "trials_completed"
 TRIALS_EARLY_STOPPED = "trials_early_stopped"
 TRIALS_FAILED = "trials_failed"
@@ -173,9 +185,18 @@ VERSION_EVAL_FINGERPRINT = "eval_fingerprint"  # versions compare only on the sa
 VERSION_ADAPTER_SHA = "adapter_sha256"
 VERSION_BASE_MODEL = "base_model"
 VERSION_SEARCH_RUN = "search_run_id"  # the search behind it (retrain retrains that search's best)
-VERSION_IMPROVEMENT_PCT = "improvement_pct"
+VERSION_IMPROVEMENT_PCT = "improvement_pct"  # the recommendation on the baseline (replicate means where run)
+IMPROVEMENT_CI_LOW = "improvement_ci_low_pct"  # its confidence interval (registry.confidence)
+IMPROVEMENT_CI_HIGH = "improvement_ci_high_pct"
+IMPROVEMENT_SINGLE_RUN_PCT = "improvement_single_run_pct"  # the selection run vs the baseline run
+REPLICATE_RUNS = "replicate_runs"  # seed replicates that completed
 VERSION_DATA_FINGERPRINT = "data_fingerprint"
 VERSION_RETRAIN_SOURCE = "retrain_source"
 VERSION_OBJECTIVE = "objective"  # the metric the version was chosen on (the search's first objective)
 VERSION_OBJECTIVE_VALUE = "objective_value"
 VERSION_OBJECTIVE_FINGERPRINT = "objective_fingerprint"  # scores compare only under the same one
+VERSION_OBJECTIVE_STDERR = "objective_stderr"  # a task score's harness stderr
+VERSION_SCORED_RUNS = "scored_runs"  # seed:run_id,...: the runs its score rests on (replicates)
+VERSION_PROMOTION_RULE = "promotion_rule"  # the rule the champion alias was decided by
+VERSION_VS_CHAMPION = "improvement_vs_champion"  # the interval it was judged on, vs which version
+VERSION_IMPROVEMENT_CI = "improvement_ci"  # vs the baseline: "low to high %" at registry.confidence

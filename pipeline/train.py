@@ -30,14 +30,14 @@ from pipeline.config import EvalConfig, PipelineConfig, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.device import DevicePlan
 from pipeline.interrupt import STOP_REQUESTED
-from pipeline.metrics import MemoryMonitor, eval_loss, perplexity
+from pipeline.metrics import EvalLosses, MemoryMonitor, eval_losses, perplexity
 
 MetricSink = Callable[[dict[str, float], int], None]
 
 # (step, training examples seen, eval_loss) -> stop? The search compares trials at one or the
 # other: at step 50 a batch-16 trial has seen four times a batch-4 trial's data.
 EvalHook = Callable[[int, int, float], bool]
-Evaluator = Callable[[Any], float]  # model -> eval loss
+Evaluator = Callable[[Any], EvalLosses]  # model -> eval loss, overall and per example
 
 
 def build_training_args(
@@ -135,6 +135,9 @@ class StreamingCallback(TrainerCallback):
         self.min_delta = min_delta
         self.restore_best = restore_best
         self.best: tuple[int, float] | None = None  # (step, eval_loss): the lowest eval_loss
+        # Per-example losses of the last evaluation and of the best (what restore_best keeps).
+        self.last_scores: EvalLosses | None = None
+        self.best_scores: EvalLosses | None = None
         self._reference: float | None = None  # the loss later evaluations must beat by min_delta
         self._best_weights: dict[str, Any] | None = None
         self._bad_evals = 0
@@ -161,7 +164,8 @@ class StreamingCallback(TrainerCallback):
     def run_eval(self, model, state, control=None, final: bool = False) -> float:
         """Evaluate now, stream the result, stop on NaN or when the early-stopping hook says so."""
         t0 = time.perf_counter()
-        loss = float(self.evaluate(model))
+        self.last_scores = self.evaluate(model)
+        loss = float(self.last_scores.loss)
         self.eval_seconds += time.perf_counter() - t0
         step = state.global_step
         self.evals.append((step, loss))
@@ -192,6 +196,7 @@ class StreamingCallback(TrainerCallback):
         """
         if self.best is None or loss < self.best[1]:
             self.best = (step, loss)
+            self.best_scores = self.last_scores
             if self.restore_best and model is not None:
                 # Only the trainable (adapter) weights change: a few MB even for large models.
                 self._best_weights = {
@@ -276,6 +281,7 @@ class TrainOutcome:
     best_step: int | None = None
     plateau_at: int | None = None
     restored: bool = False
+    example_losses: EvalLosses | None = None  # of the evaluation whose loss is `eval_loss`
 
 
 def train(
@@ -292,12 +298,9 @@ def train(
         # Already on (the 4-bit path enables it while preparing the base): enabling it a second
         # time would wrap the layers again.
         args.activation_checkpointing = False
-    # Eval batches of similar lengths waste less compute on padding; eval_loss is token-weighted,
-    # so the order and batch size do not change its value.
-    eval_set = sorted(job.data.eval, key=lambda e: len(e["input_ids"]), reverse=True)
 
-    def evaluate(m: Any) -> float:
-        return eval_loss(m, eval_set, tokenizer, eval_cfg.batch_size, plan.precision)
+    def evaluate(m: Any) -> EvalLosses:
+        return eval_losses(m, job.data.eval, tokenizer, eval_cfg.batch_size, plan.precision)
 
     examples_per_step = examples_per_optimizer_step(args)
 
@@ -368,5 +371,6 @@ def train(
         best_step=callback.best[0] if callback.best else None,
         plateau_at=callback.plateau_at,
         restored=restored is not None,
+        example_losses=callback.best_scores if restored is not None else callback.last_scores,
     )
     return trainer, outcome

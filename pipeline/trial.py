@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline import __version__, console, lmeval, names, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_dict, to_yaml
+from pipeline.data import example_ids
 from pipeline.device import plan_device
 from pipeline.errors import TrialFailed, TrialInterrupted, one_line
 from pipeline.metrics import (
@@ -47,6 +48,7 @@ from pipeline.model import (
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
 from pipeline.serving import base_reference
+from pipeline.stats import ExampleScores
 from pipeline.timing import PhaseTimer
 from pipeline.train import EvalHook, TrainJob, TrainOutcome, train
 
@@ -305,6 +307,7 @@ def _train_in_run(
             **({names.BEST_EVAL_STEP: outcome.best_step} if outcome.best_step is not None else {}),
             **memory.peaks(),
         }
+        _log_example_losses(run, trial, outcome)
         if trial.metric is not None and config.eval.generation_samples and data.generation:
             final.update(_generation_scores(run, trial, model))
         if config.eval.lm_eval is not None:
@@ -326,6 +329,24 @@ def _train_in_run(
     finally:
         base.model = detach_lora(model)
     return outcome, final, adapter_dir.resolve()
+
+
+def _log_example_losses(run: tracking.TrackedRun, trial: TrialSetup, outcome: TrainOutcome) -> None:
+    """The final evaluation's loss on each eval example, keyed by example id (see `stats`)."""
+    scores = outcome.example_losses
+    if scores is None or not any(scores.tokens):
+        return
+    data = trial.job.data
+    record = ExampleScores(
+        ids=example_ids(data.eval),
+        sums=scores.nll,
+        weights=tuple(float(t) for t in scores.tokens),
+        fingerprint=data.eval_fingerprint,
+        seed=trial.config.train.seed,
+        run_id=run.run_id,
+    )
+    with trial.timer.phase("tracking"):
+        run.log_dict(record.to_json(), names.EVAL_EXAMPLES_FILE)
 
 
 def _generation_scores(run: tracking.TrackedRun, trial: TrialSetup, model: Any) -> dict[str, float]:

@@ -118,6 +118,12 @@ def test_a_trial_logs_task_metrics_from_its_trained_model(tmp_path):
         Path(client.download_artifacts(result.run_id, names.LMEVAL_CONFIGS_FILE, str(tmp_path))).read_text()
     )
     assert configs["pydoc_mc"]["output_type"] == "multiple_choice"
+    # Per-document scores (the harness's logged samples): what pairs two runs' task scores.
+    from pipeline import tracking
+
+    docs = tracking.example_scores(result.run_id, "lmeval_pydoc_mc_acc")
+    assert docs is not None and len(docs.ids) == 40 and len(set(docs.ids)) == 40
+    assert docs.value == pytest.approx(m["lmeval_pydoc_mc_acc"]) and set(docs.sums) <= {0.0, 1.0}
 
 
 def test_without_the_harness_a_config_asking_for_it_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

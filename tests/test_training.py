@@ -13,7 +13,7 @@ from pipeline import names
 from pipeline.config import with_overrides
 from pipeline.data import prepare_data
 from pipeline.device import plan_device
-from pipeline.metrics import MemoryMonitor
+from pipeline.metrics import EvalLosses, MemoryMonitor
 from pipeline.model import attach_lora, count_parameters, load_base_model, load_tokenizer
 from pipeline.train import StreamingCallback, TrainJob, build_training_args, train
 
@@ -200,7 +200,7 @@ def test_streaming_callback_evaluates_streams_and_stops():
     cb = StreamingCallback(
         lambda m, s: sent.append((s, m)),
         MemoryMonitor(),
-        evaluate=lambda model: next(losses),
+        evaluate=lambda model: EvalLosses(next(losses), (), ()),
         eval_steps=5,
         on_eval=lambda step, examples, loss: heard.append((step, examples)) or loss > 2.0,
         examples_per_step=4,

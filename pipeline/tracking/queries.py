@@ -3,6 +3,9 @@ are for. No other module writes an MLflow filter string or reads an MLflow run o
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.errors import PipelineError
+from pipeline.stats import ExampleScores
 
 
 @dataclass(frozen=True)
@@ -134,11 +138,14 @@ def running_children(parent_run_id: str) -> list[RunRecord]:
 
 
 def trials_of(search: RunRecord | str, status: str | None = None) -> list[RunRecord]:
-    """The trial runs of a search, oldest first; only those with `trial.status` = `status` if given."""
+    """The trial runs of a search (not its seed replicates), oldest first; only those with
+    `trial.status` = `status` if given."""
     return [
         r
         for r in children_of(search)
-        if r.role == names.ROLE_TRIAL and (status is None or r.tags.get(names.TRIAL_STATUS) == status)
+        if r.role == names.ROLE_TRIAL
+        and names.TRIAL_REPLICATE_OF not in r.tags
+        and (status is None or r.tags.get(names.TRIAL_STATUS) == status)
     ]
 
 
@@ -177,6 +184,34 @@ def download_run_file(run_id: str, artifact: str, dst: str | Path, option: str) 
         return Path(download_artifacts(run_id, artifact, dst))
     except Exception:
         raise PipelineError(f"{option}: run {run_id} has no {artifact} (did the search finish?)") from None
+
+
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def example_scores(run_id: str, metric: str = names.EVAL_LOSS) -> ExampleScores | None:
+    """The run's per-example scores of `metric`: its eval losses (`eval_examples.json`) or a task
+    metric's per-document scores (`lm_eval/examples/<metric>.json`); None when it has none (a run
+    of an older version, or a metric without them)."""
+    artifact = (
+        names.EVAL_EXAMPLES_FILE if metric == names.EVAL_LOSS else names.LMEVAL_EXAMPLES_FILE.format(metric)
+    )
+    if metric != names.EVAL_LOSS and not metric.startswith(names.LMEVAL_PREFIX):
+        return None
+    # One small file per run: no progress bar for it (MLflow reads the variable at each call).
+    bar = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(download_artifacts(run_id, artifact, tmp))
+            return ExampleScores.from_json(json.loads(path.read_text()), run_id)
+    except Exception:
+        return None
+    finally:
+        if bar is None:
+            os.environ.pop(PROGRESS_BAR, None)
+        else:
+            os.environ[PROGRESS_BAR] = bar
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
