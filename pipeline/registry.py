@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -29,10 +28,23 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from pipeline import lmeval, names, tracking
-from pipeline.config import PipelineConfig
+from pipeline import names, tracking
+from pipeline.champion import DEFAULT_RULE, Candidate, Rule, Verdict, VersionRecord, candidate, decide, judge
 from pipeline.errors import PipelineError
 from pipeline.provenance import model_requirements
+from pipeline.stats import ExampleScores, Interval, scalar_scores
+
+__all__ = [
+    "DEFAULT_RULE",
+    "Candidate",
+    "Promotion",
+    "Rule",
+    "VersionRecord",
+    "candidate",
+    "decide",
+    "judge",
+    "promote",
+]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What a version takes and gives: one string column of prompts (`prompt` over REST; one unnamed
@@ -44,74 +56,6 @@ SIGNATURE = ModelSignature(
     params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
 )
 EXAMPLE = (pd.DataFrame({"prompt": ["What does the function `json.dumps` do?"]}), {"max_new_tokens": 64})
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """An adapter offered to the registry: the run that trained it and how it scored.
-
-    `adapter_dir` is the local copy of the run's `adapter/` when the caller still has it (then
-    nothing is downloaded); otherwise the run's artifact is fetched from the store."""
-
-    run_id: str
-    eval_loss: float
-    eval_fingerprint: str
-    adapter_dir: Path | None = None
-    # What it is judged on against the champion: eval_loss unless the search had another first
-    # objective (a task score); `fingerprint` says when two such scores compare.
-    objective: str = names.EVAL_LOSS
-    minimize: bool = True
-    value: float | None = None
-    fingerprint: str | None = None
-
-    @property
-    def score(self) -> float:
-        return self.eval_loss if self.value is None else self.value
-
-    @property
-    def score_fingerprint(self) -> str:
-        return self.fingerprint or self.eval_fingerprint
-
-
-def candidate(
-    config: PipelineConfig,
-    run_id: str,
-    metrics: dict[str, float],
-    eval_loss: float,
-    eval_fp: str,
-    adapter: Any,
-) -> Candidate:
-    """The candidate as `config` judges it: on its search's first objective (eval_loss without
-    a search section, or when a trial lacks the metric)."""
-    objective = config.search.objectives[0] if config.search is not None else None
-    if objective is None or objective.metric == names.EVAL_LOSS or objective.metric not in metrics:
-        return Candidate(run_id, eval_loss, eval_fp, adapter)
-    fp = eval_fp
-    if objective.metric.startswith(names.LMEVAL_PREFIX) and config.eval.lm_eval is not None:
-        fp = f"{eval_fp}+{lmeval.fingerprint(config.eval.lm_eval)}"
-    return Candidate(
-        run_id,
-        eval_loss,
-        eval_fp,
-        adapter,
-        objective.metric,
-        objective.minimize,
-        metrics[objective.metric],
-        fp,
-    )
-
-
-@dataclass(frozen=True)
-class VersionRecord:
-    """A registered model version, as the pipeline reads it."""
-
-    name: str
-    version: str
-    tags: dict[str, str]
-
-    @property
-    def search_run_id(self) -> str | None:
-        return self.tags.get(names.VERSION_SEARCH_RUN)
 
 
 def _version(mv: Any) -> VersionRecord:
@@ -129,6 +73,7 @@ class Promotion:
     previous_champion: str | None = None
     previous_eval_loss: float | None = None
     duplicate: bool = False
+    interval: Interval | None = None  # the improvement over the champion it was judged on
 
 
 def adapter_sha256(adapter_dir: str | Path) -> str:
@@ -148,33 +93,21 @@ def champion(name: str) -> VersionRecord | None:
     return _champion(MlflowClient(), name)
 
 
-def decide(candidate: Candidate, champion: VersionRecord | None) -> tuple[bool, str]:
-    """Whether a new version should become champion, and why (a sentence): a better score on the
-    candidate's objective, measured the same way (same eval data; for a task score, the same
-    task settings and files) as the champion's."""
-    metric, value = candidate.objective, candidate.score
-    if not math.isfinite(value):
-        return False, f"{metric} {value} is not finite"
-    if champion is None:
-        return True, "no champion yet"
-    tags, v = champion.tags, champion.version
-    held = tags.get(names.VERSION_OBJECTIVE, names.EVAL_LOSS)
-    if held != metric:
-        return False, (
-            f"champion v{v} was chosen on {held}, this version on {metric}: they do not compare; "
-            "promote by hand if intended"
-        )
-    old_fp = tags.get(names.VERSION_OBJECTIVE_FINGERPRINT, tags.get(names.VERSION_EVAL_FINGERPRINT))
-    if old_fp != candidate.score_fingerprint:
-        what = "eval data" if metric == names.EVAL_LOSS else "eval data or task settings"
-        return False, (
-            f"champion v{v} was evaluated on other {what} (fingerprint {old_fp} vs "
-            f"{candidate.score_fingerprint}), so the scores do not compare; promote by hand if intended"
-        )
-    old = float(tags.get(names.VERSION_OBJECTIVE_VALUE, tags.get(names.VERSION_EVAL_LOSS, "nan")))
-    if not math.isfinite(old) or (value < old if candidate.minimize else value > old):
-        return True, f"{metric} {value:.4f} beats champion v{v} ({old:.4f})"
-    return False, f"{metric} {value:.4f} does not beat champion v{v} ({old:.4f})"
+def champion_scores(champion: VersionRecord, objective: str) -> list[ExampleScores] | None:
+    """The scores the champion's version rests on (its runs' per-example eval losses, or their
+    values of a task metric), or None when a run lacks them."""
+    runs = champion.scored_runs() or [(None, champion.tags.get(names.VERSION_SOURCE_RUN, ""))]
+    out = []
+    for seed, run_id in runs:
+        scores = tracking.example_scores(run_id, objective)
+        if scores is None and objective != names.EVAL_LOSS:
+            run = tracking.get_run(run_id)
+            value = run.metrics.get(objective) if run is not None else None
+            scores = scalar_scores(value, seed, objective, run_id) if value is not None else None
+        if scores is None:
+            return None
+        out.append(scores)
+    return out
 
 
 def promote(
@@ -183,8 +116,10 @@ def promote(
     tags: dict[str, Any] | None = None,
     description: str = "",
     allow_duplicate: bool = False,
+    rule: Rule = DEFAULT_RULE,
 ) -> Promotion:
-    """Register the candidate's adapter as a new version; move `champion` if it wins.
+    """Register the candidate's adapter as a new version; move `champion` if it wins beyond
+    doubt (`champion.judge` under `rule`).
 
     The model is logged into the active run (the search or retrain run that decided this). An
     adapter identical to an existing version's (same weights) is not registered twice unless
@@ -192,7 +127,9 @@ def promote(
     """
     client = MlflowClient()
     champion = _champion(client, model_name)
-    promoted, reason = decide(candidate, champion)
+    held = champion_scores(champion, candidate.objective) if champion is not None else None
+    verdict = judge(candidate, champion, held, rule)
+    promoted, reason = verdict.promote, verdict.reason
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = candidate.adapter_dir
         if adapter_dir is None or not (Path(adapter_dir) / names.BASE_REFERENCE_FILE).is_file():
@@ -225,21 +162,9 @@ def promote(
             signature=SIGNATURE,
             input_example=EXAMPLE,
         )
-    version_tags = {
-        names.VERSION_SOURCE_RUN: candidate.run_id,
-        names.VERSION_EVAL_LOSS: f"{candidate.eval_loss:.6f}",
-        names.VERSION_EVAL_FINGERPRINT: candidate.eval_fingerprint,
-        names.VERSION_ADAPTER_SHA: sha,
-        names.VERSION_BASE_MODEL: base.get("name_or_path", ""),
-        names.VERSION_OBJECTIVE: candidate.objective,
-        names.VERSION_OBJECTIVE_VALUE: f"{candidate.score:.6f}",
-        names.VERSION_OBJECTIVE_FINGERPRINT: candidate.score_fingerprint,
-        **{
-            k: (f"{v:.4f}" if isinstance(v, float) else str(v))
-            for k, v in (tags or {}).items()
-            if v is not None
-        },
-    }
+    version_tags = _version_tags(candidate, sha, base, rule, verdict, champion, tags or {})
+    decision = f"**Promotion**: {'promoted' if promoted else 'not promoted'}: {reason}."
+    description = description.replace("\n\n**Config**", f"\n\n{decision}\n\n**Config**", 1)
     mv = None
     try:
         mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
@@ -264,7 +189,42 @@ def promote(
         previous_eval_loss=float(champion.tags[names.VERSION_EVAL_LOSS])
         if champion and names.VERSION_EVAL_LOSS in champion.tags
         else None,
+        interval=verdict.interval,
     )
+
+
+def _version_tags(
+    candidate: Candidate,
+    sha: str,
+    base: dict[str, Any],
+    rule: Rule,
+    verdict: Verdict,
+    champion: VersionRecord | None,
+    extra: dict[str, Any],
+) -> dict[str, str]:
+    """A new version's tags: where it came from, how it scored and on which runs, the promotion
+    rule and the interval it was judged on, then the caller's (None values left out)."""
+    out = {
+        names.VERSION_SOURCE_RUN: candidate.run_id,
+        names.VERSION_EVAL_LOSS: f"{candidate.eval_loss:.6f}",
+        names.VERSION_EVAL_FINGERPRINT: candidate.eval_fingerprint,
+        names.VERSION_ADAPTER_SHA: sha,
+        names.VERSION_BASE_MODEL: base.get("name_or_path", ""),
+        names.VERSION_OBJECTIVE: candidate.objective,
+        names.VERSION_OBJECTIVE_VALUE: f"{candidate.score:.6f}",
+        names.VERSION_OBJECTIVE_FINGERPRINT: candidate.score_fingerprint,
+        names.VERSION_SCORED_RUNS: ",".join(f"{s.seed}:{s.run_id}" for s in candidate.scores)
+        or f":{candidate.run_id}",
+        names.VERSION_PROMOTION_RULE: rule.text(),
+    }
+    if candidate.stderr is not None:
+        out[names.VERSION_OBJECTIVE_STDERR] = f"{candidate.stderr:.6f}"
+    if verdict.interval is not None and champion is not None:
+        out[names.VERSION_VS_CHAMPION] = f"{verdict.interval.text()} (v{champion.version})"
+    out.update(
+        {k: (f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in extra.items() if v is not None}
+    )
+    return out
 
 
 class _Pyfunc:
@@ -288,11 +248,14 @@ def version_description(
     search_run_id: str | None = None,
     baseline_eval_loss: float | None = None,
     improvement_pct: float | None = None,
+    interval: Interval | None = None,
+    rule: Rule | None = None,
 ) -> str:
     """A version's description (markdown): the run that trained the adapter (`role`: a search
     trial or a retrain) and its search, linked into the MLflow UI; eval loss, the objective it
     was judged on, task metrics (`lmeval_*`), the change against the baseline when known (given,
-    or from `baseline_eval_loss`); then the config as YAML."""
+    or from `baseline_eval_loss`) with its confidence interval when known, the promotion rule;
+    then the config as YAML. `promote` adds its decision."""
     url, run_id = tracking.run_url, candidate.run_id
     rows = [("source run", f"{role} [`{run_id}`]({url(experiment_id, run_id)}), experiment {experiment_id}")]
     if search_run_id:
@@ -307,6 +270,10 @@ def version_description(
         base = f" ({baseline_eval_loss:.4f})" if baseline_eval_loss else ""
         side = "below" if improvement_pct >= 0 else "above"
         rows.append(("vs baseline", f"eval_loss {abs(improvement_pct):.1f} % {side} the baseline's{base}"))
+    if interval is not None:
+        rows.append(("improvement on the baseline", f"{candidate.objective}: {interval.text()}"))
+    if rule is not None:
+        rows.append(("promotion rule", rule.text()))
     header = "\n".join(["| provenance | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
     room = 4900 - len(header)  # MLflow keeps the first 5000 characters
     if len(config_yaml) > room:

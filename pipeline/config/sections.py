@@ -254,6 +254,16 @@ class TrackingConfig(Section):
 
 class RegistryConfig(Section):
     model_name: str = Field("lora-adapter", description="Registered model name for promotions.")
+    min_improvement: float = Field(
+        0.0,
+        ge=0,
+        description="Percent of the champion's score a new version must beat it by, beyond doubt: "
+        "`champion` moves only when the lower bound of the improvement's confidence interval is "
+        "above this (docs/search.md#promotion).",
+    )
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="Confidence level of the intervals promotion and reports use."
+    )
 
 
 class RetrainConfig(Section):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from pipeline.config import (
 from pipeline.errors import PipelineError
 from pipeline.resources import Resources
 from pipeline.retrain.report import RetrainContext, Row, write_retrain_report
+from pipeline.stats import ExampleScores, Interval, NotComparable, improvement
 from pipeline.trial import RunSpec, TrialResult, run_trial
 
 
@@ -120,6 +121,24 @@ def retrain_config(config: PipelineConfig, train_examples: int, overrides: list[
     return config
 
 
+def intervals(
+    scores: ExampleScores | None, runs: dict[str, tracking.RunRecord | None], confidence: float
+) -> dict[str, Interval]:
+    """The retrained adapter's eval-loss improvement over each run (by label), paired on the
+    same eval examples (one seed each: eval-set noise only); runs without per-example scores or
+    on other eval data are left out."""
+    out: dict[str, Interval] = {}
+    for label, run in runs.items():
+        other = tracking.example_scores(run.run_id) if scores is not None and run is not None else None
+        if other is None:
+            continue
+        try:
+            out[label] = improvement([scores], [other], True, confidence)
+        except NotComparable:
+            continue
+    return out
+
+
 def _row(label: str, run: tracking.RunRecord | None) -> Row:
     if run is None:
         return Row(label, None, {}, None)
@@ -155,7 +174,13 @@ def run_retrain(
             result.eval_fingerprint,
             result.adapter_dir,
         )
+        # Judged against the champion on its objective's per-example scores, when the run has them.
+        held = tracking.example_scores(result.run_id, offer.objective)
+        offer = replace(offer, scores=(held,) if held is not None else ())
+        scores = tracking.example_scores(result.run_id)
+        rule = registry.Rule(config.registry.min_improvement, config.registry.confidence)
         same_eval = baseline is not None and baseline.eval_fingerprint == result.eval_fingerprint
+        versus = intervals(scores, {"baseline": baseline, "search best": best}, rule.confidence)
         promotion = registry.promote(
             config.registry.model_name,
             offer,
@@ -172,8 +197,11 @@ def run_retrain(
                 metrics=result.metrics,
                 search_run_id=source.search_run_id,
                 baseline_eval_loss=baseline.eval_loss if same_eval else None,
+                interval=versus.get("baseline"),
+                rule=rule,
             ),
             allow_duplicate=allow_duplicate,
+            rule=rule,
         )
         ctx = RetrainContext(
             config=config,
@@ -190,6 +218,7 @@ def run_retrain(
             ),
             promotion=promotion.message,
             best_step=int(result.metrics.get(names.BEST_EVAL_STEP, 0)) or None,
+            intervals=versus,
         )
         path = write_retrain_report(ctx, out_dir / run.run_id)
         run.log_artifacts(path.parent, names.REPORT_DIR)

@@ -4,13 +4,14 @@ loss over epochs (retrain_report.md and retrain_eval_loss.png)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import names
 from pipeline.config import PipelineConfig
 from pipeline.plotting import plt, save
 from pipeline.search.summary import pct
+from pipeline.stats import Interval
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class RetrainContext:
     steps_per_epoch: int
     promotion: str | None = None  # what the registry did, one sentence
     best_step: int | None = None
+    # The retrained adapter's improvement over each row (by label), paired on the eval examples.
+    intervals: dict[str, Interval] = field(default_factory=dict)
+
+    def versus(self, label: str) -> str:
+        interval = self.intervals.get(label)
+        return f" Improvement {interval.text()}." if interval is not None else ""
 
 
 def write_retrain_report(ctx: RetrainContext, out_dir: Path) -> Path:
@@ -79,9 +86,13 @@ def write_retrain_report(ctx: RetrainContext, out_dir: Path) -> Path:
     if best and names.EVAL_LOSS in best:
         md.append(
             f"Retrained vs search best: eval_loss {pct(final[names.EVAL_LOSS], best[names.EVAL_LOSS])}."
+            + ctx.versus("search best")
         )
     if base and names.EVAL_LOSS in base:
-        md.append(f"Retrained vs baseline: eval_loss {pct(final[names.EVAL_LOSS], base[names.EVAL_LOSS])}.")
+        md.append(
+            f"Retrained vs baseline: eval_loss {pct(final[names.EVAL_LOSS], base[names.EVAL_LOSS])}."
+            + ctx.versus("baseline")
+        )
     if ctx.best_step is not None:
         md.append(
             f"The best evaluation was at step {ctx.best_step} (epoch {ctx.best_step / ctx.steps_per_epoch:.2f}); "
