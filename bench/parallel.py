@@ -40,6 +40,7 @@ def run(arm: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict:
         f"search.output_dir={store / 'search'}",
         f"train.output_dir={store / 'out'}",
         "tracking.log_system_metrics=false",
+        "search.replicates=null",  # trials only: replicates are measured by bench/noise.py
         f"tracking.experiment_name=bench-parallel-{arm}",
     ]
     if arm == "ray":

@@ -23,13 +23,15 @@ def parse_args(doc: str) -> argparse.Namespace:
 
 def fresh_store(prefix: str, args: argparse.Namespace) -> tuple[Path, list[str]]:
     """A temp folder holding a new sqlite store (set as MLFLOW_TRACKING_URI before MLflow is
-    used), and the overrides every benchmark search needs: scratch there, no system metrics,
+    used), and the overrides every benchmark search needs: scratch there, no system metrics, no
+    seed replicates (these benchmarks measure the trials; bench/noise.py measures replicates),
     then the command line's --set."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     overrides = [
         f"train.output_dir={tmp / 'out'}",
         "tracking.log_system_metrics=false",
+        "search.replicates=null",
         *" ".join(args.overrides).split(),
     ]
     return tmp, overrides

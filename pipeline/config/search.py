@@ -143,6 +143,23 @@ class EarlyStoppingSpec(Section):
     min_curves: int = Field(3, gt=0, description="Completed trials needed before any trial is stopped.")
 
 
+class ReplicatesSpec(Section):
+    """After the trials: the best configurations and the baseline trained again on fresh seeds."""
+
+    top_k: int = Field(
+        2,
+        gt=0,
+        description="Configurations replicated: Ax's model-predicted best, then the best observed, "
+        "until this many distinct ones.",
+    )
+    seeds: int = Field(
+        2,
+        gt=0,
+        description="Fresh train.seed values each of them (and the baseline) is trained on: "
+        "train.seed + 1 ... train.seed + seeds.",
+    )
+
+
 class WorkerResources(Section):
     """What each Ray worker (one trial at a time) asks the cluster for."""
 
@@ -202,6 +219,12 @@ class SearchConfig(Section):
         gt=0,
         description="Device-hours budget: the trials' time summed over the devices they ran on (one GPU "
         "each; a CPU-only trial counts as one device). Spent: as budget_minutes.",
+    )
+    replicates: ReplicatesSpec | None = Field(
+        None,
+        description="Seed replicates of the best configurations and the baseline after the trials, so "
+        "the recommendation, the report's improvement and the promotion carry seed noise "
+        "(docs/search.md#replicates). Null: none (intervals then cover eval-set noise only).",
     )
     reuse_baseline: bool = Field(
         True,

@@ -3,7 +3,7 @@ registry's decision and the report."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from pipeline import names, registry, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, to_yaml, with_overrides
 from pipeline.device import hardware
 from pipeline.provenance import git_commit, package_versions
+from pipeline.search import evidence
 from pipeline.search import state as store
 from pipeline.search.report import ReportContext, description, write_report
 from pipeline.search.space import Optimizer
@@ -49,24 +50,19 @@ def finish(
             }
             for t in pareto_front(state, config.search)
         ]
-    best = best_trial(state, config.search, [p["index"] for p in analysis["pareto"]])
-    summary = search_metrics(state, best)
+    observed = best_trial(state, config.search, [p["index"] for p in analysis["pareto"]])
+    ev = evidence.gather(config, state, observed, tracking.example_scores)
+    best = ev.recommended
+    # improvement_pct is eval_loss's (the interval's estimate when eval_loss is the objective).
+    on_loss = config.search.objectives[0].metric == names.EVAL_LOSS
+    summary = search_metrics(state, best, ev.improvement if on_loss else None)
     run.log_metrics(summary, step=len(state.finished()), flush=True)
     best_config_path = None
     promotion = None
     if best is not None:
-        best_config_path = directory / names.BEST_CONFIG_FILE
-        store.write_atomic(
-            best_config_path,
-            to_yaml(
-                with_overrides(config, best.parameters),
-                f"best config of search {run.run_id}: trial {best.index} (run {best.run_id}), "
-                f"eval_loss {best.eval_loss:.4f}. Retrain: mlflow run . -e retrain -P best_config=<this file>",
-            ),
-        )
-        run.log_text(best_config_path.read_text(), names.BEST_CONFIG_FILE)
+        best_config_path = write_best_config(config, best, ev, run, directory)
         with timer.phase("registry"):
-            promotion = promote(config, best, summary, run)
+            promotion = promote(config, best, summary, run, ev)
         print(f"registry: {promotion.message}", flush=True)
     report_dir = directory / names.REPORT_DIR
     context = ReportContext(
@@ -75,6 +71,7 @@ def finish(
         best=best,
         analysis=analysis,
         promotion=promotion.message if promotion else None,
+        evidence=ev,
         provenance={
             "git_commit": git_commit(Path(__file__).parent),
             "seed": str(config.search.seed),
@@ -97,21 +94,55 @@ def finish(
     return SearchResult(run.run_id, state, best, report_dir, best_config_path, promotion)
 
 
+def write_best_config(
+    config: PipelineConfig,
+    best: TrialRecord,
+    ev: evidence.Evidence,
+    run: tracking.TrackedRun,
+    directory: Path,
+) -> Path:
+    """best_config.yaml: the recommended trial's complete config, locally and on the search run."""
+    path = directory / names.BEST_CONFIG_FILE
+    store.write_atomic(
+        path,
+        to_yaml(
+            with_overrides(config, best.parameters),
+            f"best config of search {run.run_id}: trial {best.index} (run {best.run_id}), "
+            f"eval_loss {best.eval_loss:.4f}, chosen as {ev.rule}. "
+            "Retrain: mlflow run . -e retrain -P best_config=<this file>",
+        ),
+    )
+    run.log_text(path.read_text(), names.BEST_CONFIG_FILE)
+    return path
+
+
 def promote(
-    config: PipelineConfig, best: TrialRecord, summary: dict[str, Any], run: tracking.TrackedRun
+    config: PipelineConfig,
+    best: TrialRecord,
+    summary: dict[str, Any],
+    run: tracking.TrackedRun,
+    ev: evidence.Evidence,
 ) -> registry.Promotion:
-    """Register the winner; a registry failure is reported, it does not cost the report."""
+    """Register the recommendation; a registry failure is reported, it does not cost the report."""
     try:
         # Records saved by an older version lack the fingerprint: read it off the run then.
         fp = best.eval_fingerprint or tracking.get_run(best.run_id).eval_fingerprint
         adapter = Path(best.adapter_dir) if best.adapter_dir else None
-        offer = registry.candidate(config, best.run_id, best.metrics, best.eval_loss, fp, adapter)
+        offer = registry.candidate(
+            config, best.run_id, best.metrics, best.eval_loss, fp, adapter, tuple(ev.scores)
+        )
+        if ev.recommended_mean is not None:  # judged on its fresh seeds' mean, not its lucky run
+            offer = replace(offer, value=ev.recommended_mean)
+        interval = ev.improvement
         return registry.promote(
             config.registry.model_name,
             offer,
             tags={
                 names.VERSION_SEARCH_RUN: run.run_id,
                 names.VERSION_IMPROVEMENT_PCT: summary.get(names.IMPROVEMENT_PCT),
+                names.VERSION_IMPROVEMENT_CI: f"{interval.low:.2f} to {interval.high:.2f} % ({interval.method()})"
+                if interval
+                else None,
             },
             description=registry.version_description(
                 offer,
@@ -121,9 +152,17 @@ def promote(
                 metrics=best.metrics,
                 search_run_id=run.run_id,
                 improvement_pct=summary.get(names.IMPROVEMENT_PCT),
+                interval=interval,
+                rule=rule(config),
             ),
+            rule=rule(config),
         )
     except Exception as e:
         message = f"registration failed, nothing registered: {type(e).__name__}: {e}"
         run.set_tags({names.ERROR: message[:500]})
         return registry.Promotion(config.registry.model_name, "", False, message)
+
+
+def rule(config: PipelineConfig) -> registry.Rule:
+    """The promotion rule of `config.registry`."""
+    return registry.Rule(config.registry.min_improvement, config.registry.confidence)

@@ -21,7 +21,7 @@ from pipeline.errors import SearchAborted, SearchFinished
 from pipeline.interrupt import STOP_REQUESTED, graceful_stop
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
-from pipeline.search import baseline, warm
+from pipeline.search import baseline, replicates, warm
 from pipeline.search import state as store
 from pipeline.search.executor import Executor, LocalExecutor, TrialJob, TrialOutcome
 from pipeline.search.finish import SearchResult, finish
@@ -118,6 +118,8 @@ class Search:
                         state.warm = warm.start(self.config, self.optimizer, run, self.resources, self._echo)
                     self._save()
                 self._loop(t_session)
+                if self.search.replicates is not None and not state.stop_reason:
+                    self._replicate()
             except (KeyboardInterrupt, SearchAborted) as e:
                 state.stop_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
                 self._kill_pending()
@@ -152,8 +154,10 @@ class Search:
         else:
             state = loaded
             state.n_trials = self.search.n_trials
+            state.stop_reason = ""  # this session's own, if it stops early too
             store.reconcile(self.optimizer, state)
         state.sessions += 1
+        self.optimizer.noise_sd = state.noise_sd
         return state
 
     def _check_early_stopping(self) -> None:
@@ -208,6 +212,17 @@ class Search:
             if self.optimizer.broken:
                 raise SearchAborted(f"search stopped: {self.optimizer.broken}")
 
+    def _replicate(self) -> None:
+        """The seed replicates (`search.replicates`), then their means and sems to Ax."""
+        spent = replicates.replicate(
+            self.config, self.state, self.optimizer, self.parent_run.run_id, self.executor,
+            self.started, self.clock, self._budget_spent, self._save, self._echo, self.timer,
+        )  # fmt: skip
+        if spent:
+            self.state.stop_reason = f"{spent} (during the seed replicates)"
+            self._echo(f"stopping: {self.state.stop_reason}")
+        self._save()
+
     def _fill(self) -> None:
         """Give every idle worker a trial: interrupted trials' configs first, then one batch from
         Ax for the rest (locally: one trial at a time, as always)."""
@@ -258,8 +273,8 @@ class Search:
         if search.budget_minutes and elapsed >= search.budget_minutes * 60:
             return f"wall-clock budget of {search.budget_minutes:g} minutes spent"
         if search.budget_gpu_hours:
-            running = sum(now - self.started[i] for i in self.pending) * self.executor.devices_per_trial
-            used = (sum(t.device_seconds for t in self.state.trials) + running) / 3600
+            running = sum(now - t for t in self.started.values()) * self.executor.devices_per_trial
+            used = (self.state.device_seconds() + running) / 3600
             if used >= search.budget_gpu_hours:
                 return f"device budget of {search.budget_gpu_hours:g} device-hours spent ({used:.3g} used)"
         return None

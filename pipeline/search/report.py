@@ -15,7 +15,8 @@ from typing import Any
 
 from pipeline import names
 from pipeline.config import PipelineConfig
-from pipeline.search import plots
+from pipeline.search import noise_report, plots
+from pipeline.search.evidence import Evidence
 from pipeline.search.state import COMPLETED, KILLED, SearchState, TrialRecord
 from pipeline.search.stopping import progression_unit
 from pipeline.search.summary import (
@@ -52,6 +53,7 @@ class ReportContext:
     promotion: str | None = None  # what the registry did, one sentence
     provenance: dict[str, str] = field(default_factory=dict)
     experiment_id: str = ""
+    evidence: Evidence | None = None  # the recommendation's interval, replicates (evidence.gather)
 
     @property
     def model(self) -> str:
@@ -64,6 +66,8 @@ class ReportContext:
         if not self.state.scored():
             return []
         return important_parameters(self.config.search, self.state, self.analysis.get("sensitivity") or {})
+
+    expected_best_plot: bool = False  # drawn (enough completed trials)
 
     @property
     def multi_objective(self) -> bool:
@@ -81,9 +85,13 @@ def write_report(ctx: ReportContext, out_dir: Path) -> str:
         plots.plot_pareto(
             ctx.config.search, ctx.state, ctx.analysis.get("pareto", []), out_dir / PLOTS["pareto"]
         )
+    ctx.expected_best_plot = noise_report.plot_expected_best(
+        ctx.state, out_dir / noise_report.EXPECTED_BEST_PLOT
+    )
     sections = (
         _summary,
         _best,
+        _replicates,
         _insights,
         _history,
         _warm_start,
@@ -104,8 +112,13 @@ def description(ctx: ReportContext) -> str:
     text = f"Ax search of {len(s.finished())} trials over {', '.join(ctx.config.search.parameters)}."
     if best is not None:
         label = best.run_name or f"trial {best.index}"
-        text += f" Best: {_link(label, ctx.experiment_id, best.run_id)}, eval_loss {best.eval_loss:.4f}"
-        if base is not None:
+        text += (
+            f" Recommended: {_link(label, ctx.experiment_id, best.run_id)}, eval_loss {best.eval_loss:.4f}"
+        )
+        interval = ctx.evidence.improvement if ctx.evidence is not None else None
+        if interval is not None:
+            text += f", improvement on the baseline {interval.text()}"
+        elif base is not None:
             gain = improvement_pct(base.eval_loss, best.eval_loss)
             change = f"a {gain:.1f}% improvement on" if gain >= 0 else f"{-gain:.1f}% worse than"
             text += f", {change} the baseline ({base.eval_loss:.4f})"
@@ -156,7 +169,8 @@ def _summary(ctx: ReportContext) -> list[str]:
         f"# LoRA search report: {ctx.model}",
         "",
         f"Every number here comes from the MLflow runs of search run `{s.parent_run_id}` and its "
-        f"{len(s.trials) + (1 if base and not base.reused else 0)} child runs; nothing is simulated.",
+        f"{len(s.trials) + len(s.replicates or []) + (1 if base and not base.reused else 0)} child runs; "
+        "nothing is simulated.",
         "",
         "## Goal",
         "",
@@ -169,12 +183,10 @@ def _summary(ctx: ReportContext) -> list[str]:
         f"| **Baseline eval_loss** | {base_loss:.4f} |"
         if base_loss is not None
         else "| Baseline | not run |",
-        f"| **Best eval_loss** | {best.eval_loss:.4f} (trial {best.index}) |"
+        f"| **Recommended eval_loss** | {best.eval_loss:.4f} (trial {best.index}, its selection run) |"
         if best
         else "| Best | no scored trial |",
-        f"| **Improvement** | {improvement_pct(base_loss, best.eval_loss):.1f}% |"
-        if best and base_loss
-        else "| Improvement | n/a |",
+        noise_report.improvement_row(ctx.config, ctx.evidence),
         f"| **Trials** | {len(s.finished())}: {n[COMPLETED]} completed, {n['early_stopped']} early-stopped, "
         f"{n['failed']} failed, {n['abandoned']} abandoned"
         + (f" ({n[KILLED]} interrupted and rerun)" if n[KILLED] else "")
@@ -212,6 +224,10 @@ def _best(ctx: ReportContext) -> list[str]:
             b, n = base.metrics[metric], best.metrics[metric]
             md.append(f"| **{metric}** | {b:.4g} | {n:.4g} | {pct(n, b)} |")
     return [*md, ""]
+
+
+def _replicates(ctx: ReportContext) -> list[str]:
+    return noise_report.replicates_section(ctx.config, ctx.state, ctx.evidence)
 
 
 def _insights(ctx: ReportContext) -> list[str]:
@@ -300,7 +316,10 @@ def _convergence(ctx: ReportContext) -> list[str]:
             + "."
         )
         if ctx.best is not None:
-            md.append(f"The best trial was trial number {trials.index(ctx.best) + 1} of {len(trials)}.")
+            md.append(
+                f"The recommended trial was trial number {trials.index(ctx.best) + 1} of {len(trials)}."
+            )
+    md += noise_report.convergence_lines(ctx.state, ctx.expected_best_plot)
     methods: dict[str, list[float]] = {}
     for t in trials:
         if t.scored:

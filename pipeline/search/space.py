@@ -146,6 +146,10 @@ class Optimizer:
         # Set when Ax's early stopping could not decide (it only logs a warning, then never stops
         # a trial again): the loop ends the search loudly instead of running on without it.
         self.broken: str | None = None
+        # Seed noise by metric, once replicates measured it (SearchState.noise_sd): every later
+        # observation goes to Ax with it as its standard error. BoTorch refuses a metric whose
+        # observations mix known and unknown standard errors, so it is all or none per metric.
+        self.noise_sd: dict[str, float] = {}
 
     @classmethod
     def create(cls, config: PipelineConfig, echo: Callable[[str], None] = _say) -> Optimizer:
@@ -214,10 +218,49 @@ class Optimizer:
         self.client.attach_data(index, metrics, progression=progression)
         self.client.complete_trial(index)
 
-    def ax_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """What Ax is given of a trial's metrics: those it optimizes or constrains, and eval_loss."""
-        keys = dict.fromkeys([*self.config.search.required_metrics(), names.EVAL_LOSS])
-        return {k: float(metrics[k]) for k in keys if k in metrics}
+    def ax_metric_names(self) -> list[str]:
+        """The metrics Ax is given: those it optimizes or constrains, and eval_loss."""
+        return list(dict.fromkeys([*self.config.search.required_metrics(), names.EVAL_LOSS]))
+
+    def ax_metrics(self, metrics: Mapping[str, float]) -> dict[str, float | tuple[float, float]]:
+        """What Ax is given of a trial's metrics: each value, or (value, standard error) where the
+        error is known: the seed noise replicates measured, else a task metric's harness stderr
+        (`<metric>_stderr`, which every trial of the task logs)."""
+        out: dict[str, float | tuple[float, float]] = {}
+        for k in self.ax_metric_names():
+            if k not in metrics:
+                continue
+            sem = self.noise_sd.get(k, metrics.get(f"{k}_stderr"))
+            out[k] = (float(metrics[k]), float(sem)) if sem is not None else float(metrics[k])
+        return out
+
+    def attach_observation(
+        self, index: int, metrics: dict[str, tuple[float, float]], progression: int | None
+    ) -> None:
+        """Replace a finished trial's final observation (its replicates' mean and sem)."""
+        self.client.attach_data(index, metrics, progression=progression)
+
+    def predicted_best(self) -> int | None:
+        """The trial whose arm Ax's model predicts best (single objective), or None when the
+        model cannot say (too few trials, a random search)."""
+        if len(self.config.search.objectives) > 1:
+            return None
+        try:
+            _, _, index, _ = self.client.get_best_parameterization(use_model_predictions=True)
+        except Exception:
+            return None
+        return int(index) if index is not None else None
+
+    def baseline_index(self) -> int | None:
+        """The Ax trial of the baseline (the status-quo arm), when it was attached."""
+        experiment = self.client._experiment
+        quo = experiment.status_quo
+        if quo is None:
+            return None
+        measured = experiment.data.trial_indices
+        return next(
+            (i for i, t in experiment.trials.items() if t.arm.name == quo.name and i in measured), None
+        )
 
     def attach_measured(
         self,

@@ -74,6 +74,28 @@ class BaselineRecord:
 
 
 @dataclass
+class ReplicateRecord:
+    """One seed replicate: a replicated configuration (an Ax trial's, or the baseline's) trained
+    again with another train.seed, after the search's trials."""
+
+    of: str  # the Ax trial index it replicates, or "baseline"
+    seed: int  # its train.seed
+    parameters: dict[str, Any]  # the searched keys' values (as the replicated run's)
+    chosen_by: str = ""  # why this configuration was replicated
+    status: str = RUNNING
+    run_id: str | None = None
+    eval_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    device_seconds: float = 0.0
+    failure_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in names.FINISHED_STATUSES
+
+
+@dataclass
 class WarmTrial:
     """One trial of an earlier search, and what became of it here."""
 
@@ -108,6 +130,11 @@ class SearchState:
     # Trials of earlier searches given to Ax before the first trial (search.warm_start); None
     # until that is done (a search that crashed before it does it when resumed).
     warm: list[WarmTrial] | None = None
+    # Seed replicates after the trials (search.replicates); None until they are chosen.
+    replicates: list[ReplicateRecord] | None = None
+    # Seed noise (pooled standard deviation of a single run) of each metric Ax is given, once
+    # replicates measured it: Ax then gets every observation with this standard error.
+    noise_sd: dict[str, float] = field(default_factory=dict)
 
     def finished(self) -> list[TrialRecord]:
         return [t for t in self.trials if t.status in names.FINISHED_STATUSES]
@@ -117,6 +144,12 @@ class SearchState:
 
     def record(self, index: int) -> TrialRecord | None:
         return next((t for t in self.trials if t.index == index), None)
+
+    def device_seconds(self) -> float:
+        """Device time of every trial and replicate so far (what search.budget_gpu_hours counts)."""
+        return sum(t.device_seconds for t in self.trials) + sum(
+            r.device_seconds for r in self.replicates or []
+        )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,12 +164,13 @@ class SearchState:
         baseline = (
             BaselineRecord(**{**base, "evals": [tuple(e) for e in base.get("evals", [])]}) if base else None
         )
-        warm = data.get("warm")
-        rest = {k: v for k, v in data.items() if k not in ("trials", "baseline", "warm")}
+        warm, replicates = data.get("warm"), data.get("replicates")
+        rest = {k: v for k, v in data.items() if k not in ("trials", "baseline", "warm", "replicates")}
         return cls(
             trials=trials,
             baseline=baseline,
             warm=None if warm is None else [WarmTrial(**w) for w in warm],
+            replicates=None if replicates is None else [ReplicateRecord(**r) for r in replicates],
             **rest,
         )
 

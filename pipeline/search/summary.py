@@ -24,6 +24,7 @@ from pipeline.search.state import (
     TrialRecord,
 )
 from pipeline.search.stopping import stopping_plan, unreachable
+from pipeline.stats import Interval
 
 
 def feasible(t: TrialRecord, constraints: Iterable[OutcomeConstraint]) -> bool:
@@ -95,8 +96,12 @@ def improvement_pct(baseline: float, best: float) -> float:
     return 100.0 * (baseline - best) / baseline
 
 
-def search_metrics(state: SearchState, best: TrialRecord | None) -> dict[str, float]:
-    """The search run's summary metrics."""
+def search_metrics(
+    state: SearchState, best: TrialRecord | None, interval: Interval | None = None
+) -> dict[str, float]:
+    """The search run's summary metrics. `interval`: the recommendation's improvement on the
+    baseline with its confidence interval (evidence.gather); then improvement_pct is its estimate
+    and the single-run value is logged beside it."""
     n = counts(state)
     out = {
         names.TRIALS_COMPLETED: n[COMPLETED],
@@ -110,6 +115,12 @@ def search_metrics(state: SearchState, best: TrialRecord | None) -> dict[str, fl
         out[names.BEST_EVAL_LOSS] = best.eval_loss
         if state.baseline and state.baseline.eval_loss:
             out[names.IMPROVEMENT_PCT] = improvement_pct(state.baseline.eval_loss, best.eval_loss)
+            out[names.IMPROVEMENT_SINGLE_RUN_PCT] = out[names.IMPROVEMENT_PCT]
+    if interval is not None:
+        out[names.IMPROVEMENT_PCT] = interval.estimate
+        out[names.IMPROVEMENT_CI_LOW] = interval.low
+        out[names.IMPROVEMENT_CI_HIGH] = interval.high
+    out[names.REPLICATE_RUNS] = sum(r.status == COMPLETED for r in state.replicates or [])
     return out
 
 
@@ -175,6 +186,9 @@ def best_so_far(trials: list[TrialRecord]) -> list[float | None]:
     return out
 
 
+MIN_PER_VALUE = 3  # completed trials a choice value needs before its mean is compared
+
+
 def parameter_effects(search: SearchConfig, state: SearchState) -> list[str]:
     """One insight per searched parameter, each with the numbers behind it.
 
@@ -194,12 +208,16 @@ def parameter_effects(search: SearchConfig, state: SearchState) -> list[str]:
                 groups.setdefault(t.parameters.get(name), []).append(t.eval_loss)
             parts = [
                 f"{fmt(v)}: mean {statistics.fmean(ls):.4f}, best {min(ls):.4f} (n={len(ls)})"
+                if len(ls) >= MIN_PER_VALUE
+                else f"{fmt(v)}: insufficient data (n={len(ls)})"
                 for v, ls in sorted(groups.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
             ]
-            best_value = min(groups, key=lambda v: statistics.fmean(groups[v])) if groups else None
+            # A mean of one or two noisy runs says little: only values with enough trials rank.
+            enough = {v: ls for v, ls in groups.items() if len(ls) >= MIN_PER_VALUE}
+            best_value = min(enough, key=lambda v: statistics.fmean(enough[v])) if enough else None
             lines.append(
                 f"- **{name}**: eval_loss by value: {'; '.join(parts)}."
-                + (f" Lowest mean at {fmt(best_value)}." if len(groups) > 1 else "")
+                + (f" Lowest mean at {fmt(best_value)}." if len(enough) > 1 else "")
             )
         else:
             xs = [float(v) for v in values]
