@@ -6,8 +6,11 @@ Rows are appended to the CSV as they finish, so an interrupted grid resumes wher
 
     python bench/grid.py                                  # 4 r x 4 alpha x 5 lr x 3 bs = 240 runs
     python bench/grid.py --limit 2 --out /tmp/grid.csv    # CI smoke size
+    python bench/grid.py --top 30 --seeds 1,2,3,4,5 --out bench/data/lora_grid_seeds.csv
 
 The committed table is bench/data/lora_grid.csv; bench/search_efficiency.py replays searches on it.
+With `--seeds`, the best `--top` points of that table (and the demo's baseline point) are trained
+again with each `train.seed` given: the replicated slice bench/noise.py replays with seed noise.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ GRID = {
 }
 EVAL_STEPS = (50, 100, 150)
 FIELDS = [*GRID, *(f"eval_loss@{s}" for s in EVAL_STEPS), "eval_loss", "train_seconds", "run_id"]
+SEED = "train.seed"
+BASELINE_POINT = (8, 16, 1e-3, 8)  # configs/demo-cpu.yaml's own values of the four keys
 
 
 def main() -> None:
@@ -49,10 +54,16 @@ def main() -> None:
         "small model, n processes with OMP_NUM_THREADS=1 beat one process with n threads.",
     )
     ap.add_argument("--merge", type=int, default=None, metavar="N", help="Merge <out>.0..N-1 into <out>.")
+    ap.add_argument("--seeds", default=None, help="Comma-separated train seeds: replicate the --top points.")
+    ap.add_argument("--top", type=int, default=30, help="With --seeds: the best N points of --grid.")
+    ap.add_argument("--grid", default=str(ROOT / "bench" / "data" / "lora_grid.csv"))
     args = ap.parse_args()
 
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    keys = [*GRID, SEED] if seeds else list(GRID)
+    fields = [*keys, *FIELDS[len(GRID) :]]
     if args.merge:
-        merge(Path(args.out), args.merge)
+        merge(Path(args.out), args.merge, keys, fields)
         return
     shard, n_shards = (int(x) for x in args.shard.split("/"))
     Path(args.store).parent.mkdir(parents=True, exist_ok=True)
@@ -70,18 +81,18 @@ def main() -> None:
     done = set()
     if out.exists():
         with out.open() as f:
-            done = {tuple(row[k] for k in GRID) for row in csv.DictReader(f)}
+            done = {tuple(row[k] for k in keys) for row in csv.DictReader(f)}
     else:
         with out.open("w", newline="") as f:
-            csv.DictWriter(f, FIELDS).writeheader()
+            csv.DictWriter(f, fields).writeheader()
 
-    points = list(itertools.product(*GRID.values()))[shard::n_shards]
+    points = (replicated(Path(args.grid), args.top, seeds) if seeds else all_points())[shard::n_shards]
     todo = [p for p in points if tuple(str(v) for v in p) not in done][: args.limit]
     print(f"grid: {len(points)} points, {len(done)} done, {len(todo)} to run")
     resources = Resources()
     t0 = time.monotonic()
     for i, values in enumerate(todo, 1):
-        params = dict(zip(GRID, values, strict=True))
+        params = dict(zip(keys, values, strict=True))
         result = run_trial(with_overrides(base, params), resources=resources, quiet=True)
         discard_local_adapter(result.adapter_dir)  # 240 adapters: they are on their runs
         evals = dict(result.evals)
@@ -93,7 +104,7 @@ def main() -> None:
             "run_id": result.run_id,
         }
         with out.open("a", newline="") as f:
-            csv.DictWriter(f, FIELDS).writerow(row)
+            csv.DictWriter(f, fields).writerow(row)
         eta = (time.monotonic() - t0) / i * (len(todo) - i)
         print(
             f"[{i}/{len(todo)}] {params} eval_loss {result.eval_loss:.4f} (ETA {eta / 60:.0f} min)",
@@ -101,16 +112,31 @@ def main() -> None:
         )
 
 
-def merge(out: Path, n_shards: int) -> None:
-    """Shards -> one CSV in grid order."""
+def all_points() -> list[tuple]:
+    return list(itertools.product(*GRID.values()))
+
+
+def replicated(grid: Path, top: int, seeds: list[int]) -> list[tuple]:
+    """The `top` best points of the grid table (by final eval loss) and the baseline point, each
+    with every seed: best point first, seeds in the order given."""
+    with grid.open() as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: float(r["eval_loss"]))
+    cast = (int, int, float, int)
+    points = [tuple(c(r[k]) for c, k in zip(cast, GRID, strict=True)) for r in rows[:top]]
+    if BASELINE_POINT not in points:
+        points.append(BASELINE_POINT)
+    return [(*p, seed) for p in points for seed in seeds]
+
+
+def merge(out: Path, n_shards: int, keys: list[str], fields: list[str]) -> None:
+    """Shards -> one CSV in grid order (by point, then seed)."""
     rows = []
     for i in range(n_shards):
         with Path(f"{out}.{i}").open() as f:
             rows += list(csv.DictReader(f))
-    order = {tuple(str(v) for v in p): i for i, p in enumerate(itertools.product(*GRID.values()))}
-    rows.sort(key=lambda r: order[tuple(r[k] for k in GRID)])
+    rows.sort(key=lambda r: tuple(float(r[k]) for k in keys))
     with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
+        w = csv.DictWriter(f, fields)
         w.writeheader()
         w.writerows(rows)
     print(f"{out}: {len(rows)} rows")

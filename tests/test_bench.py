@@ -162,3 +162,26 @@ def test_warm_start_replay_smoke(tmp_path):
     )
     assert lines[-1].startswith("warm / cold median trials to within 1% of the grid's best: ")
     assert float(lines[-1].split(": ")[1].split(";")[0]) > 0
+
+
+def test_noise_benchmark_smoke(tmp_path):
+    """Seed noise measured on real runs, and a replay of the demo search with noisy observations."""
+    lines = _bench(
+        ["bench/noise.py", "--part", "seeds", "--seeds", "1,2", "--set", "train.max_steps=6",
+         "--set", "train.eval_steps=3", "--set", "data.max_eval_examples=24"],
+        tmp_path,
+    )  # fmt: skip
+    assert sum(" seed " in line and "eval_loss" in line for line in lines) == 4
+    assert lines[-1].startswith("ratio sd(paired difference) / sd(baseline): ")
+    lines = _bench(
+        ["bench/noise.py", "--part", "replay", "--replays", "1", "--settings", "1x1", "--extra-trials", "1"],
+        tmp_path,
+    )
+    assert lines[0].startswith("grid: 240 points, 31 with seed replicates; pooled seed sd ")
+    rows = {
+        line.split()[0]: line.split()
+        for line in lines
+        if line.split() and line.split()[0] in ("none", "none+1", "1x1")
+    }
+    assert set(rows) == {"none", "none+1", "1x1"} and float(rows["1x1"][-1].rstrip("x")) > 1.0
+    assert lines[-1].startswith("ratio exact 1x1 / none: ")

@@ -1,0 +1,295 @@
+"""Seed noise and what replicates buy: measured runs, then searches replayed with noisy observations.
+
+Two parts (either alone with `--part`):
+
+- `seeds`: the baseline and one other configuration of a config, trained on several
+  `train.seed` values (nothing else changes): each one's spread, and the spread of their
+  difference paired by seed.
+
+      python bench/noise.py --part seeds --config configs/demo-cpu.yaml --seeds 42,1,2,3,4 \\
+          --other lora.r=32,lora.alpha=8,train.learning_rate=0.01,train.batch_size=16
+      python bench/noise.py --part seeds --config configs/smollm2-cpu.yaml --seeds 42,1,2,3,4 \\
+          --other lora.r=16,lora.alpha=32,train.learning_rate=1e-3
+
+- `replay`: the demo search (the pipeline's Ax setup, its 10 trials and baseline) replayed on the
+  grid of real runs (bench/data/lora_grid.csv) with noise: a configuration in the replicated
+  slice (bench/data/lora_grid_seeds.csv, its best points on 5 more seeds) is observed as one
+  of its seeds' runs drawn at random; any other point as its grid value plus the pooled seed
+  noise. A point's truth is the mean of all its seeds. For each replay seed, the same search is
+  judged without replicates (the best observed trial) and with each replicate setting
+  (`replicates.choose`, the pipeline's own choice: Ax's model-predicted best, then the best
+  observed, and the baseline, each on fresh seeds; the best fresh mean is recommended); the
+  search without replicates is also given the compute the replicates cost as extra trials.
+
+      python bench/noise.py --part replay --replays 20
+      python bench/noise.py --part replay --replays 1 --settings 1x1 --extra-trials 1   # CI smoke size
+      python bench/noise.py --part seeds --seeds 1,2 --set train.max_steps=6 --set train.eval_steps=3
+
+Reported: how often the recommendation is truly within 1 % of the truly best point, the
+winner's-curse bias (selection value minus truth; replicate mean minus truth), and compute
+relative to the search without replicates (each run costs its grid point's train_seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from pipeline.config import load_config, with_overrides  # noqa: E402
+
+KEYS = ["lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"]
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds
+
+
+def seeds_part(args: argparse.Namespace) -> None:
+    import os
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-noise-"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    from pipeline.resources import Resources
+    from pipeline.trial import discard_local_adapter, run_trial
+
+    base = with_overrides(
+        load_config(args.config),
+        {"search": None, "tracking.log_system_metrics": False, "train.output_dir": str(tmp / "out"),
+         "tracking.experiment_name": "bench-noise", "eval.generation_samples": 0},
+    )  # fmt: skip
+    base = with_overrides(base, dict(_pair(kv) for kv in args.overrides))
+    other = dict(_pair(kv) for kv in args.other.split(",")) if args.other else {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    resources = Resources()
+    losses: dict[str, list[float]] = {"baseline": [], "other": []}
+    for seed in seeds:
+        for label, values in (("baseline", {}), ("other", other)):
+            t0 = time.perf_counter()
+            r = run_trial(
+                with_overrides(base, {**values, "train.seed": seed}), resources=resources, quiet=True
+            )
+            discard_local_adapter(r.adapter_dir)
+            losses[label].append(r.eval_loss)
+            print(
+                f"{label:8s} seed {seed:3d}: eval_loss {r.eval_loss:.4f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    diff = [b - o for b, o in zip(losses["baseline"], losses["other"], strict=True)]
+    for label, v in losses.items():
+        print(f"{label}: mean {statistics.fmean(v):.4f}, sd {statistics.stdev(v):.4f} "
+              f"({100 * statistics.stdev(v) / statistics.fmean(v):.2f} % of the mean), range {min(v):.4f}-{max(v):.4f}")  # fmt: skip
+    print(
+        f"paired difference (baseline - other): mean {statistics.fmean(diff):.4f}, sd {statistics.stdev(diff):.4f}"
+    )
+    print(
+        f"ratio sd(paired difference) / sd(baseline): {statistics.stdev(diff) / statistics.stdev(losses['baseline']):.2f}"
+    )
+
+
+def _pair(kv: str) -> tuple[str, object]:
+    key, _, value = kv.partition("=")
+    try:
+        return key, int(value)
+    except ValueError:
+        return key, float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# replay
+
+
+class NoisyTable:
+    """The grid with seed noise: observations drawn from a point's seeds; truth = their mean."""
+
+    def __init__(self, grid: Path, seeds: Path):
+        from search_efficiency import Table
+
+        self.table = Table(grid)
+        self.runs: dict[tuple, list[float]] = {}
+        self.cost: dict[tuple, float] = {}
+        with grid.open() as f:
+            for row in csv.DictReader(f):
+                key = Table.key(row)
+                self.runs[key] = [float(row["eval_loss"])]
+                self.cost[key] = float(row["train_seconds"])
+        with seeds.open() as f:
+            for row in csv.DictReader(f):
+                self.runs[Table.key(row)].append(float(row["eval_loss"]))
+        groups = [v for v in self.runs.values() if len(v) >= 2]
+        self.replicated = len(groups)
+        self.noise = math.sqrt(
+            sum((len(v) - 1) * statistics.variance(v) for v in groups) / sum(len(v) - 1 for v in groups)
+        )
+        self.truth = {k: statistics.fmean(v) for k, v in self.runs.items()}
+        self.best = min(self.truth.values())
+
+    def key(self, params: dict) -> tuple:
+        return self.table.key(self.table.snap(params))
+
+    def draw(self, params: dict, rng: random.Random, exclude: list[float] | None = None) -> float:
+        """One run of the point: one of its measured seeds not yet used (then fresh noise)."""
+        runs = self.runs[self.key(params)]
+        left = [v for v in runs if v not in (exclude or [])] if len(runs) > 1 else []
+        if left:
+            return rng.choice(left)
+        return self.truth[self.key(params)] + rng.gauss(0.0, self.noise)
+
+
+def replay_part(args: argparse.Namespace) -> None:
+    from pipeline.search.replicates import choose
+    from pipeline.search.space import Optimizer, build_client
+    from pipeline.search.state import COMPLETED, BaselineRecord, SearchState, TrialRecord
+
+    noisy = NoisyTable(Path(args.table), Path(args.seeds_table))
+    config = load_config(args.config)
+    base_params = {k: v for k, v in zip(KEYS, (8, 16.0, 1e-3, 8), strict=True)}
+    settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
+    n_trials = config.search.n_trials
+    within = 1 + args.within
+    print(f"grid: {len(noisy.runs)} points, {noisy.replicated} with seed replicates; pooled seed sd {noisy.noise:.4f}; "
+          f"true best {noisy.best:.4f}; replays {args.replays}, {n_trials} trials each")  # fmt: skip
+    rows: dict[str, list[tuple[bool, float, float, bool, bool]]] = {}  # label -> judge()
+    extra = args.extra_trials
+    for replay in range(args.replays):
+        rng = random.Random(1000 + replay)
+        cfg = with_overrides(config, {"search.seed": replay})
+        opt = Optimizer(build_client(cfg.search, name=f"noise-{replay}"), cfg, echo=lambda m: None)
+        b_obs = noisy.draw(base_params, rng)
+        opt.attach_baseline(base_params, {"eval_loss": b_obs}, None)
+        state = SearchState("replay", n_trials)
+        state.baseline = BaselineRecord("b", base_params, b_obs, {"eval_loss": b_obs}, False, True)
+        cost0 = noisy.cost[noisy.key(base_params)]
+        costs: list[float] = []
+        picks: dict[str, tuple[dict[str, list[float]], float]] = {}
+        for _ in range(n_trials + extra):
+            index, params, _ = opt.ask_batch(1)[0]
+            value = noisy.draw(params, rng)
+            opt.complete(index, {"eval_loss": value}, 150, False)
+            state.trials.append(TrialRecord(index, dict(params), COMPLETED, f"r{index}", eval_loss=value,
+                                            metrics={"eval_loss": value}))  # fmt: skip
+            costs.append(noisy.cost[noisy.key(params)])
+            if len(state.trials) == n_trials:  # the search's end: its replicates, as the pipeline picks them
+                selection = list(state.trials)
+                base_cost = cost0 + sum(costs)
+                for top_k, s in settings:
+                    rcfg = with_overrides(
+                        cfg, {"search.replicates.top_k": top_k, "search.replicates.seeds": s}
+                    )
+                    picks[f"{top_k}x{s}"] = replicate(
+                        noisy, choose(rcfg, state, opt), state, b_obs, base_params, rng
+                    )
+
+        out = rows.setdefault("none", [])
+        out.append(judge(noisy, selection, 1.0, within))
+        for k in range(1, extra + 1):
+            extra_cost = sum(costs[n_trials : n_trials + k]) / base_cost
+            rows.setdefault(f"none+{k}", []).append(
+                judge(noisy, state.trials[: n_trials + k], 1 + extra_cost, within)
+            )
+        for label, (fresh, cost) in picks.items():
+            rows.setdefault(label, []).append(judge(noisy, selection, 1 + cost / base_cost, within, fresh))
+        print(f"replay {replay + 1}/{args.replays}: " + ", ".join(f"{k} {'best' if v[-1][4] else 'ok' if v[-1][0] else 'miss'}" for k, v in rows.items()), flush=True)  # fmt: skip
+    print_table(rows, args.within)
+
+
+def print_table(rows: dict[str, list[tuple]], within: float) -> None:
+    """One line per setting, then each setting's ratio against no replicates."""
+    print()
+    print(
+        f"{'setting':10s} {'right':>6s} {'exact':>6s} {'global':>7s} {'bias':>8s} {'bias sd':>8s} {'compute':>8s}"
+    )
+    for label, v in rows.items():
+        right = sum(r[0] for r in v) / len(v)
+        exact = sum(r[4] for r in v) / len(v)
+        overall = sum(r[3] for r in v) / len(v)
+        bias = [r[1] for r in v]
+        cost = statistics.fmean(r[2] for r in v)
+        print(
+            f"{label:10s} {right:6.0%} {exact:6.0%} {overall:7.0%} {statistics.fmean(bias):+8.4f} "
+            f"{statistics.stdev(bias) if len(bias) > 1 else 0:8.4f} {cost:7.2f}x"
+        )
+    print(
+        f"right: the recommendation is truly within {within:.0%} of the truly best configuration the "
+        "search tried; exact: it is that configuration; global: truly within "
+        f"{within:.0%} of the grid's best; bias: reported value minus truth (negative: optimistic)"
+    )
+    none = rows["none"]
+    for label, v in rows.items():
+        if label != "none":
+            print(
+                f"ratio exact {label} / none: {sum(r[4] for r in v) / max(1, sum(r[4] for r in none)):.2f}x "
+                f"at {statistics.fmean(r[2] for r in v):.2f}x the compute"
+            )
+
+
+def judge(noisy: NoisyTable, trials: list, cost: float, within: float, fresh: dict | None = None) -> tuple:
+    """(truly within `within` of the truly best configuration the search tried?, reported value
+    minus truth, relative compute, truly within `within` of the grid's best?, the truly best
+    configuration tried itself?) of a recommendation: the best fresh mean with replicates, else
+    the best observed trial."""
+    if fresh:
+        key = min(fresh, key=lambda k: statistics.fmean(fresh[k]))
+        pick = next(t for t in trials if str(t.index) == key)
+        value = statistics.fmean(fresh[key])
+    else:
+        pick = min(trials, key=lambda t: t.eval_loss)
+        value = pick.eval_loss
+    truth = noisy.truth[noisy.key(pick.parameters)]
+    tried = min(noisy.truth[noisy.key(t.parameters)] for t in trials)
+    return truth <= tried * within, value - truth, cost, truth <= noisy.best * within, truth == tried
+
+
+def replicate(noisy: NoisyTable, records: list, state, b_obs: float, base_params: dict, rng: random.Random):
+    """Draw each replicate's run (a seed its configuration has not used yet); the fresh values of
+    each replicated configuration (the baseline's left out: it is not a candidate) and their cost."""
+    fresh: dict[str, list[float]] = {}
+    cost = 0.0
+    for r in records:
+        params = base_params if r.of == "baseline" else r.parameters
+        first = b_obs if r.of == "baseline" else state.record(int(r.of)).eval_loss
+        fresh.setdefault(r.of, [])
+        fresh[r.of].append(noisy.draw(params, rng, exclude=[first, *fresh[r.of]]))
+        cost += noisy.cost[noisy.key(params)]
+    fresh.pop("baseline", None)
+    return fresh, cost
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["seeds", "replay", "all"], default="all")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo-cpu.yaml"))
+    ap.add_argument("--seeds", default="42,1,2,3,4", help="seeds: train seeds.")
+    ap.add_argument("--other", default="lora.r=32,lora.alpha=8,train.learning_rate=0.01,train.batch_size=16")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="seeds: key=value (repeatable)."
+    )
+    ap.add_argument("--table", default=str(ROOT / "bench" / "data" / "lora_grid.csv"))
+    ap.add_argument("--seeds-table", default=str(ROOT / "bench" / "data" / "lora_grid_seeds.csv"))
+    ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument(
+        "--settings", default="1x1,1x2,2x1,2x2,3x2", help="replay: top_k x seeds, comma-separated."
+    )
+    ap.add_argument(
+        "--extra-trials", type=int, default=4, help="replay: trials added to the no-replicate search."
+    )
+    ap.add_argument("--within", type=float, default=0.01)
+    args = ap.parse_args()
+    if args.part in ("seeds", "all"):
+        seeds_part(args)
+    if args.part in ("replay", "all"):
+        replay_part(args)
+
+
+if __name__ == "__main__":
+    main()
