@@ -46,6 +46,10 @@ def summarize(state: dict[str, Any], versions: dict[str, str], cpu_kernels: str)
             }
             for t in state["trials"]
         ],
+        "replicates": [
+            {"of": r["of"], "seed": r["seed"], "status": r["status"], "eval_loss": r["eval_loss"]}
+            for r in state.get("replicates") or []
+        ],
     }
 
 
@@ -69,6 +73,9 @@ def differences(expected: dict[str, Any], got: dict[str, Any], trials: int | Non
         for key in ("generation_method", "parameters", "status", "eval_loss", "evals"):
             if _plain(a[key]) != _plain(b[key]):
                 out.append(f"trial {a['index']} {key}: example {a[key]} != rerun {b[key]}")
+    # Which configurations are replicated follows the model-based trials: compared with them.
+    if trials is None and _plain(expected.get("replicates", [])) != _plain(got.get("replicates", [])):
+        out.append(f"replicates: example {expected.get('replicates')} != rerun {got.get('replicates')}")
     return out
 
 

@@ -48,8 +48,10 @@ def test_readme_main_job_reproduces_the_committed_example(tmp_path, capsys):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.splitlines()
     assert lines[0].startswith("search run ") and "continue it with --resume" in lines[0]
-    progress = [line for line in lines if line.startswith("[")]
+    progress = [line for line in lines if line.startswith("[") and not line.startswith("[replicate")]
     assert len(progress) == 10 and "best" in progress[-1] and "ETA" in progress[-1]
+    replicates = [line for line in lines if line.startswith("[replicate ")]
+    assert len(replicates) == 6 and replicates[-1].startswith("[replicate 6/6] replicate of ")
     _check_what_mlflow_holds(env["MLFLOW_TRACKING_URI"], tmp_path)
 
     expected = json.loads(EXAMPLE.read_text())
@@ -83,8 +85,14 @@ def _check_what_mlflow_holds(uri: str, tmp_path: Path) -> None:
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH]
     assert parent.info.status == "FINISHED"
-    kids = children(parent.info.run_id)
+    everything = children(parent.info.run_id)
+    # The demo's seed replicates: the 2 configurations chosen and the baseline, on seeds 43 and 44.
+    replicates = [r for r in everything if names.TRIAL_REPLICATE_OF in r.data.tags]
+    kids = [r for r in everything if names.TRIAL_REPLICATE_OF not in r.data.tags]
     assert sorted(r.data.tags[names.ROLE] for r in kids) == ["baseline"] + ["trial"] * 10
+    assert len(replicates) == 6 and all(r.info.status == "FINISHED" for r in replicates)
+    assert sorted(r.data.tags[names.TRIAL_REPLICATE_SEED] for r in replicates) == ["43"] * 3 + ["44"] * 3
+    assert sum(r.data.tags[names.TRIAL_REPLICATE_OF] == "baseline" for r in replicates) == 2
     trials = [r for r in kids if r.data.tags[names.ROLE] == "trial"]
     for r in trials:
         assert r.info.status == "FINISHED"
@@ -112,20 +120,27 @@ def _check_what_mlflow_holds(uri: str, tmp_path: Path) -> None:
     ).read_text()
     nums = summary_numbers(report)
     baseline = next(r for r in kids if r.data.tags[names.ROLE] == "baseline")
-    scored = [r for r in trials if r.data.tags[names.TRIAL_STATUS] == "completed"]
-    best = min(scored, key=lambda r: r.data.metrics[names.EVAL_LOSS])
+    # The recommendation: a replicated trial (the best mean over its fresh seeds).
+    replicated = {r.data.tags[names.TRIAL_REPLICATE_OF] for r in replicates} - {"baseline"}
+    best = next(r for r in trials if r.info.run_id == parent.data.tags[names.SEARCH_BEST_RUN])
+    assert best.data.tags[names.AX_TRIAL_INDEX] in replicated
     base_loss, best_loss = baseline.data.metrics[names.EVAL_LOSS], best.data.metrics[names.EVAL_LOSS]
     assert nums["Baseline eval_loss"] == f"{base_loss:.4f}"
-    assert nums["Best eval_loss"].startswith(
-        f"{best_loss:.4f} (trial {best.data.tags[names.AX_TRIAL_INDEX]})"
+    assert nums["Recommended eval_loss"].startswith(
+        f"{best_loss:.4f} (trial {best.data.tags[names.AX_TRIAL_INDEX]}"
     )
     improvement = 100 * (base_loss - best_loss) / base_loss
-    assert nums["Improvement"] == f"{improvement:.1f}%"
+    m = parent.data.metrics
+    low, estimate, high = m[names.IMPROVEMENT_CI_LOW], m[names.IMPROVEMENT_PCT], m[names.IMPROVEMENT_CI_HIGH]
+    assert nums["Improvement"] == (
+        f"eval_loss: {estimate:.1f} % (95 % CI {low:.1f} to {high:.1f} %, 2 seeds, paired by seed, "
+        f"paired on 200 eval examples); single-run {improvement:.1f} %"
+    )
     n_stopped = sum(r.data.tags[names.TRIAL_STATUS] == "early_stopped" for r in trials)
     assert nums["Trials"].startswith(f"10: {10 - n_stopped} completed, {n_stopped} early-stopped, 0 failed")
     assert parent.data.metrics[names.BEST_EVAL_LOSS] == pytest.approx(best_loss)
     assert parent.data.metrics[names.BASELINE_EVAL_LOSS] == pytest.approx(base_loss)
-    assert parent.data.metrics[names.IMPROVEMENT_PCT] == pytest.approx(improvement)
+    assert parent.data.metrics[names.IMPROVEMENT_SINGLE_RUN_PCT] == pytest.approx(improvement)
     trace = client.get_metric_history(parent.info.run_id, names.BEST_EVAL_LOSS)
     assert [m.step for m in trace] == [*range(1, 11), 10]  # one per trial, then the final summary
     for run_id in [r.info.run_id for r in kids]:
@@ -152,3 +167,10 @@ def _check_what_mlflow_holds(uri: str, tmp_path: Path) -> None:
     assert mv.tags["search_run_id"] == parent.info.run_id
     assert float(mv.tags["eval_loss"]) == pytest.approx(best_loss, abs=1e-6)
     assert "improvement_pct" in mv.tags and "lora:" in (mv.description or "")
+    # The version states its interval against the baseline and the rule that decided the alias.
+    assert mv.tags[names.VERSION_IMPROVEMENT_CI].startswith(f"{low:.2f} to {high:.2f} % (2 seeds")
+    assert mv.tags[names.VERSION_PROMOTION_RULE].startswith("champion moves when the lower bound")
+    assert (
+        "| promotion rule |" in mv.description
+        and "**Promotion**: promoted: no champion yet" in mv.description
+    )
