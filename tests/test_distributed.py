@@ -426,7 +426,17 @@ def test_mlflow_run_search_with_two_ray_workers_on_sqlite(tmp_path):
         "search",
         "dist-e2e",
         "n_trials=4",
-        "set=" + _overrides(tmp_path, **{"search.early_stopping.enabled": False, "train.max_steps": 8}),
+        "set="
+        + _overrides(
+            tmp_path,
+            **{
+                "search.early_stopping.enabled": False,
+                "train.max_steps": 8,
+                # One seed replicate of the best configuration and of the baseline: on the workers too.
+                "search.replicates.top_k": 1,
+                "search.replicates.seeds": 1,
+            },
+        ),
     )
     env = _env(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
@@ -434,7 +444,11 @@ def test_mlflow_run_search_with_two_ray_workers_on_sqlite(tmp_path):
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = _runs(client, "dist-e2e")
     parent = _parent(runs)
-    trials = _trials(runs)
+    replicates = [r for r in runs if names.TRIAL_REPLICATE_OF in r.data.tags]
+    assert len(replicates) == 2 and all(r.info.status == "FINISHED" for r in replicates)
+    assert all(r.data.tags[names.TRIAL_WORKER] in ("w1", "w2") for r in replicates)
+    assert "baseline" in {r.data.tags[names.TRIAL_REPLICATE_OF] for r in replicates}
+    trials = [r for r in _trials(runs) if names.TRIAL_REPLICATE_OF not in r.data.tags]
     assert parent.info.status == "FINISHED" and len(trials) == 4
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
     assert {r.data.tags[names.TRIAL_WORKER] for r in trials} == {"w1", "w2"}
