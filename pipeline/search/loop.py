@@ -214,13 +214,12 @@ class Search:
 
     def _replicate(self) -> None:
         """The seed replicates (`search.replicates`), then their means and sems to Ax."""
-        spent = replicates.replicate(
-            self.config, self.state, self.optimizer, self.parent_run.run_id, self.executor,
-            self.started, self.clock, self._budget_spent, self._save, self._echo, self.timer,
-        )  # fmt: skip
-        if spent:
-            self.state.stop_reason = f"{spent} (during the seed replicates)"
-            self._echo(f"stopping: {self.state.stop_reason}")
+        runner = replicates.Runner(
+            self.executor, self.started, self.clock, self._budget_spent, self._save, self._echo
+        )
+        replicates.replicate(
+            self.config, self.state, self.optimizer, self.parent_run.run_id, runner, self.timer
+        )
         self._save()
 
     def _fill(self) -> None:

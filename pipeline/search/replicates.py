@@ -19,6 +19,7 @@ next proposals) see the noise.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import names
@@ -86,55 +87,58 @@ def job(record: ReplicateRecord, number: int, base: PipelineConfig, parent_run_i
     return TrialJob(-2 - number, base, parameters, RunSpec(role, name, parent_run_id, tags))
 
 
+@dataclass
+class Runner:
+    """What running replicates takes from the search: its executor, the clock of its running
+    jobs (`started`, which the device budget counts), its budget check, and how it saves the
+    records and prints progress."""
+
+    executor: Executor
+    started: dict[int, float]
+    clock: Callable[[], float]
+    budget_spent: Callable[[], str | None]
+    save: Callable[[], None]
+    echo: Callable[[str], None]
+
+
 def replicate(
     config: PipelineConfig,
     state: SearchState,
     optimizer: Optimizer,
     parent_run_id: str,
-    executor: Executor,
-    started: dict[int, float],
-    clock: Callable[[], float],
-    budget_spent: Callable[[], str | None],
-    save: Callable[[], None],
-    echo: Callable[[str], None],
+    runner: Runner,
     timer: PhaseTimer,
-) -> str | None:
+) -> None:
     """Choose the replicates (once: a resumed search keeps its choice), run those not done, give
-    Ax the results. Returns why they stopped early (a spent budget), or None."""
+    Ax the results. A budget spent on the way stops them: `state.stop_reason` says so."""
     if state.replicates is None:
         with timer.phase("ax"):
             state.replicates = choose(config, state, optimizer)
-        save()
+        runner.save()
         chosen = dict.fromkeys(f"{r.of} ({r.chosen_by})" for r in state.replicates)
         seeds = ", ".join(map(str, replicate_seeds(config)))
-        echo(f"replicates: {', '.join(chosen)} on seeds {seeds}")
+        runner.echo(f"replicates: {', '.join(chosen)} on seeds {seeds}")
     base = config.model_copy(update={"search": None})
     with timer.phase("trials"):
-        spent = run(state.replicates, base, parent_run_id, executor, started, clock, budget_spent, save, echo)
+        spent = run(state.replicates, base, parent_run_id, runner)
+    if spent:
+        state.stop_reason = f"{spent} (during the seed replicates)"
+        runner.echo(f"stopping: {state.stop_reason}")
     with timer.phase("ax"):
         tell_ax(config, state, optimizer)
-    return spent
 
 
 def run(
-    records: list[ReplicateRecord],
-    base: PipelineConfig,
-    parent_run_id: str,
-    executor: Executor,
-    started: dict[int, float],
-    clock: Callable[[], float],
-    budget_spent: Callable[[], str | None],
-    save: Callable[[], None],
-    echo: Callable[[str], None],
+    records: list[ReplicateRecord], base: PipelineConfig, parent_run_id: str, runner: Runner
 ) -> str | None:
-    """Run every replicate not yet done, as many at once as the executor takes. Returns why it
-    stopped early (a spent budget), or None when all ran. `started` is the search's clock of
-    running jobs (the device budget counts them); `save` keeps the records after each one."""
+    """Run every replicate not yet done, as many at once as the executor takes; save the records
+    after each one. Returns why it stopped early (a spent budget), or None when all ran."""
+    executor, started, clock = runner.executor, runner.started, runner.clock
     todo = [(i, r) for i, r in enumerate(records) if not r.done]
     pending: dict[int, ReplicateRecord] = {}
     total, done = len(records), len(records) - len(todo)
     while todo or pending:
-        spent = budget_spent()
+        spent = runner.budget_spent()
         if spent and not pending:
             return spent
         while todo and not spent and executor.idle() > 0:
@@ -142,7 +146,7 @@ def run(
             record.status, record.run_id = RUNNING, None
             j = job(record, number, base, parent_run_id)
             pending[j.index], started[j.index] = record, clock()
-            save()
+            runner.save()
             executor.submit(j, None)
         if not pending:
             continue
@@ -152,8 +156,8 @@ def run(
         _record(record, outcome)
         done += 1
         value = f"eval_loss {record.eval_loss:.4f}" if record.eval_loss is not None else record.status
-        echo(f"[replicate {done}/{total}] {outcome.job.spec.name} | {value}")
-        save()
+        runner.echo(f"[replicate {done}/{total}] {outcome.job.spec.name} | {value}")
+        runner.save()
         if record.status == KILLED:
             raise outcome.error if isinstance(outcome.error, KeyboardInterrupt) else KeyboardInterrupt()
     return None
