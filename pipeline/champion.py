@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import lmeval, names
 from pipeline.config import PipelineConfig
-from pipeline.stats import ExampleScores, Interval, NotComparable, from_stderr, improvement
+from pipeline.stats import SCALAR, ExampleScores, Interval, NotComparable, from_stderr, improvement
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,11 @@ class Rule:
     min_improvement: float = 0.0
     confidence: float = 0.95
 
+    @classmethod
+    def of(cls, config: PipelineConfig) -> Rule:
+        """The rule `config.registry` sets."""
+        return cls(config.registry.min_improvement, config.registry.confidence)
+
     def text(self) -> str:
         return (
             f"champion moves when the lower bound of the {self.confidence:.0%} CI of the improvement "
@@ -187,7 +192,7 @@ def _interval(
     """The candidate's improvement over the champion, or None and why not."""
     if not candidate.scores:
         return None, "" if champion_scores is None else "no per-example scores for this version"
-    if candidate.scores[0].ids == ("*",) and len(candidate.scores) == 1:
+    if candidate.scores[0].ids == SCALAR and len(candidate.scores) == 1:
         se = champion.tags.get(names.VERSION_OBJECTIVE_STDERR)
         if candidate.stderr is None or se is None:
             return None, "one run each and no stderr"

@@ -178,7 +178,7 @@ def run_retrain(
         held = tracking.example_scores(result.run_id, offer.objective)
         offer = replace(offer, scores=(held,) if held is not None else ())
         scores = tracking.example_scores(result.run_id)
-        rule = registry.Rule(config.registry.min_improvement, config.registry.confidence)
+        rule = registry.Rule.of(config)
         same_eval = baseline is not None and baseline.eval_fingerprint == result.eval_fingerprint
         versus = intervals(scores, {"baseline": baseline, "search best": best}, rule.confidence)
         promotion = registry.promote(

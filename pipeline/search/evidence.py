@@ -22,7 +22,15 @@ from pipeline import names
 from pipeline.config import PipelineConfig
 from pipeline.search.replicates import BASELINE
 from pipeline.search.state import COMPLETED, SearchState, TrialRecord
-from pipeline.stats import ExampleScores, Interval, NotComparable, from_stderr, improvement, scalar_scores
+from pipeline.stats import (
+    SCALAR,
+    ExampleScores,
+    Interval,
+    NotComparable,
+    from_stderr,
+    improvement,
+    scalar_scores,
+)
 
 Fetch = Callable[[str, str], ExampleScores | None]  # (run id, metric) -> its per-example scores
 
@@ -183,7 +191,7 @@ def _interval(
     metric, conf = objective.metric, config.registry.confidence
     se = f"{metric}_stderr"
     single = len(cand) == 1 and len(ref) == 1
-    if single and cand[0].ids == ("*",) and se in cand_metrics and se in ref_metrics:
+    if single and cand[0].ids == SCALAR and se in cand_metrics and se in ref_metrics:
         return from_stderr(
             cand_metrics[metric],
             cand_metrics[se],
@@ -192,7 +200,7 @@ def _interval(
             objective.minimize,
             conf,
         )
-    if single and cand[0].ids == ("*",):
+    if single and cand[0].ids == SCALAR:
         notes.append(f"no interval: one run per side and no per-example scores or stderr of {metric}")
         return None
     try:

@@ -153,16 +153,11 @@ def promote(
                 search_run_id=run.run_id,
                 improvement_pct=summary.get(names.IMPROVEMENT_PCT),
                 interval=interval,
-                rule=rule(config),
+                rule=registry.Rule.of(config),
             ),
-            rule=rule(config),
+            rule=registry.Rule.of(config),
         )
     except Exception as e:
         message = f"registration failed, nothing registered: {type(e).__name__}: {e}"
         run.set_tags({names.ERROR: message[:500]})
         return registry.Promotion(config.registry.model_name, "", False, message)
-
-
-def rule(config: PipelineConfig) -> registry.Rule:
-    """The promotion rule of `config.registry`."""
-    return registry.Rule(config.registry.min_improvement, config.registry.confidence)
