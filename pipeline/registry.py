@@ -126,10 +126,6 @@ def promote(
     `allow_duplicate`.
     """
     client = MlflowClient()
-    champion = _champion(client, model_name)
-    held = champion_scores(champion, candidate.objective) if champion is not None else None
-    verdict = judge(candidate, champion, held, rule)
-    promoted, reason = verdict.promote, verdict.reason
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = candidate.adapter_dir
         if adapter_dir is None or not (Path(adapter_dir) / names.BASE_REFERENCE_FILE).is_file():
@@ -137,46 +133,26 @@ def promote(
                 run_id=candidate.run_id, artifact_path=names.ADAPTER_DIR, dst_path=tmp
             )
         sha = adapter_sha256(adapter_dir)
-        if not allow_duplicate:
-            for mv in _versions(client, model_name):
-                if mv.tags.get(names.VERSION_ADAPTER_SHA) == sha:
-                    return Promotion(
-                        model_name,
-                        mv.version,
-                        False,
-                        f"{model_name} v{mv.version} already holds this adapter (sha {sha}); no new version",
-                        duplicate=True,
-                    )
+        twin = None if allow_duplicate else _holding(client, model_name, sha)
+        if twin is not None:
+            return Promotion(
+                model_name,
+                twin.version,
+                False,
+                f"{model_name} v{twin.version} already holds this adapter (sha {sha}); no new version",
+                duplicate=True,
+            )
         base = json.loads((Path(adapter_dir) / names.BASE_REFERENCE_FILE).read_text())
-        # mlflow.pyfunc.log_model, without serving the input example to check it (see _Pyfunc).
-        info = Model.log(
-            None,
-            _Pyfunc,
-            name=names.MODEL_ARTIFACT,
-            flavor_name="pyfunc.ModelFromCode",
-            validate_serving_input=False,
-            python_model=str(Path(__file__)),
-            artifacts={"adapter": str(adapter_dir)},
-            code_paths=[str(PACKAGE_DIR)],
-            pip_requirements=model_requirements(),
-            signature=SIGNATURE,
-            input_example=EXAMPLE,
-        )
+        info = _log_model(adapter_dir)
+    # Judged after the duplicate check: the champion's scores are downloads a duplicate never needs.
+    champion = _champion(client, model_name)
+    held = champion_scores(champion, candidate.objective) if champion is not None else None
+    verdict = judge(candidate, champion, held, rule)
+    promoted, reason = verdict.promote, verdict.reason
     version_tags = _version_tags(candidate, sha, base, rule, verdict, champion, tags or {})
     decision = f"**Promotion**: {'promoted' if promoted else 'not promoted'}: {reason}."
     description = description.replace("\n\n**Config**", f"\n\n{decision}\n\n**Config**", 1)
-    mv = None
-    try:
-        mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
-        client.update_model_version(model_name, mv.version, description=description[:5000])
-        if promoted:
-            if champion is not None:
-                client.set_registered_model_alias(model_name, names.PREVIOUS_ALIAS, champion.version)
-            client.set_registered_model_alias(model_name, names.CHAMPION_ALIAS, mv.version)
-    except BaseException:
-        if mv is not None:  # nothing half-written: no version without its tags and alias decision
-            client.delete_model_version(model_name, mv.version)
-        raise
+    mv = _register(client, model_name, info.model_uri, version_tags, description, promoted, champion)
     message = f"{model_name} v{mv.version} registered; " + (
         f"alias {names.CHAMPION_ALIAS} moved to it ({reason})" if promoted else f"not promoted: {reason}"
     )
@@ -190,6 +166,58 @@ def promote(
         if champion and names.VERSION_EVAL_LOSS in champion.tags
         else None,
         interval=verdict.interval,
+    )
+
+
+def _register(
+    client: MlflowClient,
+    model_name: str,
+    model_uri: str,
+    tags: dict[str, str],
+    description: str,
+    promoted: bool,
+    champion: VersionRecord | None,
+) -> Any:
+    """The new version with its tags and description; when `promoted`, `champion` moves to it and
+    the version it replaces keeps `previous`. A failure deletes the half-made version: none
+    exists without its tags and alias decision."""
+    mv = None
+    try:
+        mv = mlflow.register_model(model_uri, model_name, tags=tags)
+        client.update_model_version(model_name, mv.version, description=description[:5000])
+        if promoted:
+            if champion is not None:
+                client.set_registered_model_alias(model_name, names.PREVIOUS_ALIAS, champion.version)
+            client.set_registered_model_alias(model_name, names.CHAMPION_ALIAS, mv.version)
+    except BaseException:
+        if mv is not None:
+            client.delete_model_version(model_name, mv.version)
+        raise
+    return mv
+
+
+def _holding(client: MlflowClient, model_name: str, sha: str) -> VersionRecord | None:
+    """The version of `model_name` whose adapter has these weights, if any."""
+    return next(
+        (mv for mv in _versions(client, model_name) if mv.tags.get(names.VERSION_ADAPTER_SHA) == sha), None
+    )
+
+
+def _log_model(adapter_dir: str | Path) -> Any:
+    """Log the adapter as a pyfunc model from code into the active run; its ModelInfo.
+    mlflow.pyfunc.log_model, without serving the input example to check it (see _Pyfunc)."""
+    return Model.log(
+        None,
+        _Pyfunc,
+        name=names.MODEL_ARTIFACT,
+        flavor_name="pyfunc.ModelFromCode",
+        validate_serving_input=False,
+        python_model=str(Path(__file__)),
+        artifacts={"adapter": str(adapter_dir)},
+        code_paths=[str(PACKAGE_DIR)],
+        pip_requirements=model_requirements(),
+        signature=SIGNATURE,
+        input_example=EXAMPLE,
     )
 
 
