@@ -95,6 +95,10 @@ def test_search_then_retrain_through_mlflow_run(searched, tmp_path):
         assert float(loss) == pytest.approx(r.data.metrics[names.EVAL_LOSS], abs=5e-5)
         assert float(rouge) == pytest.approx(r.data.metrics["eval_rougeL"], abs=5e-5)
     assert "same eval data" in report and "| yes |" in report
+    # Each comparison with its paired interval (one seed each: the eval set's noise only).
+    for label in ("search best", "baseline"):
+        line = next(x for x in report.splitlines() if x.startswith(f"Retrained vs {label}: eval_loss "))
+        assert " Improvement " in line and "(95 % CI " in line and "seed noise not measured" in line
     plots = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, names.REPORT_DIR)}
     assert plots[f"{names.REPORT_DIR}/retrain_eval_loss.png"] > 10_000
 

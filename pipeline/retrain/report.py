@@ -79,20 +79,15 @@ def write_retrain_report(ctx: RetrainContext, out_dir: Path) -> Path:
             f"| {row.label} | `{row.run_id}` | {m.get(names.EVAL_LOSS):.4f} | "
             f"{m.get(names.EVAL_PERPLEXITY, math.nan):.3f} | {m.get(gen, math.nan):.4f} | {same} |"
         )
-    base = next((r.metrics for r in ctx.rows if r.label == "baseline" and r.run_id), None)
-    best = next((r.metrics for r in ctx.rows if r.label == "search best" and r.run_id), None)
     final = mine.metrics
     md.append("")
-    if best and names.EVAL_LOSS in best:
-        md.append(
-            f"Retrained vs search best: eval_loss {pct(final[names.EVAL_LOSS], best[names.EVAL_LOSS])}."
-            + ctx.versus("search best")
-        )
-    if base and names.EVAL_LOSS in base:
-        md.append(
-            f"Retrained vs baseline: eval_loss {pct(final[names.EVAL_LOSS], base[names.EVAL_LOSS])}."
-            + ctx.versus("baseline")
-        )
+    for label in ("search best", "baseline"):
+        other = next((r.metrics for r in ctx.rows if r.label == label and r.run_id), None)
+        if other and names.EVAL_LOSS in other:
+            md.append(
+                f"Retrained vs {label}: eval_loss {pct(final[names.EVAL_LOSS], other[names.EVAL_LOSS])}."
+                + ctx.versus(label)
+            )
     if ctx.best_step is not None:
         md.append(
             f"The best evaluation was at step {ctx.best_step} (epoch {ctx.best_step / ctx.steps_per_epoch:.2f}); "
@@ -102,7 +97,12 @@ def write_retrain_report(ctx: RetrainContext, out_dir: Path) -> Path:
         md += ["", "## Registry", "", ctx.promotion + "."]
     md += ["", "## Eval loss over epochs", "", f"![Eval loss over epochs]({names.RETRAIN_PLOT_FILE})", ""]
     (out_dir / names.RETRAIN_REPORT_FILE).write_text("\n".join(md))
+    _plot_evals(ctx, out_dir / names.RETRAIN_PLOT_FILE)
+    return out_dir / names.RETRAIN_REPORT_FILE
 
+
+def _plot_evals(ctx: RetrainContext, path: Path) -> None:
+    """The retrain's eval loss over epochs, its restored best, the baseline and search best."""
     fig, ax = plt.subplots(figsize=(7, 4))
     if ctx.evals:
         steps, losses = zip(*ctx.evals, strict=True)
@@ -132,5 +132,4 @@ def write_retrain_report(ctx: RetrainContext, out_dir: Path) -> Path:
     ax.set_ylabel("eval_loss")
     ax.set_title("Retrain: eval loss over epochs")
     ax.legend(fontsize=8)
-    save(fig, out_dir / names.RETRAIN_PLOT_FILE)
-    return out_dir / names.RETRAIN_REPORT_FILE
+    save(fig, path)
