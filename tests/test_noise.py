@@ -166,21 +166,26 @@ def test_a_point_win_inside_the_noise_does_not_move_the_champion(tiny_config):
     assert str(client.get_model_version_by_alias("gate", names.CHAMPION_ALIAS).version) == third.version
 
 
+def _replicated_search(tmp_path, n_trials: int, model: str, **extra):
+    """A tiny demo search that replicates its best configuration and the baseline on 2 seeds."""
+    values = {
+        "search.n_trials": n_trials,
+        "search.output_dir": str(tmp_path / "search"),
+        "search.early_stopping.enabled": False,
+        "search.replicates.top_k": 1,
+        "search.replicates.seeds": 2,
+        "registry.model_name": model,
+        **extra,
+    }
+    return load_config(DEMO_CONFIG, tiny_overrides(tmp_path, **values))
+
+
 def test_replicates_are_tagged_told_to_ax_and_decide(tmp_path, capsys):
     """A search with replicates: the chosen configuration and the baseline on two fresh seeds,
     nested and tagged, not counted as trials; Ax gets (mean, sem) for them and the pooled seed
     noise for the rest; the report's improvement carries a CI and the single-run value; the
     registered version states the interval and the rule."""
-    values = {
-        "search.n_trials": 3,
-        "search.output_dir": str(tmp_path / "search"),
-        "search.early_stopping.enabled": False,
-        "search.replicates.top_k": 1,
-        "search.replicates.seeds": 2,
-        "train.eval_steps": 4,
-        "registry.model_name": "noise",
-    }
-    config = load_config(DEMO_CONFIG, tiny_overrides(tmp_path, **values))
+    config = _replicated_search(tmp_path, 3, "noise", **{"train.eval_steps": 4})
     result = run_search(config, quiet=True)
     runs = tracking.children_of(result.parent_run_id)
     reps = [r for r in runs if names.TRIAL_REPLICATE_OF in r.tags]
@@ -232,15 +237,7 @@ def test_replicates_resume_after_an_interruption(tmp_path, monkeypatch):
     resumed search runs only those that did not end (each configuration and seed once)."""
     from pipeline.search import executor
 
-    values = {
-        "search.n_trials": 2,
-        "search.output_dir": str(tmp_path / "search"),
-        "search.early_stopping.enabled": False,
-        "search.replicates.top_k": 1,
-        "search.replicates.seeds": 2,
-        "registry.model_name": "noise-resume",
-    }
-    config = load_config(DEMO_CONFIG, tiny_overrides(tmp_path, **values))
+    config = _replicated_search(tmp_path, 2, "noise-resume")
     real = executor.run_trial
     seen: list[int] = []
 
