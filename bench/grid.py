@@ -24,7 +24,8 @@ from pathlib import Path
 
 from pipeline.config import load_config, with_overrides
 from pipeline.resources import Resources
-from pipeline.trial import discard_local_adapter, run_trial
+from pipeline.serving import discard_local_adapter
+from pipeline.trial import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo search space (configs/demo-cpu.yaml); the learning rate, a log range there, on 5

@@ -61,7 +61,8 @@ def seeds_part(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-noise-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
     from pipeline.resources import Resources
-    from pipeline.trial import discard_local_adapter, run_trial
+    from pipeline.serving import discard_local_adapter
+    from pipeline.trial import run_trial
 
     base = with_overrides(
         load_config(args.config),
@@ -147,9 +148,9 @@ class NoisyTable:
 
 
 def replay_part(args: argparse.Namespace) -> None:
+    from pipeline.search.journal import COMPLETED, BaselineRecord, SearchState, TrialRecord
     from pipeline.search.replicates import choose
     from pipeline.search.space import Optimizer, build_client
-    from pipeline.search.state import COMPLETED, BaselineRecord, SearchState, TrialRecord
 
     noisy = NoisyTable(Path(args.table), Path(args.seeds_table))
     config = load_config(args.config)

@@ -28,7 +28,7 @@ from pipeline.data import IGNORE_INDEX, PreparedData
 from pipeline.device import DevicePlan
 from pipeline.metrics import eval_loss
 from pipeline.model import BaseModel, attach_lora
-from pipeline.train import TrainJob, train
+from pipeline.train import TrainInputs, train
 
 
 @dataclass
@@ -117,7 +117,7 @@ def pipeline_run(
 ) -> Measured:
     """The pipeline's own training path (`train.train`, as `run_trial` calls it)."""
     model = attach_lora(base.model, config.lora, config.train.seed)
-    _, outcome = train(model, TrainJob(config, plan, tok, data, quiet=True), sink=lambda m, s: None)
+    _, outcome = train(model, TrainInputs(config, plan, tok, data, quiet=True), sink=lambda m, s: None)
     return Measured(outcome.tokens_per_second, outcome.eval_loss, outcome.tokens, outcome.step_seconds)
 
 

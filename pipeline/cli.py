@@ -7,13 +7,12 @@ that fails at run time (NaN loss) exits with code 1.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from pipeline import console, names
+from pipeline import console, names, outer_run
 from pipeline.config import load_config, to_yaml
 from pipeline.errors import USER_ERROR_EXIT_CODE, PipelineError, SearchFinished, TrialFailed
 from pipeline.inputs import check_inputs
@@ -133,7 +132,7 @@ def search(
         result = run_search(config, resume=resume or None, quiet=quiet)
     except SearchFinished as e:
         click.echo(str(e))
-        outer = os.environ.get("MLFLOW_RUN_ID")
+        outer = outer_run.outer_run_id()
         if outer and outer != resume:  # `mlflow run` made a run for this invocation: it holds nothing
             from pipeline import tracking
 
@@ -314,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn user errors into one line and exit code 2."""
     # `mlflow run` creates the run before this process starts; if we fail before resuming it,
     # record why (mlflow marks it FAILED from our exit code).
-    outer_run = os.environ.get("MLFLOW_RUN_ID")
+    outer = outer_run.outer_run_id()
     try:
         cli.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -326,13 +325,13 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         raise SystemExit(130) from None
     except PipelineError as e:
-        _fail(outer_run, str(e))
+        _fail(outer, str(e))
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
     except TrialFailed as e:
         if isinstance(e.__cause__, PipelineError):  # bad input found only once training began
-            _fail(outer_run, str(e.__cause__))
+            _fail(outer, str(e.__cause__))
             raise SystemExit(USER_ERROR_EXIT_CODE) from None
-        _fail(outer_run, f"trial failed: {e}{e.where()}")
+        _fail(outer, f"trial failed: {e}{e.where()}")
         raise SystemExit(1) from None
 
 

@@ -1,5 +1,7 @@
-"""What the pipeline shows besides its progress lines: third-party noise silenced once, here;
-warnings said once per process; full tracebacks when asked for (`-v`, `PIPELINE_DEBUG=1`).
+"""Everything a person reads on the console: progress lines (`say`, the one voice of the search,
+retrain, warm start, finish and the Ray executor); third-party noise silenced once, here (the
+quiet mode: `silence_library_noise`); warnings said once per process; full tracebacks when asked
+for (`-v`, `PIPELINE_DEBUG=1`). Diagnostics stay `logging`.
 
 Light on purpose (no torch, mlflow or ax import): the CLI calls it before the heavy imports, so
 the filters are in place when those libraries log at import time.
@@ -42,6 +44,12 @@ NOISE = (
     # Ax announces its (unused) SQL storage at import, at info level, past its own log levels.
     ("ax.storage.sqa_store.with_db_settings_base", "Ax SQL storage initialized", "an unused Ax feature"),
 )
+
+
+def say(line: str) -> None:
+    """One progress line: stdout, flushed, also with --quiet (one line per trial is what CI logs
+    want; --quiet silences the libraries and the progress bars, not these)."""
+    print(line, flush=True)
 
 
 def debug() -> bool:

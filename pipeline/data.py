@@ -277,8 +277,8 @@ def read_data(cfg: DataConfig) -> tuple[list[Record], list[Record] | None]:
     return records, eval_recs
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
-    """Read, split, template, tokenize, mask and fit the data; fingerprint what the model sees."""
+def _splits(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
+    """The train and eval records (eval_path's, or split off the data), capped as configured."""
     records, eval_records = read_data(cfg)
     if eval_records is not None:
         train_recs, eval_recs = records, eval_records
@@ -288,43 +288,52 @@ def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
         eval_recs = eval_recs[: cfg.max_eval_examples]
     if cfg.max_train_examples:
         train_recs = train_recs[: cfg.max_train_examples]
+    return train_recs, eval_recs
 
+
+def _build(
+    recs: list[Record], cfg: DataConfig, tokenizer: Any, stats: DataStats
+) -> tuple[list[dict[str, list[int]]], list[tuple[Record, Any]]]:
+    """Template, tokenize and fit each record; counts the dropped and truncated in `stats`.
+    Returns the examples and the (record, messages) of those kept."""
+    out, kept = [], []
+    for rec in recs:
+        messages = to_messages(rec, cfg)
+        ex = tokenize_example(tokenizer, messages)
+        fitted = _fit(ex, cfg, rec.where)
+        if fitted is None:
+            stats.dropped += 1
+            continue
+        if len(fitted["input_ids"]) < len(ex["input_ids"]):
+            stats.truncated += 1
+        out.append(fitted)
+        kept.append((rec, messages))
+    return out, kept
+
+
+def _generation_prompts(kept: list[tuple[Record, Any]], tokenizer: Any) -> list[dict[str, str]]:
+    """Each eval conversation up to its last answer (the prompt), and that answer (the reference)."""
+    out = []
+    for _, messages in kept:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        out.append(
+            {"prompt": _render(tokenizer, messages[:last], True), "reference": messages[last]["content"]}
+        )
+    return out
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
+    """Read, split, template, tokenize, mask and fit the data; fingerprint what the model sees."""
+    train_recs, eval_recs = _splits(cfg)
     template_source = "none" if cfg.format == "text" else ensure_chat_template(tokenizer, cfg)
     stats = DataStats()
-
-    def build(recs: list[Record]) -> tuple[list[dict[str, list[int]]], list[tuple[Record, Any]]]:
-        out, kept = [], []
-        for rec in recs:
-            messages = to_messages(rec, cfg)
-            ex = tokenize_example(tokenizer, messages)
-            fitted = _fit(ex, cfg, rec.where)
-            if fitted is None:
-                stats.dropped += 1
-                continue
-            if len(fitted["input_ids"]) < len(ex["input_ids"]):
-                stats.truncated += 1
-            out.append(fitted)
-            kept.append((rec, messages))
-        return out, kept
-
-    train, _ = build(train_recs)
-    evals, eval_kept = build(eval_recs)
+    train, _ = _build(train_recs, cfg, tokenizer, stats)
+    evals, eval_kept = _build(eval_recs, cfg, tokenizer, stats)
     if not train:
         raise DataError(f"data.path: {cfg.path}: no training example left (all {stats.dropped} dropped)")
     if not evals:
         raise DataError(f"data: no eval example left (all {stats.dropped} dropped); check data.max_seq_len")
-
-    generation = []
-    if cfg.format != "text":
-        for _, messages in eval_kept:
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            generation.append(
-                {
-                    "prompt": _render(tokenizer, messages[:last], True),
-                    "reference": messages[last]["content"],
-                }
-            )
-
+    generation = [] if cfg.format == "text" else _generation_prompts(eval_kept, tokenizer)
     lengths = [len(e["input_ids"]) for e in train]
     stats.train_examples = len(train)
     stats.eval_examples = len(evals)

@@ -1,10 +1,11 @@
-"""Ctrl-C and SIGTERM as a request, not an exception: a flag that training and the search check
-at safe points.
+"""Ctrl-C and SIGTERM as a request, not an exception: one flag that training and the search check
+at safe points, and the only place that reads it.
 
 A signal handler that raises at an arbitrary point can land inside library code that swallows
-the exception. Under `graceful_stop()` the signals only set `STOP_REQUESTED`; the training
-callback raises KeyboardInterrupt after the current optimizer step (the trial's run ends KILLED),
-and the search loop stops at the next trial boundary, so a finished trial is always recorded.
+the exception. Under `graceful_stop()` the signals only set the flag; the training callback
+(`callbacks.StopOnRequest`) raises KeyboardInterrupt after the current optimizer step (the trial's
+run ends KILLED), and the search loop stops at the next trial boundary, so a finished trial is
+always recorded.
 """
 
 from __future__ import annotations
@@ -14,16 +15,32 @@ import signal
 import threading
 from collections.abc import Iterator
 
-STOP_REQUESTED = threading.Event()
+_STOP = threading.Event()
+
+
+def stop_requested() -> bool:
+    """Was a stop requested (SIGINT or SIGTERM under `graceful_stop`)?"""
+    return _STOP.is_set()
+
+
+def request_stop() -> None:
+    """Ask everything that checks to stop at its next safe point (what the signals do)."""
+    _STOP.set()
+
+
+def raise_if_requested(where: str) -> None:
+    """KeyboardInterrupt(`where`) if a stop was requested: the safe points call this."""
+    if _STOP.is_set():
+        raise KeyboardInterrupt(where)
 
 
 @contextlib.contextmanager
 def graceful_stop() -> Iterator[None]:
-    """Route SIGINT and SIGTERM (a scheduler's kill) to STOP_REQUESTED while the block runs."""
-    STOP_REQUESTED.clear()
+    """Route SIGINT and SIGTERM (a scheduler's kill) to the stop flag while the block runs."""
+    _STOP.clear()
 
     def handler(signum, frame):
-        STOP_REQUESTED.set()
+        _STOP.set()
 
     try:
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -35,4 +52,4 @@ def graceful_stop() -> Iterator[None]:
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
-        STOP_REQUESTED.clear()
+        _STOP.clear()

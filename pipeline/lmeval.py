@@ -31,7 +31,7 @@ from pipeline.stats import ExampleScores
 from pipeline.timing import PhaseTimer
 
 if TYPE_CHECKING:
-    from pipeline.train import TrainJob
+    from pipeline.train import TrainInputs
 
 INSTALL = "eval.lm_eval needs lm-evaluation-harness: pip install -e '.[lmeval]'"
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def sample_scores(out: dict[str, Any], cfg: LmEvalConfig, seed: int, run_id: str
     return out_scores
 
 
-def log_scores(run: Any, model: Any, job: TrainJob, timer: PhaseTimer) -> dict[str, float]:
+def log_scores(run: Any, model: Any, job: TrainInputs, timer: PhaseTimer) -> dict[str, float]:
     """Score the trial's trained model on `eval.lm_eval` (timed as the `lm_eval` phase); log the
     harness's results table and task configs on `run` (timed as `tracking`, like every other
     logging call of a trial); the metrics (`lmeval_<task>_<metric>`)."""

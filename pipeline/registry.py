@@ -81,7 +81,9 @@ def adapter_sha256(adapter_dir: str | Path) -> str:
     return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
 
 
-def _champion(client: MlflowClient, name: str, alias: str = names.CHAMPION_ALIAS) -> VersionRecord | None:
+def _version_at_alias(
+    client: MlflowClient, name: str, alias: str = names.CHAMPION_ALIAS
+) -> VersionRecord | None:
     try:
         return _version(client.get_model_version_by_alias(name, alias))
     except MlflowException:
@@ -90,7 +92,7 @@ def _champion(client: MlflowClient, name: str, alias: str = names.CHAMPION_ALIAS
 
 def champion(name: str) -> VersionRecord | None:
     """The version holding the `champion` alias, or None."""
-    return _champion(MlflowClient(), name)
+    return _version_at_alias(MlflowClient(), name)
 
 
 def champion_scores(champion: VersionRecord, objective: str) -> list[ExampleScores] | None:
@@ -145,7 +147,7 @@ def promote(
         base = json.loads((Path(adapter_dir) / names.BASE_REFERENCE_FILE).read_text())
         info = _log_model(adapter_dir)
     # Judged after the duplicate check: the champion's scores are downloads a duplicate never needs.
-    champion = _champion(client, model_name)
+    champion = _version_at_alias(client, model_name)
     held = champion_scores(champion, candidate.objective) if champion is not None else None
     verdict = judge(candidate, champion, held, rule)
     promoted, reason = verdict.promote, verdict.reason
@@ -324,7 +326,7 @@ def check_model_uri(uri: str) -> str:
         known = ", ".join(sorted(r.name for r in client.search_registered_models())) or "none"
         raise PipelineError(f"--model: no registered model {name!r} (registered: {known})") from None
     if alias:
-        if _champion(client, name, alias) is None:
+        if _version_at_alias(client, name, alias) is None:
             aliases = ", ".join(sorted(registered.aliases or {})) or "none"
             raise PipelineError(
                 f"--model: registered model {name!r} has no alias {alias!r} (aliases: {aliases})"

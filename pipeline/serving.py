@@ -7,6 +7,7 @@ holds `pipeline_base.json`, which says how to load the base model it was trained
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,21 @@ from pipeline.device import DevicePlan, plan_device
 from pipeline.errors import ModelError
 from pipeline.metrics import generate
 from pipeline.model import load_base_model
+
+
+def save_adapter(model: Any, tokenizer: Any, model_cfg: ModelConfig, plan: DevicePlan, folder: Path) -> None:
+    """The adapter weights, the tokenizer and the base reference, in one folder (what serving and
+    the registry load)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / names.BASE_REFERENCE_FILE).write_text(json.dumps(base_reference(model_cfg, plan), indent=2))
+
+
+def discard_local_adapter(adapter_dir: str | Path) -> None:
+    """Delete the local copy of a run's adapter (the run keeps its `adapter/` artifact)."""
+    folder = Path(adapter_dir).parent  # adapters/<run id>/
+    if folder.parent.name == names.ADAPTERS_DIR:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def base_config(adapter_dir: str | Path) -> ModelConfig:

@@ -1,24 +1,19 @@
-"""Training: the Hugging Face Trainer driven by our config, with a callback that streams metrics.
+"""Training: the Hugging Face Trainer driven by our config, with the callbacks of `callbacks.py`.
 
-The callback hands every logging step's metrics (``train_loss``, ``learning_rate``,
-``tokens_per_second``, memory peaks) and every evaluation's ``eval_loss`` to a sink (the tracking
-layer), stops training on a non-finite loss, and asks an optional ``on_eval`` hook whether to stop
-(the search's early stopping).
+Every logging step's metrics (``train_loss``, ``learning_rate``, ``tokens_per_second``, memory
+peaks) and every evaluation's ``eval_loss`` go to a sink (the tracking layer); a non-finite loss
+stops training; an optional ``on_eval`` hook (the search's early stopping) hears every evaluation
+as an `EvalEvent` and answers whether to stop.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from pipeline import names
 from pipeline.batching import (
     LabelPositions,
     TokenDataset,
@@ -26,18 +21,21 @@ from pipeline.batching import (
     completion_loss,
     takes_position_mask,
 )
+from pipeline.callbacks import (
+    AskToStop,
+    KeepBest,
+    MetricSink,
+    PeriodicEval,
+    StepBar,
+    StopOnDivergence,
+    StopOnRequest,
+    StreamMetrics,
+)
 from pipeline.config import EvalConfig, PipelineConfig, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.device import DevicePlan
-from pipeline.interrupt import STOP_REQUESTED
-from pipeline.metrics import EvalLosses, MemoryMonitor, eval_losses, perplexity
-
-MetricSink = Callable[[dict[str, float], int], None]
-
-# (step, training examples seen, eval_loss) -> stop? The search compares trials at one or the
-# other: at step 50 a batch-16 trial has seen four times a batch-4 trial's data.
-EvalHook = Callable[[int, int, float], bool]
-Evaluator = Callable[[Any], EvalLosses]  # model -> eval loss, overall and per example
+from pipeline.events import EvalHook
+from pipeline.metrics import EvalLosses, MemoryMonitor, eval_losses
 
 
 def build_training_args(
@@ -68,7 +66,7 @@ def build_training_args(
         logging_steps=train.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must reach the callback, not be averaged away
-        eval_strategy="no",  # we evaluate in StreamingCallback: token-weighted, see metrics.eval_loss
+        eval_strategy="no",  # we evaluate in callbacks.PeriodicEval: token-weighted, see metrics.eval_loss
         save_strategy="no",
         report_to="none",  # we track ourselves: one run per trial, batched
         seed=train.seed,
@@ -99,160 +97,8 @@ def examples_per_optimizer_step(args: TrainingArguments) -> int:
     return int(args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size))
 
 
-class StreamingCallback(TrainerCallback):
-    """Streams metrics to a sink, evaluates every `eval_steps`, watches for divergence and for
-    early-stopping requests."""
-
-    def __init__(
-        self,
-        sink: MetricSink,
-        memory: MemoryMonitor,
-        evaluate: Evaluator | None = None,
-        eval_steps: int | None = None,
-        at_start: bool = False,
-        on_eval: EvalHook | None = None,
-        patience: int | None = None,
-        min_delta: float = 0.0,
-        restore_best: bool = False,
-        examples_per_step: int = 1,
-    ):
-        self.sink = sink
-        self.examples_per_step = examples_per_step
-        self.memory = memory
-        self.evaluate = evaluate
-        self.eval_steps = eval_steps
-        self.at_start = at_start
-        self.on_eval = on_eval
-        self.step_seconds = 0.0  # time inside optimizer steps (excludes eval and logging)
-        self.eval_seconds = 0.0
-        self._window_seconds = 0.0
-        self._window_tokens = 0
-        self._step_start = 0.0
-        self.diverged: tuple[int, float] | None = None
-        self.stopped_early_at: int | None = None
-        self.evals: list[tuple[int, float]] = []
-        self.patience = patience
-        self.min_delta = min_delta
-        self.restore_best = restore_best
-        self.best: tuple[int, float] | None = None  # (step, eval_loss): the lowest eval_loss
-        # Per-example losses of the last evaluation and of the best (what restore_best keeps).
-        self.last_scores: EvalLosses | None = None
-        self.best_scores: EvalLosses | None = None
-        self._reference: float | None = None  # the loss later evaluations must beat by min_delta
-        self._best_weights: dict[str, Any] | None = None
-        self._bad_evals = 0
-        self.plateau_at: int | None = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.memory.start()
-        if self.at_start and self.evaluate is not None:
-            self.run_eval(model, state, control)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if STOP_REQUESTED.is_set():
-            raise KeyboardInterrupt(f"stop requested at step {state.global_step}")
-        dt = time.perf_counter() - self._step_start
-        self.step_seconds += dt
-        self._window_seconds += dt
-        self.memory.sample()
-        if self.evaluate is not None and self.eval_steps and state.global_step % self.eval_steps == 0:
-            self.run_eval(model, state, control)
-
-    def run_eval(self, model, state, control=None, final: bool = False) -> float:
-        """Evaluate now, stream the result, stop on NaN or when the early-stopping hook says so."""
-        t0 = time.perf_counter()
-        self.last_scores = self.evaluate(model)
-        loss = float(self.last_scores.loss)
-        self.eval_seconds += time.perf_counter() - t0
-        step = state.global_step
-        self.evals.append((step, loss))
-        self.sink({names.EVAL_LOSS: loss, names.EVAL_PERPLEXITY: perplexity(loss)}, step)
-        if control is None:
-            return loss
-        if not math.isfinite(loss):
-            self.diverged = (step, loss)
-            control.should_training_stop = True
-            return loss
-        self._track_best(model, step, loss, control)
-        examples = step * self.examples_per_step
-        if (
-            not final
-            and self.on_eval is not None
-            and step < state.max_steps
-            and self.on_eval(step, examples, loss)
-        ):
-            self.stopped_early_at = step
-            control.should_training_stop = True
-        return loss
-
-    def _track_best(self, model, step: int, loss: float, control) -> None:
-        """Remember the best evaluation (and its adapter weights); stop on a plateau.
-
-        As in HF's EarlyStoppingCallback, patience counts evaluations that do not beat the last
-        counted improvement by `min_delta`; the weights kept are those of the lowest eval_loss.
-        """
-        if self.best is None or loss < self.best[1]:
-            self.best = (step, loss)
-            self.best_scores = self.last_scores
-            if self.restore_best and model is not None:
-                # Only the trainable (adapter) weights change: a few MB even for large models.
-                self._best_weights = {
-                    n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
-                }
-        if self._reference is None or loss < self._reference - self.min_delta:
-            self._reference = loss
-            self._bad_evals = 0
-        else:
-            self._bad_evals += 1
-            if self.patience and self._bad_evals >= self.patience:
-                self.plateau_at = step
-                control.should_training_stop = True
-
-    def restore(self, model) -> tuple[int, float] | None:
-        """Put the best evaluation's adapter weights back; returns (step, loss) of that evaluation."""
-        if not (self.restore_best and self._best_weights and self.best and self.evals):
-            return None
-        if self.best[0] == self.evals[-1][0]:
-            return None  # the last evaluation is the best: nothing to restore
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in self._best_weights.items():
-                params[name].copy_(value)
-        return self.best
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" not in logs:
-            return  # the end-of-training summary is not a step
-        step = state.global_step
-        loss = float(logs["loss"])
-        metrics = {names.TRAIN_LOSS: loss, names.EPOCH: float(state.epoch or 0)}
-        for key, name in (("learning_rate", names.LEARNING_RATE), ("grad_norm", names.GRAD_NORM)):
-            if key in logs:
-                metrics[name] = float(logs[key])
-        tokens = int(state.num_input_tokens_seen)
-        if self._window_seconds > 0 and tokens > self._window_tokens:
-            metrics[names.TOKENS_PER_SECOND] = (tokens - self._window_tokens) / self._window_seconds
-        self._window_tokens, self._window_seconds = tokens, 0.0
-        metrics.update(self.memory.peaks())
-        self.sink(metrics, step)
-        if not math.isfinite(loss):
-            self.diverged = (step, loss)
-            control.should_training_stop = True
-
-
-class _StepBar(ProgressCallback):
-    """The Trainer's step bar without the log dicts it prints between updates."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        return
-
-
 @dataclass(frozen=True)
-class TrainJob:
+class TrainInputs:
     """What training needs besides the model: the config, where it runs, tokenizer and data."""
 
     config: PipelineConfig
@@ -263,8 +109,8 @@ class TrainJob:
 
 
 @dataclass
-class TrainOutcome:
-    """What training produced (the trainer itself is returned alongside)."""
+class TrainReport:
+    """What training did (the trainer itself is returned alongside)."""
 
     steps: int
     max_steps: int
@@ -284,38 +130,79 @@ class TrainOutcome:
     example_losses: EvalLosses | None = None  # of the evaluation whose loss is `eval_loss`
 
 
+@dataclass
+class Callbacks:
+    """The callbacks one training run composes (each one job, see `callbacks.py`)."""
+
+    stream: StreamMetrics
+    evaluation: PeriodicEval
+    divergence: StopOnDivergence
+    best: KeepBest
+    ask: AskToStop | None
+
+    @classmethod
+    def build(
+        cls,
+        job: TrainInputs,
+        sink: MetricSink,
+        on_eval: EvalHook | None,
+        memory: MemoryMonitor,
+        per_step: int,
+    ) -> Callbacks:
+        train_cfg, eval_cfg, plan = job.config.train, job.config.eval, job.plan
+
+        def evaluate(model: Any) -> EvalLosses:
+            return eval_losses(model, job.data.eval, job.tokenizer, eval_cfg.batch_size, plan.precision)
+
+        stream, divergence = StreamMetrics(sink, memory), StopOnDivergence()
+        best = KeepBest(
+            train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta, train_cfg.restore_best
+        )
+        ask = AskToStop(on_eval) if on_eval is not None else None
+        # The order listeners hear an evaluation: streamed, then a divergence ends it, then the
+        # plateau rule, then the search.
+        listeners = [stream, divergence, best, *([ask] if ask else [])]
+        evaluation = PeriodicEval(
+            evaluate, train_cfg.eval_steps, listeners, at_start=eval_cfg.at_start, examples_per_step=per_step
+        )
+        return cls(stream, evaluation, divergence, best, ask)
+
+    def for_trainer(self) -> list[Any]:
+        """In the order the Trainer calls them at each event: a requested stop first."""
+        return [StopOnRequest(), self.stream, self.evaluation, self.divergence]
+
+
 def train(
     model: Any,
-    job: TrainJob,
+    job: TrainInputs,
     sink: MetricSink,
     on_eval: EvalHook | None = None,
     memory: MemoryMonitor | None = None,
-) -> tuple[Trainer, TrainOutcome]:
+) -> tuple[Trainer, TrainReport]:
     """Train the LoRA model, evaluate at the end, and report what happened."""
-    train_cfg, eval_cfg, plan, tokenizer = job.config.train, job.config.eval, job.plan, job.tokenizer
-    args = pin_to_plan(build_training_args(train_cfg, eval_cfg, plan, train_cfg.output_dir, job.quiet), plan)
+    args = _training_args(model, job)
+    per_step = examples_per_optimizer_step(args)
+    callbacks = Callbacks.build(job, sink, on_eval, memory or MemoryMonitor(), per_step)
+    trainer = _trainer(model, job, args, callbacks.for_trainer())
+    result = trainer.train()
+    return trainer, _report(model, trainer, float(result.training_loss), callbacks, per_step)
+
+
+def _training_args(model: Any, job: TrainInputs) -> TrainingArguments:
+    train_cfg, plan = job.config.train, job.plan
+    args = pin_to_plan(
+        build_training_args(train_cfg, job.config.eval, plan, train_cfg.output_dir, job.quiet), plan
+    )
     if args.activation_checkpointing and getattr(model, "is_activation_checkpointing", False):
         # Already on (the 4-bit path enables it while preparing the base): enabling it a second
         # time would wrap the layers again.
         args.activation_checkpointing = False
+    return args
 
-    def evaluate(m: Any) -> EvalLosses:
-        return eval_losses(m, job.data.eval, tokenizer, eval_cfg.batch_size, plan.precision)
 
-    examples_per_step = examples_per_optimizer_step(args)
-
-    callback = StreamingCallback(
-        sink,
-        memory or MemoryMonitor(),
-        evaluate,
-        train_cfg.eval_steps,
-        eval_cfg.at_start,
-        on_eval,
-        patience=train_cfg.early_stopping_patience,
-        min_delta=train_cfg.early_stopping_min_delta,
-        restore_best=train_cfg.restore_best,
-        examples_per_step=examples_per_step,
-    )
+def _trainer(model: Any, job: TrainInputs, args: TrainingArguments, callbacks: list[Any]) -> Trainer:
+    """The Hugging Face Trainer with our collator, loss and callbacks, and our console."""
+    train_cfg, plan, tokenizer = job.config.train, job.plan, job.tokenizer
     collate = build_collator(
         train_cfg.batching,
         tokenizer,
@@ -333,44 +220,51 @@ def train(
         data_collator=LabelPositions(collate) if response_only else collate,
         compute_loss_func=completion_loss if response_only else None,
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=callbacks,
     )
     # The tracking store has every value: no log dicts printed between the bars, and no bars at
     # all with --quiet.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if not job.quiet:
-        trainer.add_callback(_StepBar())
-    result = trainer.train()
-    step = trainer.state.global_step
-    if callback.diverged is not None:
+        trainer.add_callback(StepBar())
+    return trainer
+
+
+def _report(model: Any, trainer: Trainer, train_loss: float, cb: Callbacks, per_step: int) -> TrainReport:
+    """The final evaluation (unless the last step evaluated), the best weights put back with
+    `restore_best`, and what training did."""
+    state, evals = trainer.state, cb.evaluation.evals
+    step = state.global_step
+    if cb.divergence.diverged is not None:
         final_loss = float("nan")
-    elif callback.evals and callback.evals[-1][0] == step:
-        final_loss = callback.evals[-1][1]
+    elif evals and evals[-1][0] == step:
+        final_loss = evals[-1][1]
     else:
-        final_loss = callback.run_eval(model, trainer.state, final=True)
-    restored = callback.restore(model) if callback.diverged is None else None
+        final_loss = cb.evaluation.run(model, step, state.max_steps)
+    restored = (
+        cb.best.restore(model, evals[-1][0] if evals else None) if cb.divergence.diverged is None else None
+    )
     if restored is not None:
         # The final model is the best evaluation's: its loss is the run's eval_loss from here on.
         final_loss = restored[1]
-        sink({names.EVAL_LOSS: final_loss, names.EVAL_PERPLEXITY: perplexity(final_loss)}, step)
-    tokens = int(trainer.state.num_input_tokens_seen)
-    outcome = TrainOutcome(
+        cb.stream.stream_eval(final_loss, step)
+    tokens, seconds = int(state.num_input_tokens_seen), cb.stream.step_seconds
+    return TrainReport(
         steps=step,
-        max_steps=trainer.state.max_steps,
-        train_loss=float(result.training_loss),
+        max_steps=state.max_steps,
+        train_loss=train_loss,
         eval_loss=final_loss,
-        eval_seconds=callback.eval_seconds,
-        step_seconds=callback.step_seconds,
+        eval_seconds=cb.evaluation.eval_seconds,
+        step_seconds=seconds,
         tokens=tokens,
-        tokens_per_second=tokens / callback.step_seconds if callback.step_seconds else 0.0,
-        stopped_early_at=callback.stopped_early_at,
-        diverged=callback.diverged,
-        evals=callback.evals,
-        examples_per_step=examples_per_step,
-        best_step=callback.best[0] if callback.best else None,
-        plateau_at=callback.plateau_at,
+        tokens_per_second=tokens / seconds if seconds else 0.0,
+        stopped_early_at=cb.ask.stopped_at if cb.ask else None,
+        diverged=cb.divergence.diverged,
+        evals=evals,
+        examples_per_step=per_step,
+        best_step=cb.best.best[0] if cb.best.best else None,
+        plateau_at=cb.best.plateau_at,
         restored=restored is not None,
-        example_losses=callback.best_scores if restored is not None else callback.last_scores,
+        example_losses=cb.best.best_scores if restored is not None else cb.evaluation.last_scores,
     )
-    return trainer, outcome

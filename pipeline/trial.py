@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_dict
 from pipeline.data import example_ids
 from pipeline.device import plan_device
 from pipeline.errors import TrialFailed, TrialInterrupted, one_line
+from pipeline.events import EvalHook
 from pipeline.metrics import (
     MemoryMonitor,
     device_tags,
@@ -47,10 +47,10 @@ from pipeline.model import (
 )
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
-from pipeline.serving import base_reference
+from pipeline.serving import save_adapter
 from pipeline.stats import ExampleScores
 from pipeline.timing import PhaseTimer
-from pipeline.train import EvalHook, TrainJob, TrainOutcome, train
+from pipeline.train import TrainInputs, TrainReport, train
 
 log = logging.getLogger("pipeline")
 
@@ -93,7 +93,7 @@ class TrialResult:
 class TrialSetup:
     """Everything a trial needs before its run starts (what `setup` built)."""
 
-    job: TrainJob
+    job: TrainInputs
     base: BaseModel
     reused: bool  # the base model came from an earlier trial
     metric: Any | None  # the generation metric (an `evaluate` module), or None
@@ -121,7 +121,7 @@ def setup(config: PipelineConfig, resources: Resources | None = None, quiet: boo
         gen = config.eval.generation_metric
         metric = load_generation_metric(gen) if gen else None
         base, reused = resources.base_model(config, plan)
-    return TrialSetup(TrainJob(config, plan, tokenizer, data, quiet), base, reused, metric, timer, started)
+    return TrialSetup(TrainInputs(config, plan, tokenizer, data, quiet), base, reused, metric, timer, started)
 
 
 def run_trial(
@@ -145,12 +145,53 @@ def fit(
 ) -> TrialResult:
     """Train in a new MLflow run and return the result.
 
-    `on_eval(step, examples seen, eval_loss) -> stop?` is asked at every evaluation (the
-    search's early stopping). `on_complete(run, result)` runs inside the run, after the adapter is logged (the
-    retrain writes its report and registers the adapter there).
+    `on_eval(event) -> stop?` hears every evaluation (the search's early stopping).
+    `on_complete(run, result)` runs inside the run, after the adapter is logged (the retrain
+    writes its report and registers the adapter there).
     """
-    config, job, timer = trial.config, trial.job, trial.timer
-    tags = {
+    config, timer = trial.config, trial.timer
+    tags = _run_tags(trial, spec)
+    name = spec.name or config.tracking.run_name or default_run_name(config, spec.role)
+    run_id: str | None = None
+    failure: tuple[str, str] | None = None  # (status, reason) of a failure inside the run
+    try:
+        with (
+            timer.phase("tracking"),
+            tracking.start_run(config.tracking, name, tags, parent_run_id=spec.parent_run_id) as run,
+            timer.phase("other"),
+        ):
+            run_id = run.run_id
+            try:
+                result = _result(run, trial, *_train_in_run(run, trial, name, on_eval))
+                if on_complete is not None:
+                    with timer.phase("finish"):  # the retrain's report and registration
+                        on_complete(run, result)
+            except BaseException as e:
+                failure = _tag_failure(run, e)
+                raise
+            with timer.phase("tracking"):
+                run.set_tags({names.TRIAL_STATUS: result.status})
+                run.log_metrics(timer.metrics(), result.steps, flush=True)
+            result.timings = dict(timer.seconds)
+            result.wall_seconds = time.perf_counter() - trial.started
+    except KeyboardInterrupt as e:
+        if run_id is None:
+            raise
+        raise TrialInterrupted(run_id) from e
+    except Exception as e:
+        if run_id is None or failure is None:  # the store itself failed: nothing to attribute
+            raise
+        if isinstance(e, TrialFailed):  # raised inside the run (divergence): it has its reason
+            e.run_id, e.status = run_id, failure[0]
+            raise
+        raise TrialFailed(failure[1], run_id, failure[0], traceback_file=names.ERROR_FILE) from e
+    return result
+
+
+def _run_tags(trial: TrialSetup, spec: RunSpec) -> dict[str, Any]:
+    """What a trial's run is tagged with when it starts: role, provenance, data, device."""
+    config, job = trial.config, trial.job
+    return {
         names.ROLE: spec.role,
         names.BASE_MODEL: config.model.name_or_path
         + (f"::{config.model.gguf_file}" if config.model.gguf_file else ""),
@@ -166,63 +207,43 @@ def fit(
         names.PIPELINE_VERSION: __version__,
         **spec.tags,
     }
-    name = spec.name or config.tracking.run_name or default_run_name(config, spec.role)
-    run_id: str | None = None
-    failure: tuple[str, str] | None = None  # (status, reason) of a failure inside the run
-    try:
-        with (
-            timer.phase("tracking"),
-            tracking.start_run(config.tracking, name, tags, parent_run_id=spec.parent_run_id) as run,
-            timer.phase("other"),
-        ):
-            run_id = run.run_id
-            try:
-                outcome, final, adapter_dir = _train_in_run(run, trial, name, on_eval)
-                result = TrialResult(
-                    run_id=run.run_id,
-                    status=names.COMPLETED if outcome.stopped_early_at is None else names.EARLY_STOPPED,
-                    eval_loss=outcome.eval_loss,
-                    metrics={k: float(v) for k, v in final.items() if math.isfinite(float(v))},
-                    steps=outcome.steps,
-                    max_steps=outcome.max_steps,
-                    config=config,
-                    config_fingerprint=tags[names.CONFIG_FINGERPRINT],
-                    data_fingerprint=job.data.fingerprint,
-                    eval_fingerprint=job.data.eval_fingerprint,
-                    adapter_uri=run.artifact_uri(names.ADAPTER_DIR),
-                    adapter_dir=adapter_dir,
-                    wall_seconds=time.perf_counter() - trial.started,
-                    examples_per_step=outcome.examples_per_step,
-                    evals=outcome.evals,
-                )
-                if on_complete is not None:
-                    with timer.phase("finish"):  # the retrain's report and registration
-                        on_complete(run, result)
-            except BaseException as e:
-                failure = _failure(e)
-                status, reason = failure
-                run.set_tags({names.TRIAL_STATUS: status, names.TRIAL_FAILURE_REASON: reason})
-                if status != names.KILLED and not isinstance(e, TrialFailed):
-                    _keep_traceback(run)
-                raise
-            with timer.phase("tracking"):
-                run.set_tags({names.TRIAL_STATUS: result.status})
-                run.log_metrics(timer.metrics(), outcome.steps, flush=True)
-            result.timings = dict(timer.seconds)
-            result.wall_seconds = time.perf_counter() - trial.started
-    except KeyboardInterrupt as e:
-        if run_id is None:
-            raise
-        raise TrialInterrupted(run_id) from e
-    except Exception as e:
-        if run_id is None or failure is None:  # the store itself failed: nothing to attribute
-            raise
-        status, reason = failure
-        if isinstance(e, TrialFailed):  # raised inside the run (divergence): it has its reason
-            e.run_id, e.status = run_id, status
-            raise
-        raise TrialFailed(reason, run_id, status, traceback_file=names.ERROR_FILE) from e
-    return result
+
+
+def _result(
+    run: tracking.TrackedRun,
+    trial: TrialSetup,
+    outcome: TrainReport,
+    final: dict[str, float],
+    adapter_dir: Path,
+) -> TrialResult:
+    data = trial.job.data
+    return TrialResult(
+        run_id=run.run_id,
+        status=names.COMPLETED if outcome.stopped_early_at is None else names.EARLY_STOPPED,
+        eval_loss=outcome.eval_loss,
+        metrics={k: float(v) for k, v in final.items() if math.isfinite(float(v))},
+        steps=outcome.steps,
+        max_steps=outcome.max_steps,
+        config=trial.config,
+        config_fingerprint=config_fingerprint(trial.config),
+        data_fingerprint=data.fingerprint,
+        eval_fingerprint=data.eval_fingerprint,
+        adapter_uri=run.artifact_uri(names.ADAPTER_DIR),
+        adapter_dir=adapter_dir,
+        wall_seconds=time.perf_counter() - trial.started,
+        examples_per_step=outcome.examples_per_step,
+        evals=outcome.evals,
+    )
+
+
+def _tag_failure(run: tracking.TrackedRun, e: BaseException) -> tuple[str, str]:
+    """Tag the run with why it failed (and keep the traceback of an unexpected error); returns
+    (status, reason). Called inside the `except` block."""
+    status, reason = _failure(e)
+    run.set_tags({names.TRIAL_STATUS: status, names.TRIAL_FAILURE_REASON: reason})
+    if status != names.KILLED and not isinstance(e, TrialFailed):
+        _keep_traceback(run)
+    return status, reason
 
 
 def _keep_traceback(run: tracking.TrackedRun) -> None:
@@ -250,27 +271,18 @@ def _failure(e: BaseException) -> tuple[str, str]:
 
 def _train_in_run(
     run: tracking.TrackedRun, trial: TrialSetup, name: str, on_eval: EvalHook | None
-) -> tuple[TrainOutcome, dict[str, float], Path]:
+) -> tuple[TrainReport, dict[str, float], Path]:
     """Inside the run: log the config, train, measure, save the adapter. Always detaches LoRA."""
     config, job, timer, base = trial.config, trial.job, trial.timer, trial.base
-    data = job.data
-    with timer.phase("tracking"):
-        run.log_params(flatten(to_dict(config)))
-        run.log_text(to_yaml(config, f"resolved config of run {run.run_id}"), names.CONFIG_FILE)
-        run.log_dict(data.stats_dict(), names.DATA_STATS_FILE)
-        run.log_datasets(data.splits)  # the train and eval sets as the run's MLflow datasets
+    _log_inputs(run, trial)
     with timer.phase("lora"):
         model = attach_lora(base.model, config.lora, config.train.seed)
     try:
         trainable, total = count_parameters(model)
+        stats = job.data.stats
         log.info(
-            "%s: %d train / %d eval examples, %s of %s parameters trainable, %s",
-            name,
-            data.stats.train_examples,
-            data.stats.eval_examples,
-            f"{trainable:,}",
-            f"{total:,}",
-            job.plan.describe(),
+            f"{name}: {stats.train_examples} train / {stats.eval_examples} eval examples, "
+            f"{trainable:,} of {total:,} parameters trainable, {job.plan.describe()}"
         )
         memory = MemoryMonitor()
         with timer.phase("train"):  # training steps and evaluations; the hooks are timed apart
@@ -285,30 +297,9 @@ def _train_in_run(
         if outcome.diverged:
             step, value = outcome.diverged
             raise TrialFailed(f"loss became {value} at step {step} (learning rate too high?)")
-
-        final: dict[str, float] = {
-            names.EVAL_LOSS: outcome.eval_loss,
-            names.EVAL_PERPLEXITY: perplexity(outcome.eval_loss),
-            names.TRAIN_LOSS_MEAN: outcome.train_loss,
-            names.TRAIN_RUNTIME_S: outcome.step_seconds,
-            names.TRAIN_TOKENS: outcome.tokens,
-            names.TRAIN_STEPS: outcome.steps,
-            names.TRAIN_MAX_STEPS: outcome.max_steps,
-            names.TRAIN_EXAMPLES_PER_STEP: outcome.examples_per_step,
-            names.TRAIN_TOKENS_PER_SECOND: outcome.tokens_per_second,
-            names.TRAINABLE_PARAMS: trainable,
-            names.TOTAL_PARAMS: total,
-            names.TRAINABLE_PCT: 100.0 * trainable / total,
-            names.DATA_TRAIN_EXAMPLES: data.stats.train_examples,
-            names.DATA_EVAL_EXAMPLES: data.stats.eval_examples,
-            names.DATA_TRUNCATED: data.stats.truncated,
-            names.DATA_DROPPED: data.stats.dropped,
-            names.MODEL_LOAD_S: 0.0 if trial.reused else base.load_seconds,
-            **({names.BEST_EVAL_STEP: outcome.best_step} if outcome.best_step is not None else {}),
-            **memory.peaks(),
-        }
+        final = {**_final_metrics(trial, outcome, trainable, total), **memory.peaks()}
         _log_example_losses(run, trial, outcome)
-        if trial.metric is not None and config.eval.generation_samples and data.generation:
+        if trial.metric is not None and config.eval.generation_samples and job.data.generation:
             final.update(_generation_scores(run, trial, model))
         if config.eval.lm_eval is not None:
             final.update(lmeval.log_scores(run, model, job, timer))
@@ -316,22 +307,58 @@ def _train_in_run(
         streamed = {names.EVAL_LOSS, names.EVAL_PERPLEXITY}
         with timer.phase("tracking"):
             run.log_metrics({k: v for k, v in final.items() if k not in streamed}, outcome.steps, flush=True)
-
-        with timer.phase("adapter"):
-            # adapters/<run id>/adapter/: the same folder name as the run's artifact
-            adapter_dir = Path(config.train.output_dir) / names.ADAPTERS_DIR / run.run_id / names.ADAPTER_DIR
-            model.save_pretrained(adapter_dir)
-            job.tokenizer.save_pretrained(adapter_dir)
-            (adapter_dir / names.BASE_REFERENCE_FILE).write_text(
-                json.dumps(base_reference(config.model, job.plan), indent=2)
-            )
-            run.log_artifacts(adapter_dir, names.ADAPTER_DIR)
+        adapter_dir = _save_adapter(run, trial, model)
     finally:
         base.model = detach_lora(model)
-    return outcome, final, adapter_dir.resolve()
+    return outcome, final, adapter_dir
 
 
-def _log_example_losses(run: tracking.TrackedRun, trial: TrialSetup, outcome: TrainOutcome) -> None:
+def _log_inputs(run: tracking.TrackedRun, trial: TrialSetup) -> None:
+    """The resolved config (as params and as a file), the data's stats and the datasets."""
+    config, data = trial.config, trial.job.data
+    with trial.timer.phase("tracking"):
+        run.log_params(flatten(to_dict(config)))
+        run.log_text(to_yaml(config, f"resolved config of run {run.run_id}"), names.CONFIG_FILE)
+        run.log_dict(data.stats_dict(), names.DATA_STATS_FILE)
+        run.log_datasets(data.splits)  # the train and eval sets as the run's MLflow datasets
+
+
+def _final_metrics(trial: TrialSetup, outcome: TrainReport, trainable: int, total: int) -> dict[str, float]:
+    """The run's summary metrics at its last step."""
+    stats = trial.job.data.stats
+    return {
+        names.EVAL_LOSS: outcome.eval_loss,
+        names.EVAL_PERPLEXITY: perplexity(outcome.eval_loss),
+        names.TRAIN_LOSS_MEAN: outcome.train_loss,
+        names.TRAIN_RUNTIME_S: outcome.step_seconds,
+        names.TRAIN_TOKENS: outcome.tokens,
+        names.TRAIN_STEPS: outcome.steps,
+        names.TRAIN_MAX_STEPS: outcome.max_steps,
+        names.TRAIN_EXAMPLES_PER_STEP: outcome.examples_per_step,
+        names.TRAIN_TOKENS_PER_SECOND: outcome.tokens_per_second,
+        names.TRAINABLE_PARAMS: trainable,
+        names.TOTAL_PARAMS: total,
+        names.TRAINABLE_PCT: 100.0 * trainable / total,
+        names.DATA_TRAIN_EXAMPLES: stats.train_examples,
+        names.DATA_EVAL_EXAMPLES: stats.eval_examples,
+        names.DATA_TRUNCATED: stats.truncated,
+        names.DATA_DROPPED: stats.dropped,
+        names.MODEL_LOAD_S: 0.0 if trial.reused else trial.base.load_seconds,
+        **({names.BEST_EVAL_STEP: outcome.best_step} if outcome.best_step is not None else {}),
+    }
+
+
+def _save_adapter(run: tracking.TrackedRun, trial: TrialSetup, model: Any) -> Path:
+    """Save the adapter locally in adapters/<run id>/adapter/ and log it as the run's artifact."""
+    job = trial.job
+    with trial.timer.phase("adapter"):
+        folder = Path(trial.config.train.output_dir) / names.ADAPTERS_DIR / run.run_id / names.ADAPTER_DIR
+        save_adapter(model, job.tokenizer, trial.config.model, job.plan, folder)
+        run.log_artifacts(folder, names.ADAPTER_DIR)
+    return folder.resolve()
+
+
+def _log_example_losses(run: tracking.TrackedRun, trial: TrialSetup, outcome: TrainReport) -> None:
     """The final evaluation's loss on each eval example, keyed by example id (see `stats`)."""
     scores = outcome.example_losses
     if scores is None or not any(scores.tokens):
@@ -363,13 +390,6 @@ def _generation_scores(run: tracking.TrackedRun, trial: TrialSetup, model: Any) 
             [{**s, "prediction": p} for s, p in zip(sample, predictions, strict=True)], names.GENERATIONS_FILE
         )
     return scores
-
-
-def discard_local_adapter(adapter_dir: str | Path) -> None:
-    """Delete the local copy of a run's adapter (the run keeps its `adapter/` artifact)."""
-    folder = Path(adapter_dir).parent  # adapters/<run id>/
-    if folder.parent.name == names.ADAPTERS_DIR:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def default_run_name(config: PipelineConfig, role: str) -> str:

@@ -119,8 +119,8 @@ def test_a_trial_whose_driver_is_gone_ends_killed_to_run_again(tiny_config):
     ray = types.SimpleNamespace(get=get)
     reports = types.SimpleNamespace(ask=types.SimpleNamespace(remote=lambda *a: "ref"))
 
-    def on_eval(index, step, examples, loss):
-        return distributed.ask_driver(ray, reports, (0, 0), index, step, examples, loss)
+    def on_eval(event):
+        return distributed.ask_driver(ray, reports, (0, 0), event)
 
     base = tiny_config.model_copy(update={"search": None})
     spec = RunSpec(names.ROLE_TRIAL, "trial-01", tags={names.AX_TRIAL_INDEX: 2})
@@ -136,7 +136,7 @@ def test_a_multi_node_cluster_refuses_a_sqlite_store(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "_ray", lambda: fake)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(PipelineError) as e:
-        distributed.RayExecutor(config, "sqlite:///mlflow.db", echo=lambda _: None)
+        distributed.RayExecutor(config, "sqlite:///mlflow.db")
     assert str(e.value).startswith(
         "tracking.tracking_uri: sqlite:///mlflow.db is a local store and the Ray cluster has 3 nodes"
     )

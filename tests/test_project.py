@@ -88,7 +88,18 @@ def test_configuration_reference_is_current():
 # one, never a later one. Packages other than `search` are one stage each; the search package's
 # modules are stages of their own, in the order its loop uses them.
 STAGES = [
-    {"", "names", "errors", "timing", "provenance", "interrupt", "plotting", "console"},  # the foundation
+    {
+        "",
+        "names",
+        "errors",
+        "timing",
+        "provenance",
+        "interrupt",
+        "plotting",
+        "console",
+        "events",
+        "outer_run",
+    },  # the foundation
     {"config"},
     {"records"},
     {"stats"},
@@ -98,6 +109,7 @@ STAGES = [
     {"device"},
     {"model"},
     {"metrics"},
+    {"callbacks"},
     {"train"},
     {"lmeval"},
     {"serving"},
@@ -109,7 +121,8 @@ STAGES = [
     {"search.stopping"},
     {"search.executor"},
     {"search.space"},
-    {"search.state"},
+    {"search.journal"},
+    {"search.budget"},
     {"search.summary"},
     {"search.replicates"},
     {"search.evidence"},
@@ -134,8 +147,8 @@ ONLY_IN = {
     "ax": {"search.space"},
     "ray": {"search.distributed"},
     "lm_eval": {"lmeval"},
-    "torch": {"batching", "device", "model", "metrics", "train", "serving"},
-    "transformers": {"batching", "device", "model", "metrics", "train", "serving"},
+    "torch": {"batching", "device", "model", "metrics", "callbacks", "train", "serving"},
+    "transformers": {"batching", "device", "model", "metrics", "callbacks", "train", "serving"},
     "peft": {"batching", "model", "metrics", "train", "serving"},
     "bitsandbytes": {"batching", "model", "metrics", "train", "serving"},
 }
@@ -235,9 +248,9 @@ def test_layering_of_the_package():
             "pipeline/config/load.py:2: imports pipeline.trial.run_trial, a later stage than config",
         ),
         (
-            "pipeline/search/state.py",
+            "pipeline/search/journal.py",
             "from pipeline.search.loop import Search\n",
-            "pipeline/search/state.py:1: imports pipeline.search.loop.Search, a later stage than search.state",
+            "pipeline/search/journal.py:1: imports pipeline.search.loop.Search, a later stage than search.journal",
         ),
         ("pipeline/search/newthing.py", "", "pipeline/search/newthing.py: module is in no stage"),
         (

@@ -72,10 +72,10 @@ def summary_numbers(report: str) -> dict[str, str]:
 
 def _poison(monkeypatch, plan: dict[int, str]):
     """Make the n-th call of train() fail as planned: 'raise', 'nan' or 'oom'."""
-    import pipeline.train as train_mod
+    import pipeline.callbacks as callbacks
     import pipeline.trial as trial_mod
 
-    real_train, real_on_log = trial_mod.train, train_mod.StreamingCallback.on_log
+    real_train = trial_mod.train
     calls = {"n": 0, "nan": False}
 
     def train(*args, **kwargs):
@@ -88,13 +88,18 @@ def _poison(monkeypatch, plan: dict[int, str]):
         calls["nan"] = what == "nan"
         return real_train(*args, **kwargs)
 
-    def on_log(self, args, state, control, logs=None, **kw):
-        if calls["nan"] and logs and "loss" in logs:
-            logs = {**logs, "loss": float("nan")}
-        return real_on_log(self, args, state, control, logs=logs, **kw)
+    def nan_loss(real_on_log):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if calls["nan"] and logs and "loss" in logs:
+                logs = {**logs, "loss": float("nan")}
+            return real_on_log(self, args, state, control, logs=logs, **kw)
+
+        return on_log
 
     monkeypatch.setattr(trial_mod, "train", train)
-    monkeypatch.setattr(train_mod.StreamingCallback, "on_log", on_log)
+    # What the trainer logs, as the stream and the divergence watch hear it.
+    for cls in (callbacks.StreamMetrics, callbacks.StopOnDivergence):
+        monkeypatch.setattr(cls, "on_log", nan_loss(cls.on_log))
     return calls
 
 

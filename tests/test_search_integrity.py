@@ -134,9 +134,9 @@ def test_early_stopping_compares_trials_at_the_same_share_of_their_training(tiny
     resources, heard, outs = Resources(), [], []
     for batch, accumulation in ((4, 1), (8, 1), (4, 2)):
         params = {"train.batch_size": batch, "train.gradient_accumulation_steps": accumulation}
-        outs.append(run_job(TrialJob(batch, base, params), resources, lambda *a: heard.append(a) or False))
+        outs.append(run_job(TrialJob(batch, base, params), resources, lambda e: heard.append(e) or False))
     # (Ax index, step, examples seen) at step 6 of 12 of each trial.
-    assert [(i, step, seen) for i, step, seen, _ in heard] == [(4, 6, 24), (8, 6, 48), (4, 6, 48)]
+    assert [(e.trial, e.step, e.examples) for e in heard] == [(4, 6, 24), (8, 6, 48), (4, 6, 48)]
     assert [o.result.examples_per_step for o in outs] == [4, 8, 8]
 
     steps_budget = demo()  # 150 steps whatever the batch size: compared at equal steps
@@ -216,8 +216,7 @@ def test_state_files_and_crash_windows(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from pipeline import names
-    from pipeline.search import loop, run_search, search_config
-    from pipeline.search import state as store
+    from pipeline.search import journal, loop, run_search, search_config
 
     sets = _search_overrides(tmp_path)
 
@@ -259,7 +258,7 @@ def test_state_files_and_crash_windows(tmp_path, monkeypatch):
     assert [t.status for t in result.state.trials] == ["completed"] * 3
 
     # Window 2: killed while writing the state after a trial: Ax's JSON is new, trials.json is not.
-    real_write = store.write_atomic
+    real_write = journal.write_atomic
     writes = {"n": 0}
 
     def die_in_the_second_state_write_after_trial_one(path, text):
@@ -270,7 +269,7 @@ def test_state_files_and_crash_windows(tmp_path, monkeypatch):
         return real_write(path, text)
 
     with monkeypatch.context() as m, pytest.raises(SystemExit):
-        m.setattr(store, "write_atomic", die_in_the_second_state_write_after_trial_one)
+        m.setattr(journal, "write_atomic", die_in_the_second_state_write_after_trial_one)
         run_search(search_config(DEMO_CONFIG, [*sets, "search.seed=1"], n_trials=2), quiet=True)
     parent = parent_of_last_search().info.run_id
     saved = tmp_path / "search" / parent / names.STATE_DIR
@@ -384,9 +383,9 @@ def test_budgets_stop_the_running_trial_at_its_next_evaluation(tmp_path, budget,
     search = loop.Search(config, LocalExecutor(quiet=True), clock=clock)
     real_on_eval = search._on_eval
 
-    def slow_evaluations(index, step, examples, loss):
+    def slow_evaluations(event):
         clock.now += 40
-        return real_on_eval(index, step, examples, loss)
+        return real_on_eval(event)
 
     search._on_eval = slow_evaluations
     result = search.run()

@@ -14,11 +14,10 @@ from mlflow.tracking import MlflowClient
 from pipeline import names
 from pipeline.config import load_config, with_overrides
 from pipeline.resources import Resources
-from pipeline.search import state as store
-from pipeline.search import summary
+from pipeline.search import journal, summary
 from pipeline.search.executor import LocalExecutor, TrialJob, run_job
+from pipeline.search.journal import BaselineRecord, SearchState, TrialRecord
 from pipeline.search.space import Optimizer
-from pipeline.search.state import BaselineRecord, SearchState, TrialRecord
 from pipeline.trial import RunSpec
 
 from .conftest import DEMO_CONFIG
@@ -32,13 +31,25 @@ def demo(**values):
 def record(index, status, loss=None, steps=150, max_steps=150, **metrics):
     m = {"eval_loss": loss, **metrics} if loss is not None else dict(metrics)
     return TrialRecord(
-        index,
-        {"lora.r": 8 * (index + 1)},
-        status,
+        index=index,
+        parameters={"lora.r": 8 * (index + 1)},
+        status=status,
         eval_loss=loss,
         metrics=m,
         steps=steps,
         max_steps=max_steps,
+    )
+
+
+def baseline_record(loss, metrics, parameters=None, evals=()):
+    return BaselineRecord(
+        run_id="b",
+        parameters=parameters or {},
+        eval_loss=loss,
+        metrics=metrics,
+        reused=False,
+        in_search_space=True,
+        evals=list(evals),
     )
 
 
@@ -48,7 +59,7 @@ def record(index, status, loss=None, steps=150, max_steps=150, **metrics):
 def test_state_round_trips_through_json_and_reads_older_files():
     state = SearchState("p", 3, trials=[record(1, "completed", 2.5), record(2, "failed")], sessions=2)
     state.trials[0].evals = [(50, 3.0), (100, 2.5)]
-    state.baseline = BaselineRecord("b", {"lora.r": 8}, 3.2, {"eval_loss": 3.2}, False, True, [(150, 3.2)])
+    state.baseline = baseline_record(3.2, {"eval_loss": 3.2}, parameters={"lora.r": 8}, evals=[(150, 3.2)])
     again = SearchState.from_json(json.loads(json.dumps(state.to_json())))
     assert again == state and again.trials[0].evals == [(50, 3.0), (100, 2.5)]
     # A trials.json written before records had eval_fingerprint and adapter_dir still loads.
@@ -60,14 +71,14 @@ def test_state_round_trips_through_json_and_reads_older_files():
 
 def test_write_atomic_keeps_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "trials.json"
-    store.write_atomic(path, "old")
+    journal.write_atomic(path, "old")
 
     def crash(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        store.write_atomic(path, "new")
+        journal.write_atomic(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["trials.json"]  # no temp file left behind
 
@@ -151,7 +162,7 @@ def test_pareto_front_is_the_observed_non_dominated_set():
 
 def test_summary_metrics_and_steps_saved():
     state = SearchState("p", 4, wall_seconds=60.0)
-    state.baseline = BaselineRecord("b", {}, 4.0, {"eval_loss": 4.0}, False, True)
+    state.baseline = baseline_record(4.0, {"eval_loss": 4.0})
     state.trials = [
         record(0, "completed", 3.0),
         record(1, "early_stopped", 5.0, steps=50),
@@ -170,11 +181,11 @@ def test_summary_metrics_and_steps_saved():
 
 def test_recommendations_point_at_the_edges_of_the_space():
     state = SearchState("p", 1)
-    state.baseline = BaselineRecord("b", {}, 3.0, {}, False, True)
+    state.baseline = baseline_record(3.0, {})
     best = TrialRecord(
-        0,
-        {"lora.r": 32, "lora.alpha": 16.0, "train.learning_rate": 1e-2, "train.batch_size": 8},
-        "completed",
+        index=0,
+        parameters={"lora.r": 32, "lora.alpha": 16.0, "train.learning_rate": 1e-2, "train.batch_size": 8},
+        status="completed",
         run_id="r",
         eval_loss=2.99,
     )
@@ -218,7 +229,7 @@ def test_early_stopping_that_cannot_act_is_named_with_its_reason():
     assert unreachable(epochs, 6849) is not None and unreachable(epochs, 684900) is None
 
     state = SearchState("p", 3)
-    state.baseline = BaselineRecord("b", {}, 3.0, {names.DATA_TRAIN_EXAMPLES: 6849}, False, True)
+    state.baseline = baseline_record(3.0, {names.DATA_TRAIN_EXAMPLES: 6849})
     state.trials = [record(1, "completed", 2.9), record(2, "completed", 2.8)]
     recs = summary.recommendations(far, state, None, summary.why_no_stopping(far, state))
     (line,) = [r for r in recs if "stopped early" in r]
@@ -244,11 +255,11 @@ def test_early_stopping_that_cannot_act_is_named_with_its_reason():
 
 def test_batch_size_advice_says_a_step_budget_also_changes_the_data_seen():
     state = SearchState("p", 1)
-    state.baseline = BaselineRecord("b", {}, 3.0, {}, False, True)
+    state.baseline = baseline_record(3.0, {})
     best = TrialRecord(
-        0,
-        {"lora.r": 8, "lora.alpha": 16.0, "train.learning_rate": 1e-3, "train.batch_size": 16},
-        "completed",
+        index=0,
+        parameters={"lora.r": 8, "lora.alpha": 16.0, "train.learning_rate": 1e-3, "train.batch_size": 16},
+        status="completed",
         run_id="r",
         eval_loss=2.5,
     )
@@ -287,7 +298,7 @@ def test_run_job_reports_failures_instead_of_raising(tiny_config, tmp_path, monk
     monkeypatch.setattr(trial_mod, "train", oom)
     spec = RunSpec(names.ROLE_TRIAL, "trial-01", tags={names.AX_TRIAL_INDEX: 4})
     evals = []
-    out = run_job(TrialJob(4, base, {"lora.r": 4}, spec), resources, lambda *a: evals.append(a))
+    out = run_job(TrialJob(4, base, {"lora.r": 4}, spec), resources, lambda e: evals.append(e))
     assert out.status == "abandoned" and out.run_id and "out of memory" in out.reason
     run = MlflowClient().get_run(out.run_id)
     assert run.info.status == "FAILED" and run.data.tags[names.TRIAL_STATUS] == "abandoned"
@@ -299,8 +310,8 @@ def test_local_executor_runs_one_job_at_a_time_and_streams_evaluations(tiny_conf
     executor = LocalExecutor(quiet=True)
     heard = []
 
-    def on_eval(index, step, examples, loss):
-        heard.append((index, step, examples))
+    def on_eval(event):
+        heard.append((event.trial, event.step, event.examples))
         return False
 
     assert executor.idle() == 1

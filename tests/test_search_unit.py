@@ -196,17 +196,33 @@ def test_alpha_ratio_derives_alpha():
 
 
 def test_best_trial_respects_status_constraints_and_direction():
-    from pipeline.search.state import SearchState, TrialRecord
+    from pipeline.search.journal import SearchState, TrialRecord
 
     config = demo(**{"search.outcome_constraints": ["peak_rss_gb <= 2"]})
     state = SearchState(parent_run_id="p", n_trials=4)
     state.trials = [
         TrialRecord(
-            0, {}, "completed", eval_loss=2.0, metrics={"eval_loss": 2.0, "peak_rss_gb": 3.0}
+            index=0,
+            parameters={},
+            status="completed",
+            eval_loss=2.0,
+            metrics={"eval_loss": 2.0, "peak_rss_gb": 3.0},
         ),  # infeasible
-        TrialRecord(1, {}, "early_stopped", eval_loss=1.0, metrics={"eval_loss": 1.0, "peak_rss_gb": 1.0}),
-        TrialRecord(2, {}, "completed", eval_loss=2.5, metrics={"eval_loss": 2.5, "peak_rss_gb": 1.5}),
-        TrialRecord(3, {}, "failed", failure_reason="x"),
+        TrialRecord(
+            index=1,
+            parameters={},
+            status="early_stopped",
+            eval_loss=1.0,
+            metrics={"eval_loss": 1.0, "peak_rss_gb": 1.0},
+        ),
+        TrialRecord(
+            index=2,
+            parameters={},
+            status="completed",
+            eval_loss=2.5,
+            metrics={"eval_loss": 2.5, "peak_rss_gb": 1.5},
+        ),
+        TrialRecord(index=3, parameters={}, status="failed", failure_reason="x"),
     ]
     assert best_trial(state, config.search).index == 2
     maximize = demo(**{"search.objectives": [{"metric": "eval_rougeL", "minimize": False}]})

@@ -51,9 +51,14 @@ def test_system_metrics_without_a_gpu_monitor_still_log_cpu_and_memory():
 
     import torch
 
-    cfg = TrackingConfig(experiment_name="sys", log_system_metrics=True, system_metrics_interval_s=0.5)
+    cfg = TrackingConfig(experiment_name="sys", log_system_metrics=True, system_metrics_interval_s=0.2)
+    wanted = {f"system/{k}" for k in ("cpu_utilization_percentage", "system_memory_usage_megabytes")}
     with tracking.start_run(cfg, "r", {}) as run:
-        time.sleep(2.5)
+        # MLflow's monitor logs from its own thread: wait for its first batch, not a fixed time.
+        deadline = time.monotonic() + 30
+        while not wanted <= MlflowClient().get_run(run.run_id).data.metrics.keys():
+            assert time.monotonic() < deadline, "no system metrics within 30 s"
+            time.sleep(0.05)
     metrics = MlflowClient().get_run(run.run_id).data.metrics
     for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "disk_usage_percentage"):
         assert f"system/{key}" in metrics, sorted(metrics)

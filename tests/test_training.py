@@ -13,9 +13,8 @@ from pipeline import names
 from pipeline.config import with_overrides
 from pipeline.data import prepare_data
 from pipeline.device import plan_device
-from pipeline.metrics import EvalLosses, MemoryMonitor
 from pipeline.model import attach_lora, count_parameters, load_base_model, load_tokenizer
-from pipeline.train import StreamingCallback, TrainJob, build_training_args, train
+from pipeline.train import TrainInputs, build_training_args, train
 
 
 def _setup(config):
@@ -28,7 +27,7 @@ def _setup(config):
 
 def _train(config, model, tok, data, plan, on_eval=None):
     logged: list[tuple[int, dict]] = []
-    job = TrainJob(config, plan, tok, data, quiet=True)
+    job = TrainInputs(config, plan, tok, data, quiet=True)
     trainer, outcome = train(model, job, sink=lambda m, s: logged.append((s, dict(m))), on_eval=on_eval)
     return trainer, outcome, logged
 
@@ -192,44 +191,6 @@ def test_response_only_logits_train_the_same_adapter(tiny_config):
     (full, w_full), (short, w_short) = runs[True], runs[False]
     assert short.eval_loss == full.eval_loss and short.tokens == full.tokens
     assert all(torch.equal(w_full[k], w_short[k]) for k in w_full)
-
-
-def test_streaming_callback_evaluates_streams_and_stops():
-    sent, heard = [], []
-    losses = iter([1.0, 3.0, 0.5])
-    cb = StreamingCallback(
-        lambda m, s: sent.append((s, m)),
-        MemoryMonitor(),
-        evaluate=lambda model: EvalLosses(next(losses), (), ()),
-        eval_steps=5,
-        on_eval=lambda step, examples, loss: heard.append((step, examples)) or loss > 2.0,
-        examples_per_step=4,
-    )
-    state = SimpleNamespace(global_step=5, epoch=0.1, num_input_tokens_seen=1000, max_steps=100)
-    control = SimpleNamespace(should_training_stop=False)
-    cb.on_train_begin(None, state, control)
-    cb.on_step_begin(None, state, control)
-    cb.on_step_end(None, state, control, model=None)  # step 5: evaluates (1.0), no stop
-    assert sent[-1] == (5, {names.EVAL_LOSS: 1.0, names.EVAL_PERPLEXITY: pytest.approx(math.e)})
-    assert not control.should_training_stop
-    cb.on_log(None, state, control, logs={"loss": 1.5, "learning_rate": 1e-3, "grad_norm": 0.5})
-    step, m = sent[-1]
-    assert step == 5 and m[names.TRAIN_LOSS] == 1.5 and m[names.LEARNING_RATE] == 1e-3
-    assert m[names.TOKENS_PER_SECOND] > 0 and m[names.PEAK_RSS_GB] > 0
-
-    state.global_step = 7
-    cb.on_step_end(None, state, control, model=None)  # not an eval step
-    assert len(cb.evals) == 1
-    state.global_step = 10
-    cb.on_step_end(None, state, control, model=None)  # evaluates 3.0: the hook asks to stop
-    assert control.should_training_stop and cb.stopped_early_at == 10
-    assert heard == [(5, 20), (10, 40)]  # the hook hears training examples seen, not only steps
-
-    control.should_training_stop = False
-    state.global_step = 11
-    cb.on_log(None, state, control, logs={"loss": float("nan")})
-    assert control.should_training_stop and cb.diverged[0] == 11
-    assert cb.run_eval(None, state, control, final=True) == 0.5  # the final eval never early-stops
 
 
 def test_eval_loss_is_token_weighted_whatever_the_batching(tiny_config):

@@ -161,16 +161,18 @@ def test_reused_base_gives_the_fresh_result(tiny_config):
 
 
 def test_nan_loss_fails_the_run_with_its_reason(tiny_config, monkeypatch):
-    import pipeline.train as train_mod
+    import pipeline.callbacks as callbacks
 
-    real_on_log = train_mod.StreamingCallback.on_log
+    def poisoned(real_on_log):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and state.global_step >= 4:
+                logs = {**logs, "loss": float("nan")}
+            return real_on_log(self, args, state, control, logs=logs, **kw)
 
-    def poisoned(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs and state.global_step >= 4:
-            logs = {**logs, "loss": float("nan")}
-        return real_on_log(self, args, state, control, logs=logs, **kw)
+        return on_log
 
-    monkeypatch.setattr(train_mod.StreamingCallback, "on_log", poisoned)
+    for cls in (callbacks.StreamMetrics, callbacks.StopOnDivergence):
+        monkeypatch.setattr(cls, "on_log", poisoned(cls.on_log))
     with pytest.raises(TrialFailed, match=r"loss became nan at step 4") as e:
         run_trial(tiny_config, quiet=True)
     run = MlflowClient().get_run(e.value.run_id)

@@ -17,8 +17,8 @@ from pipeline.cli import main
 from pipeline.config import flatten, load_config, to_dict, with_overrides
 from pipeline.errors import ConfigError
 from pipeline.search import run_search, search_config
+from pipeline.search.journal import SearchState
 from pipeline.search.space import Optimizer
-from pipeline.search.state import SearchState
 from pipeline.search.warm import match, parse_value
 from pipeline.tracking import RunRecord, param_text
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import names, registry, tracking
+from pipeline import console, names, registry, tracking
 from pipeline.config import (
     PipelineConfig,
     apply_overrides,
@@ -160,12 +160,52 @@ def run_retrain(
     data = resources.data(source.config)
     config = retrain_config(source.config, data.stats.train_examples, overrides)
     search = tracking.get_run(source.search_run_id) if source.search_run_id else None
-    baseline = tracking.baseline_of(search) if search else None
-    best = tracking.best_trial_of(search) if search else None
-    out_dir = Path(config.train.output_dir) / "retrain"
-    holder: dict[str, Any] = {}
+    finish = _Finish(
+        config,
+        source,
+        baseline=tracking.baseline_of(search) if search else None,
+        best=tracking.best_trial_of(search) if search else None,
+        train_examples=data.stats.train_examples,
+        allow_duplicate=allow_duplicate,
+    )
+    lora, tr = config.lora, config.train
+    spec = RunSpec(
+        role=names.ROLE_RETRAIN,
+        name=f"retrain r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size} {tr.epochs:g} epochs",
+        tags={names.RETRAIN_SOURCE: source.description, names.SEARCH_SOURCE_RUN: source.search_run_id},
+    )
+    result = run_trial(config, spec, resources=resources, on_complete=finish, quiet=quiet)
+    return RetrainResult(result, source, finish.promotion, finish.report_path)
 
-    def finish(run: tracking.TrackedRun, result: TrialResult) -> None:
+
+@dataclass
+class _Finish:
+    """What the retrain does inside its run once the adapter is logged: compare, register
+    (promoting only a winner), write the report. Keeps what it did for the caller."""
+
+    config: PipelineConfig
+    source: RetrainSource
+    baseline: tracking.RunRecord | None
+    best: tracking.RunRecord | None
+    train_examples: int
+    allow_duplicate: bool
+    promotion: registry.Promotion | None = None
+    report_path: Path | None = None
+
+    def __call__(self, run: tracking.TrackedRun, result: TrialResult) -> None:
+        rule = registry.Rule.of(self.config)
+        scores = tracking.example_scores(result.run_id)
+        versus = intervals(scores, {"baseline": self.baseline, "search best": self.best}, rule.confidence)
+        self.promotion = self._register(run, result, rule, versus.get("baseline"))
+        self.report_path = self._report(run, result, versus)
+        run.set_tags({names.NOTE: f"Retrain of {self.source.description}. {self.promotion.message}."})
+        console.say(f"registry: {self.promotion.message}")
+
+    def _register(
+        self, run: tracking.TrackedRun, result: TrialResult, rule: registry.Rule, interval: Interval | None
+    ) -> registry.Promotion:
+        """Register the adapter; `champion` moves only when the rule says it is better."""
+        config, source, baseline = self.config, self.source, self.baseline
         offer = registry.candidate(
             config,
             result.run_id,
@@ -177,11 +217,8 @@ def run_retrain(
         # Judged against the champion on its objective's per-example scores, when the run has them.
         held = tracking.example_scores(result.run_id, offer.objective)
         offer = replace(offer, scores=(held,) if held is not None else ())
-        scores = tracking.example_scores(result.run_id)
-        rule = registry.Rule.of(config)
         same_eval = baseline is not None and baseline.eval_fingerprint == result.eval_fingerprint
-        versus = intervals(scores, {"baseline": baseline, "search best": best}, rule.confidence)
-        promotion = registry.promote(
+        return registry.promote(
             config.registry.model_name,
             offer,
             tags={
@@ -197,40 +234,32 @@ def run_retrain(
                 metrics=result.metrics,
                 search_run_id=source.search_run_id,
                 baseline_eval_loss=baseline.eval_loss if same_eval else None,
-                interval=versus.get("baseline"),
+                interval=interval,
                 rule=rule,
             ),
-            allow_duplicate=allow_duplicate,
+            allow_duplicate=self.allow_duplicate,
             rule=rule,
         )
+
+    def _report(self, run: tracking.TrackedRun, result: TrialResult, versus: dict[str, Interval]) -> Path:
+        """The retrain report, locally and as the run's `report/` artifact."""
+        config = self.config
         ctx = RetrainContext(
             config=config,
-            source=source.description,
+            source=self.source.description,
             rows=[
-                _row("baseline", baseline),
-                _row("search best", best),
+                _row("baseline", self.baseline),
+                _row("search best", self.best),
                 Row("retrained", result.run_id, result.metrics, result.eval_fingerprint),
             ],
             evals=result.evals,
             steps_per_epoch=math.ceil(
-                data.stats.train_examples
-                / (config.train.batch_size * config.train.gradient_accumulation_steps)
+                self.train_examples / (config.train.batch_size * config.train.gradient_accumulation_steps)
             ),
-            promotion=promotion.message,
+            promotion=self.promotion.message,
             best_step=int(result.metrics.get(names.BEST_EVAL_STEP, 0)) or None,
             intervals=versus,
         )
-        path = write_retrain_report(ctx, out_dir / run.run_id)
+        path = write_retrain_report(ctx, Path(config.train.output_dir) / "retrain" / run.run_id)
         run.log_artifacts(path.parent, names.REPORT_DIR)
-        run.set_tags({names.NOTE: f"Retrain of {source.description}. {promotion.message}."})
-        holder.update(promotion=promotion, report=path)
-        print(f"registry: {promotion.message}", flush=True)
-
-    lora, tr = config.lora, config.train
-    spec = RunSpec(
-        role=names.ROLE_RETRAIN,
-        name=f"retrain r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size} {tr.epochs:g} epochs",
-        tags={names.RETRAIN_SOURCE: source.description, names.SEARCH_SOURCE_RUN: source.search_run_id},
-    )
-    result = run_trial(config, spec, resources=resources, on_complete=finish, quiet=quiet)
-    return RetrainResult(result, source, holder.get("promotion"), holder["report"])
+        return path

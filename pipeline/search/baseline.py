@@ -8,16 +8,16 @@ Ax as the status-quo arm, and the report measures every trial against it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
-from pipeline import names, tracking
+from pipeline import console, names, tracking
 from pipeline.config import PipelineConfig, SearchConfig, values_at
 from pipeline.errors import PipelineError
 from pipeline.resources import NUMERICS_PACKAGES, Resources, identity
 from pipeline.search.executor import Executor, TrialJob
-from pipeline.search.state import BaselineRecord
-from pipeline.trial import RunSpec, discard_local_adapter
+from pipeline.search.journal import BaselineRecord
+from pipeline.serving import discard_local_adapter
+from pipeline.trial import RunSpec
 
 
 def baseline_parameters(config: PipelineConfig) -> dict[str, Any]:
@@ -85,7 +85,6 @@ def find_or_train(
     parent: tracking.TrackedRun,
     executor: Executor,
     resources: Resources,
-    echo: Callable[[str], None],
 ) -> BaselineRecord:
     """The baseline: a reusable earlier run, or one trained now under `parent` by `executor`.
 
@@ -98,19 +97,19 @@ def find_or_train(
         candidates = tracking.finished_baselines(parent.experiment_id, me[names.CONFIG_FINGERPRINT])
         reused, why = reusable(candidates, me, config.search.required_metrics())
     if reused is not None:
-        echo(f"baseline: reusing run {reused.run_id} ({why}), eval_loss {reused.eval_loss:.4f}")
+        console.say(f"baseline: reusing run {reused.run_id} ({why}), eval_loss {reused.eval_loss:.4f}")
         return BaselineRecord(
-            reused.run_id,
-            params,
-            reused.eval_loss,
-            dict(reused.metrics),
-            True,
-            False,
-            tracking.metric_history(reused.run_id, names.EVAL_LOSS),
-            reused.examples_per_step,
-            why,
+            run_id=reused.run_id,
+            parameters=params,
+            eval_loss=reused.eval_loss,
+            metrics=dict(reused.metrics),
+            reused=True,
+            in_search_space=False,
+            evals=tracking.metric_history(reused.run_id, names.EVAL_LOSS),
+            examples_per_step=reused.examples_per_step,
+            why=why,
         )
-    echo(f"baseline: training the baseline config ({why})")
+    console.say(f"baseline: training the baseline config ({why})")
     executor.submit(
         TrialJob(-1, trial_base, {}, RunSpec(names.ROLE_BASELINE, parent_run_id=parent.run_id)), None
     )
@@ -120,15 +119,15 @@ def find_or_train(
     result = outcome.result
     discard_local_adapter(result.adapter_dir)  # it is on the run; no one promotes a baseline
     require_metrics(result.metrics, config.search, "the baseline")
-    echo(f"baseline: eval_loss {result.eval_loss:.4f} ({result.wall_seconds:.0f}s)")
+    console.say(f"baseline: eval_loss {result.eval_loss:.4f} ({result.wall_seconds:.0f}s)")
     return BaselineRecord(
-        result.run_id,
-        params,
-        result.eval_loss,
-        result.metrics,
-        False,
-        False,
-        result.evals,
-        result.examples_per_step,
-        why,
+        run_id=result.run_id,
+        parameters=params,
+        eval_loss=result.eval_loss,
+        metrics=result.metrics,
+        reused=False,
+        in_search_space=False,
+        evals=result.evals,
+        examples_per_step=result.examples_per_step,
+        why=why,
     )

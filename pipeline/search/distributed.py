@@ -15,8 +15,8 @@ MLflow from many processes, each trap reproduced with mlflow 3.17:
 - workers get the store's absolute URI and create child runs naming their parent and its
   experiment; they never call `set_experiment` (concurrent calls on a new name put runs into
   `Default`);
-- `MLFLOW_RUN_ID` (set by `mlflow run`) is removed in the workers: there it makes `start_run`
-  resume the parent instead of creating a child;
+- `MLFLOW_RUN_ID` (set by `mlflow run`) is hidden from the workers (`outer_run.hide_driver_env`):
+  there it makes `start_run` resume the parent instead of creating a child;
 - a sqlite or file store is refused on a cluster of more than one node: use a tracking server.
 
 A worker that dies (killed, segfault, node lost) fails its trial: its run is ended FAILED here
@@ -37,18 +37,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import names, tracking
+from pipeline import console, interrupt, names, outer_run, tracking
 from pipeline.config import PipelineConfig
 from pipeline.device import quiet_libraries, use_cpu_threads
 from pipeline.errors import PipelineError, one_line
-from pipeline.interrupt import STOP_REQUESTED
+from pipeline.events import EvalEvent, EvalHook
 from pipeline.resources import Resources
-from pipeline.search.executor import EvalReport, TrialJob, TrialOutcome, run_job
+from pipeline.search.executor import JobOutcome, TrialJob, run_job
 from pipeline.search.mailbox import Reports
 
 INSTALL = "search.executor: ray needs Ray: pip install -e '.[distributed]'"
-# What a worker must not inherit from the driver's environment (see the module docstring).
-DRIVER_ONLY_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 POLL_S = 1.0  # how often the driver looks up from waiting (Ctrl-C, a spent budget)
 
 
@@ -74,8 +72,7 @@ class _Worker:
     """One Ray actor: trial after trial, sharing its tokenizer, data and base model."""
 
     def __init__(self, worker_id: str, env: dict[str, str], cwd: str, threads: int) -> None:
-        for key in DRIVER_ONLY_ENV:
-            os.environ.pop(key, None)
+        outer_run.hide_driver_env()
         os.environ.update(env)
         if os.path.isdir(cwd):  # relative paths in the config mean what they mean to the driver
             os.chdir(cwd)
@@ -87,11 +84,11 @@ class _Worker:
     def where(self) -> tuple[int, str]:
         return os.getpid(), socket.gethostname()
 
-    def run(self, job: TrialJob, reports: Any, flight: int, streams: bool) -> TrialOutcome:
+    def run(self, job: TrialJob, reports: Any, flight: int, streams: bool) -> JobOutcome:
         ray, asked = _ray(), itertools.count()
 
-        def on_eval(index: int, step: int, examples: int, loss: float) -> bool:
-            return ask_driver(ray, reports, (flight, next(asked)), index, step, examples, loss)
+        def on_eval(event: EvalEvent) -> bool:
+            return ask_driver(ray, reports, (flight, next(asked)), event)
 
         me = {
             names.TRIAL_WORKER: self.worker_id,
@@ -110,19 +107,19 @@ class DriverLost(KeyboardInterrupt):
     """The search's driver is gone (killed, its node lost): the trial stops as if interrupted."""
 
 
-def ask_driver(ray: Any, reports: Any, key: Any, index: int, step: int, examples: int, loss: float) -> bool:
+def ask_driver(ray: Any, reports: Any, key: Any, event: EvalEvent) -> bool:
     """Send one evaluation to the driver and wait for its answer: stop this trial early?
 
     Without a driver to answer, the trial ends KILLED (DriverLost is a KeyboardInterrupt), not
     FAILED: a resumed search then runs its config again instead of counting it as a failure.
     """
     try:
-        return bool(ray.get(reports.ask.remote(key, index, step, examples, loss)))
+        return bool(ray.get(reports.ask.remote(key, event)))
     except Exception as e:
         raise DriverLost(f"the search's driver is gone ({type(e).__name__})") from None
 
 
-def _portable(outcome: TrialOutcome) -> TrialOutcome:
+def _portable(outcome: JobOutcome) -> JobOutcome:
     """The outcome with an error that survives the trip to the driver (pickled by Ray)."""
     if outcome.error is None:
         return outcome
@@ -140,14 +137,14 @@ class _Flight:
     flight: int
     slot: int
     job: TrialJob
-    on_eval: EvalReport | None
+    on_eval: EvalHook | None
     started: float
 
 
 class RayExecutor:
     """`search.workers` trials at once on Ray workers; the driver keeps Ax and the records."""
 
-    def __init__(self, config: PipelineConfig, tracking_uri: str, echo: Any = print) -> None:
+    def __init__(self, config: PipelineConfig, tracking_uri: str) -> None:
         ray, search = _ray(), config.search
         self.ray = ray
         self.running: dict[Any, _Flight] = {}  # Ray object ref -> the job it will return
@@ -183,7 +180,7 @@ class RayExecutor:
         self.free = list(range(self.workers))
         self.flights = itertools.count()
         self._take: Any = None
-        echo(
+        console.say(
             f"ray: {self.workers} workers x ({self.gpus:g} GPU, {self.cpus:g} CPU) on {len(nodes)} node(s)"
             + (" (local cluster)" if self.started_cluster else f" at {address}")
         )
@@ -193,7 +190,7 @@ class RayExecutor:
     def idle(self) -> int:
         return len(self.free)
 
-    def submit(self, job: TrialJob, on_eval: EvalReport | None) -> None:
+    def submit(self, job: TrialJob, on_eval: EvalHook | None) -> None:
         slot = self.free.pop(0)
         if self.slots[slot] is None:
             self.slots[slot] = self._start_worker(slot)
@@ -201,18 +198,17 @@ class RayExecutor:
         ref = self.slots[slot].run.remote(job, self.reports, flight, on_eval is not None)
         self.running[ref] = _Flight(flight, slot, job, on_eval, time.perf_counter())
 
-    def wait_any(self) -> TrialOutcome:
+    def wait_any(self) -> JobOutcome:
         """The next job to end; meanwhile answer the workers' evaluations (the driver's thread is
         the one that talks to Ax)."""
         ray = self.ray
         while True:
-            if STOP_REQUESTED.is_set():
-                raise KeyboardInterrupt("stop requested")
+            interrupt.raise_if_requested("stop requested")
             if self._take is None:
                 self._take = self.reports.take.remote()
             ready, _ = ray.wait([*self.running, self._take], num_returns=1, timeout=POLL_S)
-            if STOP_REQUESTED.is_set():  # Ctrl-C may also have reached Ray's processes: not a failure
-                raise KeyboardInterrupt("stop requested")
+            # Ctrl-C may also have reached Ray's processes: what failed then is not a failure.
+            interrupt.raise_if_requested("stop requested")
             if not ready:
                 continue
             if ready[0] == self._take:
@@ -245,15 +241,15 @@ class RayExecutor:
         threads = max(1, int(self.cpus))
         return actor.remote(f"w{slot + 1}", self.env, os.getcwd(), threads)
 
-    def _answer(self, items: list[tuple[Any, int, int, int, float]]) -> None:
-        for key, index, step, examples, loss in items:
+    def _answer(self, items: list[tuple[Any, EvalEvent]]) -> None:
+        for key, event in items:
             # A trial that ended meanwhile hears "go on": nobody is waiting for the answer.
             flight = next((f for f in self.running.values() if f.flight == key[0]), None)
             on_eval = flight.on_eval if flight is not None else None
-            stop = bool(on_eval(index, step, examples, loss)) if on_eval is not None else False
+            stop = bool(on_eval(event)) if on_eval is not None else False
             self.reports.answer.remote(key, stop)
 
-    def _outcome(self, ref: Any, flight: _Flight) -> TrialOutcome:
+    def _outcome(self, ref: Any, flight: _Flight) -> JobOutcome:
         ray = self.ray
         try:
             outcome = ray.get(ref)
@@ -263,7 +259,7 @@ class RayExecutor:
             cause = one_line(str(e).splitlines()[0] if str(e) else type(e).__name__, 200)
             reason = f"worker w{flight.slot + 1} died mid-trial ({type(e).__name__}: {cause})"
             run_id = self._end_runs(flight, names.FAILED, reason)
-            return TrialOutcome(
+            return JobOutcome(
                 flight.job,
                 names.FAILED,
                 run_id=run_id,

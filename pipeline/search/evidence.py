@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from pipeline import names
 from pipeline.config import PipelineConfig
+from pipeline.search.journal import COMPLETED, SearchState, TrialRecord
 from pipeline.search.replicates import BASELINE
-from pipeline.search.state import COMPLETED, SearchState, TrialRecord
 from pipeline.stats import (
     SCALAR,
     ExampleScores,

@@ -1,8 +1,9 @@
 """Where trials run: the seam between the search loop and the machines that train.
 
-The loop hands an executor `TrialJob`s and collects `TrialOutcome`s; it never trains anything
-itself. While a trial trains, each evaluation goes back to the loop through `on_eval(index,
-step, examples seen, eval_loss) -> stop?`, so early stopping stays with the one owner of the Ax state.
+The loop hands an executor `TrialJob`s and collects `JobOutcome`s; it never trains anything
+itself. While a trial trains, each evaluation goes back to the loop as an `EvalEvent` stamped
+with the trial's Ax index, through `on_eval(event) -> stop?`, so early stopping stays with the one
+owner of the Ax state.
 
 `LocalExecutor` runs one trial at a time in this process, with one shared `Resources` (the base
 model is loaded once): the search's behaviour since the start. An executor that runs trials in
@@ -19,19 +20,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline import names
 from pipeline.config import PipelineConfig, values_at, with_overrides
 from pipeline.errors import PipelineError, TrialFailed, TrialInterrupted, one_line
+from pipeline.events import EvalEvent, EvalHook
 from pipeline.model import release
 from pipeline.resources import Resources
 from pipeline.trial import RunSpec, TrialResult, run_trial
-
-# (Ax trial index, step, training examples seen, eval_loss) -> should the trial stop early?
-EvalReport = Callable[[int, int, int, float], bool]
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,7 @@ class TrialJob:
 
 
 @dataclass
-class TrialOutcome:
+class JobOutcome:
     """How a job ended. `result` when it trained to the end or was stopped early."""
 
     job: TrialJob
@@ -66,10 +64,10 @@ class Executor(Protocol):
     def idle(self) -> int:
         """How many more jobs it takes now."""
 
-    def submit(self, job: TrialJob, on_eval: EvalReport | None) -> None:
+    def submit(self, job: TrialJob, on_eval: EvalHook | None) -> None:
         """Start a job (or queue it); `on_eval` hears its evaluations."""
 
-    def wait_any(self) -> TrialOutcome:
+    def wait_any(self) -> JobOutcome:
         """Block until a submitted job ends; its outcome."""
 
     def close(self) -> None:
@@ -77,23 +75,23 @@ class Executor(Protocol):
 
 
 def run_job(
-    job: TrialJob, resources: Resources, on_eval: EvalReport | None = None, quiet: bool = False
-) -> TrialOutcome:
+    job: TrialJob, resources: Resources, on_eval: EvalHook | None = None, quiet: bool = False
+) -> JobOutcome:
     """Train one job here and say how it ended; never raises for the job's own failure."""
     t0 = time.perf_counter()
 
-    def outcome(status: str, **kw: Any) -> TrialOutcome:
-        return TrialOutcome(job, status, wall_seconds=time.perf_counter() - t0, **kw)
+    def outcome(status: str, **kw: Any) -> JobOutcome:
+        return JobOutcome(job, status, wall_seconds=time.perf_counter() - t0, **kw)
 
-    hook = (
-        (lambda step, examples, loss: on_eval(job.index, step, examples, loss))
-        if on_eval is not None
-        else None
-    )
+    def stamped(event: EvalEvent) -> bool:  # the trainer does not know which Ax trial it trains
+        return on_eval(event.of_trial(job.index))
+
     try:
         config = with_overrides(job.base, job.parameters) if job.parameters else job.base
         _check_trains_what_was_asked(config, job.parameters)
-        result = run_trial(config, job.spec, resources=resources, on_eval=hook, quiet=quiet)
+        result = run_trial(
+            config, job.spec, resources=resources, on_eval=stamped if on_eval else None, quiet=quiet
+        )
         ended = outcome(result.status, result=result, run_id=result.run_id)
     except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM while training: the run ended KILLED
         run_id = e.run_id if isinstance(e, TrialInterrupted) else None
@@ -128,15 +126,15 @@ class LocalExecutor:
     def __init__(self, quiet: bool = False, resources: Resources | None = None) -> None:
         self.resources = resources or Resources()
         self.quiet = quiet
-        self._queue: deque[tuple[TrialJob, EvalReport | None]] = deque()
+        self._queue: deque[tuple[TrialJob, EvalHook | None]] = deque()
 
     def idle(self) -> int:
         return 0 if self._queue else 1
 
-    def submit(self, job: TrialJob, on_eval: EvalReport | None) -> None:
+    def submit(self, job: TrialJob, on_eval: EvalHook | None) -> None:
         self._queue.append((job, on_eval))
 
-    def wait_any(self) -> TrialOutcome:
+    def wait_any(self) -> JobOutcome:
         job, on_eval = self._queue.popleft()
         return run_job(job, self.resources, on_eval, self.quiet)
 

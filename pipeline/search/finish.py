@@ -7,15 +7,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import names, registry, tracking
+from pipeline import console, names, registry, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, to_yaml, with_overrides
 from pipeline.device import hardware
 from pipeline.provenance import git_commit, package_versions
-from pipeline.search import evidence
-from pipeline.search import state as store
+from pipeline.search import evidence, journal
+from pipeline.search.journal import SearchState, TrialRecord
 from pipeline.search.report import ReportContext, description, write_report
 from pipeline.search.space import Optimizer
-from pipeline.search.state import SearchState, TrialRecord
 from pipeline.search.summary import best_trial, pareto_front, search_metrics
 from pipeline.timing import PhaseTimer
 
@@ -40,16 +39,7 @@ def finish(
 ) -> SearchResult:
     """Decide the best trial, log the summary, write best_config.yaml, register, report."""
     with timer.phase("ax"):
-        analysis = optimizer.analysis()
-    if len(config.search.objectives) > 1:
-        analysis["pareto"] = [
-            {
-                "index": t.index,
-                "parameters": dict(t.parameters),
-                "metrics": {o.metric: t.metrics[o.metric] for o in config.search.objectives},
-            }
-            for t in pareto_front(state, config.search)
-        ]
+        analysis = _analysis(config, state, optimizer)
     observed = best_trial(state, config.search, [p["index"] for p in analysis["pareto"]])
     ev = evidence.gather(config, state, observed, tracking.example_scores)
     best = ev.recommended
@@ -62,9 +52,8 @@ def finish(
     if best is not None:
         best_config_path = write_best_config(config, best, ev, run, directory)
         with timer.phase("registry"):
-            promotion = promote(config, best, summary, run, ev)
-        print(f"registry: {promotion.message}", flush=True)
-    report_dir = directory / names.REPORT_DIR
+            promotion = register_best(config, best, summary, run, ev)
+        console.say(f"registry: {promotion.message}")
     context = ReportContext(
         config=config,
         state=state,
@@ -72,26 +61,46 @@ def finish(
         analysis=analysis,
         promotion=promotion.message if promotion else None,
         evidence=ev,
-        provenance={
-            "git_commit": git_commit(Path(__file__).parent),
-            "seed": str(config.search.seed),
-            "config_fingerprint": config_fingerprint(config),
-            **package_versions(),
-            **hardware(),
-        },
+        provenance=_provenance(config),
         experiment_id=run.experiment_id,
     )
+    report_dir = directory / names.REPORT_DIR
     with timer.phase("report"):
         write_report(context, report_dir)
         run.log_artifacts(report_dir, names.REPORT_DIR)
     if best is not None:
         run.set_tags({names.NOTE: description(context), names.SEARCH_BEST_RUN: best.run_id})
-    print(
-        f"report: {report_dir / names.REPORT_FILE} (and artifact {names.REPORT_DIR}/ of run {run.run_id})",
-        flush=True,
+    console.say(
+        f"report: {report_dir / names.REPORT_FILE} (and artifact {names.REPORT_DIR}/ of run {run.run_id})"
     )
     run.log_metrics(timer.metrics("search_time_"), step=len(state.finished()), flush=True)
     return SearchResult(run.run_id, state, best, report_dir, best_config_path, promotion)
+
+
+def _analysis(config: PipelineConfig, state: SearchState, optimizer: Optimizer) -> dict[str, Any]:
+    """Ax's analysis of the search, with the Pareto front of a multi-objective search."""
+    analysis = optimizer.analysis()
+    if len(config.search.objectives) > 1:
+        analysis["pareto"] = [
+            {
+                "index": t.index,
+                "parameters": dict(t.parameters),
+                "metrics": {o.metric: t.metrics[o.metric] for o in config.search.objectives},
+            }
+            for t in pareto_front(state, config.search)
+        ]
+    return analysis
+
+
+def _provenance(config: PipelineConfig) -> dict[str, str]:
+    """What the report says produced it: code, seed, config, packages, hardware."""
+    return {
+        "git_commit": git_commit(Path(__file__).parent),
+        "seed": str(config.search.seed),
+        "config_fingerprint": config_fingerprint(config),
+        **package_versions(),
+        **hardware(),
+    }
 
 
 def write_best_config(
@@ -103,7 +112,7 @@ def write_best_config(
 ) -> Path:
     """best_config.yaml: the recommended trial's complete config, locally and on the search run."""
     path = directory / names.BEST_CONFIG_FILE
-    store.write_atomic(
+    journal.write_atomic(
         path,
         to_yaml(
             with_overrides(config, best.parameters),
@@ -116,7 +125,7 @@ def write_best_config(
     return path
 
 
-def promote(
+def register_best(
     config: PipelineConfig,
     best: TrialRecord,
     summary: dict[str, Any],

@@ -3,7 +3,7 @@ the failure policy; then the end of a search (summary, best config, registry, re
 
 One MLflow parent run holds the search; the baseline and every trial are nested child runs made
 by `run_trial` wherever the executor runs them. After every change the Ax state and the trial
-records are saved (`state.py`), so a crashed or interrupted search resumes where it stopped.
+records are saved (`journal.py`), so a crashed or interrupted search resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -15,19 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import names, tracking
+from pipeline import console, interrupt, names, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_yaml
-from pipeline.errors import SearchAborted, SearchFinished
-from pipeline.interrupt import STOP_REQUESTED, graceful_stop
+from pipeline.errors import SearchAborted
+from pipeline.events import EvalEvent
+from pipeline.interrupt import graceful_stop
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
-from pipeline.search import baseline, replicates, warm
-from pipeline.search import state as store
-from pipeline.search.executor import Executor, LocalExecutor, TrialJob, TrialOutcome
+from pipeline.search import baseline, budget, journal, replicates, warm
+from pipeline.search.executor import Executor, JobOutcome, LocalExecutor, TrialJob
 from pipeline.search.finish import SearchResult, finish
-from pipeline.search.preflight import check_before_run
-from pipeline.search.space import Optimizer
-from pipeline.search.state import (
+from pipeline.search.journal import (
     ABANDONED,
     COMPLETED,
     EARLY_STOPPED,
@@ -36,10 +34,13 @@ from pipeline.search.state import (
     SearchState,
     TrialRecord,
 )
+from pipeline.search.preflight import check_before_run
+from pipeline.search.space import Optimizer, Proposal
 from pipeline.search.stopping import progression, progression_unit, unreachable
 from pipeline.search.summary import best_trial, duration, trial_name
+from pipeline.serving import discard_local_adapter
 from pipeline.timing import PhaseTimer
-from pipeline.trial import RunSpec, discard_local_adapter
+from pipeline.trial import RunSpec
 
 
 def run_search(
@@ -54,15 +55,12 @@ def run_search(
         from pipeline.search.distributed import RayExecutor  # Ray is an optional extra
 
         executor = RayExecutor(config, tracking.resolve_tracking_uri(config.tracking))
-    return Search(config, executor or LocalExecutor(quiet, resources), resources).run(resume)
-
-
-class _Interrupted(KeyboardInterrupt):
-    pass
+    return Search(config, executor or LocalExecutor(quiet, resources), resources, resume=resume).run()
 
 
 class Search:
-    """One session of a search: owns the Ax optimizer, the parent run and the records."""
+    """One session of a search: owns the Ax optimizer, the records, and (while `run` runs) the
+    parent run."""
 
     def __init__(
         self,
@@ -70,6 +68,7 @@ class Search:
         executor: Executor,
         resources: Resources | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        resume: str | None = None,
     ):
         if config.search is None:
             raise ValueError("a search needs a config with a search section")
@@ -78,87 +77,95 @@ class Search:
         self.executor = executor
         self.resources = resources or Resources()
         self.trial_base = config.model_copy(update={"search": None})
+        self.resume = resume
+        # A resumed search's Ax state and records (refused here when it has nothing left to do),
+        # or new ones; the parent run's id is theirs once `run` opens it.
+        if resume:
+            self.optimizer, self.records = journal.load(resume, config)
+            journal.refuse_finished(resume, self.records, self.search.n_trials)
+        else:
+            self.optimizer = Optimizer.create(config)
+            self.records = SearchState(parent_run_id="", n_trials=self.search.n_trials)
+        self.parent_run: tracking.TrackedRun | None = None  # open while `run` runs
         # This session's time by phase (ax, trials, baseline, state, report, registry), logged on
         # the parent run as search_time_<phase>_s; each trial logs its own breakdown.
         self.timer = PhaseTimer()
         self.pending: dict[int, TrialRecord] = {}  # submitted, not yet finished, by Ax index
         self.started: dict[int, float] = {}  # clock() when each pending trial was submitted
         self.clock = clock  # the budgets' clock (tests drive a fake one)
+        self.t_session = clock()  # when this session began (its wall time counts from here)
+
+    @property
+    def dir(self) -> Path:
+        """This search's local folder (records, Ax state, report)."""
+        return journal.search_dir(self.config, self.records.parent_run_id)
 
     # --- lifecycle, in order ---------------------------------------------------------------
 
-    def run(self, resume: str | None = None) -> SearchResult:
-        t_session = self.clock()
-        if resume:
-            self.optimizer, loaded = store.load(resume, self.config)
-            self._refuse_finished(resume, loaded)
-        else:
-            self.optimizer, loaded = Optimizer.create(self.config), None
+    def run(self) -> SearchResult:
+        """Open (or reopen) the parent run, then: baseline, warm start, trials, replicates, finish."""
+        self.t_session = self.clock()
         with (
             graceful_stop(),
-            tracking.start_run(self._tracking(), self._run_name(), self._tags(), resume_run_id=resume) as run,
+            tracking.start_run(
+                self._tracking(), self._run_name(), self._tags(), resume_run_id=self.resume
+            ) as run,
         ):
             self.parent_run = run
             url = tracking.run_url(run.experiment_id, run.run_id)
-            self._echo(
-                f"search run {run.run_id} {'resumed' if resume else 'started'}"
+            console.say(
+                f"search run {run.run_id} {'resumed' if self.resume else 'started'}"
                 + (f" ({url})" if url.startswith("http") else "")
                 + f"; after an interruption, continue it with --resume {run.run_id}"
             )
-            self.state = state = self._open(run, loaded)
-            self.dir = store.search_dir(self.config, run.run_id)
+            self._open(run)
             try:
-                self._check_early_stopping()
-                if state.baseline is None:
-                    with self.timer.phase("baseline"):
-                        self._baseline()
-                    self._save()
-                if state.warm is None:
-                    with self.timer.phase("ax"):
-                        state.warm = warm.start(self.config, self.optimizer, run, self.resources, self._echo)
-                    self._save()
-                self._loop(t_session)
-                if self.search.replicates is not None and not state.stop_reason:
-                    self._replicate()
+                self._steps()
             except (KeyboardInterrupt, SearchAborted) as e:
-                state.stop_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+                self.records.stop_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
                 self._kill_pending()
-                state.wall_seconds += self.clock() - t_session
-                self._save()
+                self._end_session()
                 raise
             finally:
                 self.executor.close()
-            state.wall_seconds += self.clock() - t_session
-            self._save()
+            self._end_session()
             return self._finish()
 
-    def _refuse_finished(self, run_id: str, state: SearchState) -> None:
-        """SearchFinished, before any run is opened, when the search ran all its trials and ended
-        (a search interrupted while finishing, or given more --n-trials, goes on)."""
-        done = len(state.finished())
-        run = tracking.get_run(run_id)
-        if done >= self.search.n_trials and run is not None and run.status == "FINISHED":
-            raise SearchFinished(
-                f"search run {run_id} has finished ({done} of {self.search.n_trials} trials); nothing to "
-                "do (give --n-trials more than that to run more trials)"
-            )
+    def _steps(self) -> None:
+        """What a session does, each step skipped when an earlier session did it (and saved)."""
+        records = self.records
+        self._check_early_stopping()
+        if records.baseline is None:
+            with self.timer.phase("baseline"):
+                self._baseline()
+            self._save()
+        if records.warm is None:
+            with self.timer.phase("ax"):
+                records.warm = warm.start(self.config, self.optimizer, self.parent_run, self.resources)
+            self._save()
+        self._loop()
+        if self.search.replicates is not None and not records.stop_reason:
+            self._replicate()
 
-    def _open(self, run: tracking.TrackedRun, loaded: SearchState | None) -> SearchState:
-        """A new search's records (and its config on the run), or a resumed one's, reconciled."""
-        if loaded is None:
-            state = SearchState(parent_run_id=run.run_id, n_trials=self.search.n_trials)
+    def _end_session(self) -> None:
+        self.records.wall_seconds += self.clock() - self.t_session
+        self._save()
+
+    def _open(self, run: tracking.TrackedRun) -> None:
+        """A new search's config on its run, or a resumed one's records reconciled with MLflow."""
+        records = self.records
+        if self.resume is None:
+            records.parent_run_id = run.run_id
             run.log_params(
                 {f"search.{k}": v for k, v in flatten(self.search.model_dump(mode="json")).items()}
             )
             run.log_text(to_yaml(self.config, f"resolved config of search {run.run_id}"), names.CONFIG_FILE)
         else:
-            state = loaded
-            state.n_trials = self.search.n_trials
-            state.stop_reason = ""  # this session's own, if it stops early too
-            store.reconcile(self.optimizer, state)
-        state.sessions += 1
-        self.optimizer.noise_sd = state.noise_sd
-        return state
+            records.n_trials = self.search.n_trials
+            records.stop_reason = ""  # this session's own, if it stops early too
+            journal.reconcile(self.optimizer, records)
+        records.sessions += 1
+        self.optimizer.noise_sd = records.noise_sd
 
     def _check_early_stopping(self) -> None:
         """One warning line now (and a note in the report) when the early-stopping rule can never
@@ -172,9 +179,7 @@ class Search:
 
     def _baseline(self) -> None:
         """Run (or reuse) the baseline and give it to Ax as the status-quo arm."""
-        record = baseline.find_or_train(
-            self.config, self.parent_run, self.executor, self.resources, self._echo
-        )
+        record = baseline.find_or_train(self.config, self.parent_run, self.executor, self.resources)
         record.in_search_space = self.optimizer.in_search_space(record.parameters)
         if record.in_search_space:
             last = (
@@ -183,56 +188,57 @@ class Search:
                 else None
             )
             self.optimizer.attach_baseline(record.parameters, self.optimizer.ax_metrics(record.metrics), last)
-        self.state.baseline = record
+        self.records.baseline = record
         self.parent_run.set_tags({names.SEARCH_BASELINE_RUN: record.run_id})
         self.parent_run.log_metrics({names.BASELINE_EVAL_LOSS: record.eval_loss}, step=0, flush=True)
 
-    def _loop(self, t_session: float) -> None:
-        self.t_session = t_session
-        state = self.state
-        while len(state.finished()) < state.n_trials:
-            if STOP_REQUESTED.is_set():
-                raise _Interrupted("stop requested between trials")
+    def _loop(self) -> None:
+        records = self.records
+        while len(records.finished()) < records.n_trials:
+            interrupt.raise_if_requested("stop requested between trials")
             spent = self._budget_spent()
             if spent:
-                state.stop_reason = spent
-                self._echo(f"stopping: {state.stop_reason}")
+                records.stop_reason = spent
+                console.say(f"stopping: {records.stop_reason}")
                 return
             self._fill()
             with self.timer.phase("trials"):
                 outcome = self.executor.wait_any()
             record = self.pending.pop(outcome.job.index)
+            if outcome.result is not None:  # a trial without a metric the search needs ends it
+                baseline.require_metrics(outcome.result.metrics, self.search, f"trial {record.index}")
             self._record(record, outcome)
+            if outcome.status == KILLED:  # the trial's worker was interrupted: so is the search
+                raise outcome.error if isinstance(outcome.error, KeyboardInterrupt) else KeyboardInterrupt()
+            self._keep_best_adapter()
             # No save here: the next trial's submit saves (Ax's JSON is most of a save's cost, and
             # on short trials it showed), and so does every way out of the loop. A crash in
             # between loses nothing: the trial's run has ended with its status and metrics, and
-            # resume takes it from there (store.reconcile).
-            self._progress(record, t_session, outcome.where)
+            # resume takes it from there (journal.reconcile).
+            self._progress(record, outcome.where)
             self._check_failure_rate()
             if self.optimizer.broken:
                 raise SearchAborted(f"search stopped: {self.optimizer.broken}")
 
     def _replicate(self) -> None:
         """The seed replicates (`search.replicates`), then their means and sems to Ax."""
-        runner = replicates.Runner(
-            self.executor, self.started, self.clock, self._budget_spent, self._save, self._echo
-        )
+        runner = replicates.Runner(self.executor, self.started, self.clock, self._budget_spent, self._save)
         replicates.replicate(
-            self.config, self.state, self.optimizer, self.parent_run.run_id, runner, self.timer
+            self.config, self.records, self.optimizer, self.parent_run.run_id, runner, self.timer
         )
         self._save()
 
     def _fill(self) -> None:
         """Give every idle worker a trial: interrupted trials' configs first, then one batch from
         Ax for the rest (locally: one trial at a time, as always)."""
-        state = self.state
-        want = min(self.executor.idle(), state.n_trials - len(state.finished()) - len(self.pending))
+        records = self.records
+        want = min(self.executor.idle(), records.n_trials - len(records.finished()) - len(self.pending))
         if want <= 0:
             return
         running = [t.parameters for t in self.pending.values()]
-        retries = [p for p in state.retry if p not in running][:want]
+        retries = [p for p in records.retry if p not in running][:want]
         with self.timer.phase("ax"):
-            batch = [(self.optimizer.retry(p), dict(p), "retry") for p in retries]
+            batch = [Proposal(self.optimizer.retry(p), dict(p), "retry") for p in retries]
             if want > len(batch):
                 batch += self.optimizer.ask_batch(want - len(batch))
         if not batch and not self.pending:
@@ -242,53 +248,51 @@ class Search:
 
     def _submit(self, index: int, params: dict[str, Any], method: str) -> None:
         """Record the trial (its config survives a crash from here on), then start it."""
-        state = self.state
+        records = self.records
         record = TrialRecord(index=index, parameters=params, generation_method=method)
-        record.run_name = trial_name(len(state.finished()) + len(self.pending) + 1, params, method)
-        state.trials.append(record)
+        record.run_name = trial_name(len(records.finished()) + len(self.pending) + 1, params, method)
+        records.trials.append(record)
         self._save()
         tags = {names.AX_TRIAL_INDEX: index, names.AX_GENERATION_METHOD: method}
         spec = RunSpec(names.ROLE_TRIAL, record.run_name, self.parent_run.run_id, tags)
         self.pending[index], self.started[index] = record, self.clock()
         self.executor.submit(TrialJob(index, self.trial_base, params, spec), self._on_eval)
 
-    def _on_eval(self, index: int, step: int, examples: int, loss: float) -> bool:
+    def _on_eval(self, event: EvalEvent) -> bool:
         """Each evaluation of a running trial goes to Ax at its progression (steps or examples
         seen, `search.early_stopping.progression`); Ax's answer: stop the trial early? A spent
         budget stops it too."""
+        loss = event.metrics[names.EVAL_LOSS]
         if not math.isfinite(loss):
             return False
-        at = examples if progression_unit(self.config) == "examples" else step
-        stop = self.optimizer.report_evaluation(index, at, loss)
+        stop = self.optimizer.report_evaluation(event.trial, event.at(progression_unit(self.config)), loss)
         if not stop and self._budget_spent():
-            self.pending[index].stopped_by = "budget"
+            self.pending[event.trial].stopped_by = "budget"
             return True
         return stop
 
     def _budget_spent(self) -> str | None:
         """Why the search must stop now (a spent budget), or None."""
-        search, now = self.search, self.clock()
-        elapsed = self.state.wall_seconds + now - self.t_session
-        if search.budget_minutes and elapsed >= search.budget_minutes * 60:
-            return f"wall-clock budget of {search.budget_minutes:g} minutes spent"
-        if search.budget_gpu_hours:
-            running = sum(now - t for t in self.started.values()) * self.executor.devices_per_trial
-            used = (self.state.device_seconds() + running) / 3600
-            if used >= search.budget_gpu_hours:
-                return f"device budget of {search.budget_gpu_hours:g} device-hours spent ({used:.3g} used)"
-        return None
+        return budget.spent(
+            self.search,
+            self.records,
+            self.clock(),
+            self.t_session,
+            self.started,
+            self.executor.devices_per_trial,
+        )
 
-    def _record(self, record: TrialRecord, outcome: TrialOutcome) -> None:
+    def _record(self, record: TrialRecord, outcome: JobOutcome) -> None:
         """Feed a finished trial back to Ax and into its record (its run tagged itself)."""
-        state, index = self.state, record.index
+        records, index = self.records, record.index
         record.wall_seconds = outcome.wall_seconds
         record.device_seconds = (self.clock() - self.started.pop(index)) * self.executor.devices_per_trial
         record.run_id = outcome.run_id or record.run_id
         if outcome.status == KILLED:
             self._mark_killed(record)
-            raise outcome.error if isinstance(outcome.error, KeyboardInterrupt) else _Interrupted()
-        if record.generation_method == "retry" and record.parameters in state.retry:
-            state.retry.remove(record.parameters)
+            return
+        if record.generation_method == "retry" and record.parameters in records.retry:
+            records.retry.remove(record.parameters)
         if outcome.status in (FAILED, ABANDONED):
             record.status, record.failure_reason = outcome.status, outcome.reason
             if outcome.status == ABANDONED:
@@ -299,38 +303,37 @@ class Search:
         result = outcome.result
         if result.status != EARLY_STOPPED:
             record.stopped_by = None  # the budget asked at the last evaluation, which ends it anyway
-        baseline.require_metrics(result.metrics, self.search, f"trial {index}")
         record.eval_loss, record.metrics, record.evals = result.eval_loss, result.metrics, result.evals
         record.steps, record.max_steps = result.steps, result.max_steps
         record.eval_fingerprint, record.adapter_dir = result.eval_fingerprint, str(result.adapter_dir)
         with self.timer.phase("ax"):
+            at = progression(self.config, result.steps, result.examples_per_step)
             self.optimizer.complete(
-                index, self.optimizer.ax_metrics(result.metrics), result.steps, result.status == EARLY_STOPPED
+                index, self.optimizer.ax_metrics(result.metrics), at, result.status == EARLY_STOPPED
             )
         record.status = result.status
-        self._keep_best_adapter()
 
     def _keep_best_adapter(self) -> None:
         """Keep the local adapter of the best trial so far (the registry takes it from there);
         the others are on their runs."""
-        best = best_trial(self.state, self.search)
-        for t in self.state.trials:
+        best = best_trial(self.records, self.search)
+        for t in self.records.trials:
             if t.adapter_dir and t is not best:
                 discard_local_adapter(t.adapter_dir)
                 t.adapter_dir = None
 
-    def _progress(self, record: TrialRecord, t_session: float, where: str = "") -> None:
-        state = self.state
-        n = len(state.finished())
-        best = best_trial(state, self.search)
+    def _progress(self, record: TrialRecord, where: str = "") -> None:
+        records = self.records
+        n = len(records.finished())
+        best = best_trial(records, self.search)
         metrics = {}
         if record.eval_loss is not None:
             metrics[names.TRIAL_EVAL_LOSS] = record.eval_loss
         if best is not None:
             metrics[names.BEST_EVAL_LOSS] = best.eval_loss
         self.parent_run.log_metrics(metrics, step=n, flush=True)
-        elapsed = state.wall_seconds + self.clock() - t_session
-        eta = elapsed / max(n, 1) * (state.n_trials - n)
+        elapsed = records.wall_seconds + self.clock() - self.t_session
+        eta = elapsed / max(n, 1) * (records.n_trials - n)
         loss = f"{record.eval_loss:.4f}" if record.eval_loss is not None else "-"
         best_text = f"best {best.eval_loss:.4f} ({best.run_name.split()[0]})" if best else "best -"
         failure = (
@@ -338,8 +341,8 @@ class Search:
             if record.failure_reason and record.status != COMPLETED
             else ""
         )
-        self._echo(
-            f"[{n}/{state.n_trials}] {record.run_name} | eval_loss {loss} {record.status} | {best_text} | "
+        console.say(
+            f"[{n}/{records.n_trials}] {record.run_name} | eval_loss {loss} {record.status} | {best_text} | "
             f"{duration(elapsed)} elapsed, ETA {duration(eta)}{failure}"
         )
 
@@ -355,11 +358,11 @@ class Search:
         line to run again."""
         record.status, record.failure_reason = KILLED, "interrupted"
         self.optimizer.fail(record.index, "interrupted")
-        if record.parameters not in self.state.retry:
-            self.state.retry.insert(0, record.parameters)
+        if record.parameters not in self.records.retry:
+            self.records.retry.insert(0, record.parameters)
 
     def _check_failure_rate(self) -> None:
-        done = self.state.finished()
+        done = self.records.finished()
         bad = [t for t in done if t.status in (FAILED, ABANDONED)]
         if len(done) >= 3 and len(bad) / len(done) >= self.search.max_failure_rate:
             raise SearchAborted(
@@ -369,13 +372,13 @@ class Search:
 
     def _finish(self) -> SearchResult:
         """The end: best trial, summary metrics, best_config.yaml, registry, report."""
-        return finish(self.config, self.state, self.optimizer, self.parent_run, self.dir, self.timer)
+        return finish(self.config, self.records, self.optimizer, self.parent_run, self.dir, self.timer)
 
     # --- helpers ---------------------------------------------------------------------------
 
     def _save(self) -> None:
         with self.timer.phase("state"):
-            store.save(self.parent_run, self.optimizer, self.state, self.dir)
+            journal.save(self.parent_run, self.optimizer, self.records, self.dir)
 
     def _tracking(self) -> Any:
         return self.config.tracking.model_copy(update={"log_system_metrics": False})
@@ -392,7 +395,3 @@ class Search:
             names.GIT_COMMIT: git_commit(Path(__file__).parent),
             names.PACKAGE_VERSIONS: json.dumps(package_versions(), sort_keys=True),
         }
-
-    def _echo(self, message: str) -> None:
-        """Progress lines go to stdout, also with --quiet: one line per trial is what CI logs want."""
-        print(message, flush=True)

@@ -12,8 +12,8 @@ from pipeline import names
 from pipeline.config import PipelineConfig
 from pipeline.plotting import plt, save, ticker
 from pipeline.search.evidence import Evidence
+from pipeline.search.journal import COMPLETED, SearchState
 from pipeline.search.replicates import BASELINE
-from pipeline.search.state import COMPLETED, SearchState
 from pipeline.stats import expected_best
 
 EXPECTED_BEST_PLOT = "expected_best.png"

@@ -13,8 +13,7 @@ from pipeline import lmeval
 from pipeline.config import PipelineConfig, load_config, with_overrides
 from pipeline.device import cannot_run_here
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.search import state as store
-from pipeline.search import warm
+from pipeline.search import journal, warm
 
 
 def search_config(
@@ -30,7 +29,7 @@ def search_config(
     source = str(config_path)
     if resume:
         with tempfile.TemporaryDirectory() as tmp:
-            path = store.fetch_config(resume, config, tmp)
+            path = journal.fetch_config(resume, config, tmp)
             config, source = load_config(path, overrides), f"{path.name} of search run {resume}"
     if config.search is None:
         raise ConfigError(source, ["search: the config has no search section (see configs/demo-cpu.yaml)"])

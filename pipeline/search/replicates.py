@@ -22,16 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import names
+from pipeline import console, names
 from pipeline.config import PipelineConfig
-from pipeline.search.executor import Executor, TrialJob, TrialOutcome
+from pipeline.search.executor import Executor, JobOutcome, TrialJob
+from pipeline.search.journal import COMPLETED, KILLED, RUNNING, ReplicateRecord, SearchState, TrialRecord
 from pipeline.search.space import Optimizer
-from pipeline.search.state import COMPLETED, KILLED, RUNNING, ReplicateRecord, SearchState, TrialRecord
 from pipeline.search.stopping import progression
 from pipeline.search.summary import feasible
+from pipeline.serving import discard_local_adapter
 from pipeline.stats import mean_sem, pooled_sd
 from pipeline.timing import PhaseTimer
-from pipeline.trial import RunSpec, discard_local_adapter
+from pipeline.trial import RunSpec
 
 BASELINE = "baseline"
 
@@ -66,8 +67,18 @@ def choose(config: PipelineConfig, state: SearchState, optimizer: Optimizer) -> 
     records = []
     for seed in replicate_seeds(config):
         if state.baseline is not None:
-            records.append(ReplicateRecord(BASELINE, seed, dict(state.baseline.parameters), "the baseline"))
-        records += [ReplicateRecord(str(t.index), seed, dict(t.parameters), why) for t, why in chosen]
+            records.append(
+                ReplicateRecord(
+                    of=BASELINE,
+                    seed=seed,
+                    parameters=dict(state.baseline.parameters),
+                    chosen_by="the baseline",
+                )
+            )
+        records += [
+            ReplicateRecord(of=str(t.index), seed=seed, parameters=dict(t.parameters), chosen_by=why)
+            for t, why in chosen
+        ]
     return records
 
 
@@ -91,14 +102,13 @@ def job(record: ReplicateRecord, number: int, base: PipelineConfig, parent_run_i
 class Runner:
     """What running replicates takes from the search: its executor, the clock of its running
     jobs (`started`, which the device budget counts), its budget check, and how it saves the
-    records and prints progress."""
+    records."""
 
     executor: Executor
     started: dict[int, float]
     clock: Callable[[], float]
     budget_spent: Callable[[], str | None]
     save: Callable[[], None]
-    echo: Callable[[str], None]
 
 
 def replicate(
@@ -117,13 +127,13 @@ def replicate(
         runner.save()
         chosen = dict.fromkeys(f"{r.of} ({r.chosen_by})" for r in state.replicates)
         seeds = ", ".join(map(str, replicate_seeds(config)))
-        runner.echo(f"replicates: {', '.join(chosen)} on seeds {seeds}")
+        console.say(f"replicates: {', '.join(chosen)} on seeds {seeds}")
     base = config.model_copy(update={"search": None})
     with timer.phase("trials"):
         spent = run(state.replicates, base, parent_run_id, runner)
     if spent:
         state.stop_reason = f"{spent} (during the seed replicates)"
-        runner.echo(f"stopping: {state.stop_reason}")
+        console.say(f"stopping: {state.stop_reason}")
     with timer.phase("ax"):
         tell_ax(config, state, optimizer)
 
@@ -156,14 +166,14 @@ def run(
         _record(record, outcome)
         done += 1
         value = f"eval_loss {record.eval_loss:.4f}" if record.eval_loss is not None else record.status
-        runner.echo(f"[replicate {done}/{total}] {outcome.job.spec.name} | {value}")
+        console.say(f"[replicate {done}/{total}] {outcome.job.spec.name} | {value}")
         runner.save()
         if record.status == KILLED:
             raise outcome.error if isinstance(outcome.error, KeyboardInterrupt) else KeyboardInterrupt()
     return None
 
 
-def _record(record: ReplicateRecord, outcome: TrialOutcome) -> None:
+def _record(record: ReplicateRecord, outcome: JobOutcome) -> None:
     record.run_id = outcome.run_id
     record.wall_seconds = outcome.wall_seconds
     if outcome.result is None:

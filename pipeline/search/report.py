@@ -17,7 +17,7 @@ from pipeline import names
 from pipeline.config import PipelineConfig
 from pipeline.search import noise_report, plots
 from pipeline.search.evidence import Evidence
-from pipeline.search.state import COMPLETED, KILLED, SearchState, TrialRecord
+from pipeline.search.journal import COMPLETED, KILLED, SearchState, TrialRecord
 from pipeline.search.stopping import progression_unit
 from pipeline.search.summary import (
     best_so_far,

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ax.api import ChoiceParameterConfig, Client, RangeParameterConfig
 from ax.core.trial_status import TrialStatus
 from ax.early_stopping.strategies import PercentileEarlyStoppingStrategy
 from ax.utils.common.logger import set_ax_logger_levels
 
-from pipeline import names
+from pipeline import console, names
 from pipeline.config import PipelineConfig, SearchConfig, value_kind
 from pipeline.errors import ConfigError, SearchAborted
 from pipeline.search.stopping import stopping_plan
@@ -28,13 +28,18 @@ from pipeline.search.stopping import stopping_plan
 set_ax_logger_levels(logging.WARNING)
 
 
-def _say(message: str) -> None:
-    print(message, flush=True)
-
-
 CASTS = {"int": int, "float": float, "bool": bool, "str": str}
 ES_LOGGER = "ax.early_stopping.strategies.base"  # where Ax 1.3 says early stopping gave up
 MAX_DUPLICATE_PROPOSALS = 5
+
+
+class Proposal(NamedTuple):
+    """A trial Ax proposes: its index, the parameters, and how they were generated (Sobol, BoTorch,
+    retry)."""
+
+    index: int
+    parameters: dict[str, Any]
+    method: str
 
 
 class _AxWarnings(logging.Handler):
@@ -135,10 +140,9 @@ def early_stopping_strategy(config: PipelineConfig) -> PercentileEarlyStoppingSt
 class Optimizer:
     """The search's Ax Client, in the verbs the loop needs. One owner: the search's driver."""
 
-    def __init__(self, client: Client, config: PipelineConfig, echo: Callable[[str], None] = _say):
+    def __init__(self, client: Client, config: PipelineConfig):
         self.client = client
         self.config = config
-        self.echo = echo
         self.early_stopping = early_stopping_strategy(config)
         if self.early_stopping is not None:
             client.set_early_stopping_strategy(self.early_stopping)
@@ -152,14 +156,14 @@ class Optimizer:
         self.noise_sd: dict[str, float] = {}
 
     @classmethod
-    def create(cls, config: PipelineConfig, echo: Callable[[str], None] = _say) -> Optimizer:
-        return cls(build_client(config.search, name=config.tracking.experiment_name), config, echo)
+    def create(cls, config: PipelineConfig) -> Optimizer:
+        return cls(build_client(config.search, name=config.tracking.experiment_name), config)
 
     @classmethod
-    def load(cls, path: Path, config: PipelineConfig, echo: Callable[[str], None] = _say) -> Optimizer:
+    def load(cls, path: Path, config: PipelineConfig) -> Optimizer:
         client = Client.load_from_json_file(str(path))
         client._random_seed = config.search.seed  # not kept in Ax's JSON
-        return cls(client, config, echo)
+        return cls(client, config)
 
     def save(self, path: Path) -> None:
         """Ax's JSON, written atomically (a crash mid-write leaves the previous file whole)."""
@@ -169,27 +173,27 @@ class Optimizer:
 
     # --- trials ---------------------------------------------------------------------------
 
-    def ask(self) -> tuple[int, dict[str, Any], str]:
-        """The next trial Ax proposes: (index, parameters, generation method)."""
+    def ask(self) -> Proposal:
+        """The next trial Ax proposes."""
         proposed = self.ask_batch(1)
         if not proposed:
             raise SearchAborted("Ax proposed no trial: the search space has no configuration left to try")
         return proposed[0]
 
-    def ask_batch(self, n: int) -> list[tuple[int, dict[str, Any], str]]:
+    def ask_batch(self, n: int) -> list[Proposal]:
         """Up to `n` trials from one `get_next_trials(max_trials=n)` (for `n` idle workers: with
         BoTorch, a joint batch that knows of the pending trials); fewer when Ax has no more now.
 
         A proposal whose parameters were measured already (Ax deduplicates against every arm but
         those of failed trials) is abandoned and Ax asked again: a second trial of one arm would
         make Ax's early stopping give up for the rest of the search."""
-        out: list[tuple[int, dict[str, Any], str]] = []
+        out: list[Proposal] = []
         for _ in range(MAX_DUPLICATE_PROPOSALS):
             proposed = self.client.get_next_trials(max_trials=n - len(out))
             for index, params in proposed.items():
                 twin = self._measured_twin(index)
                 if twin is None:
-                    out.append((index, dict(params), self.generation_method(index)))
+                    out.append(Proposal(index, dict(params), self.generation_method(index)))
                     continue
                 self.note(f"Ax proposed trial {twin}'s parameters again as trial {index}; not run")
                 self.client.mark_trial_abandoned(index)
@@ -318,7 +322,7 @@ class Optimizer:
         self._drop_data(index)
 
     def note(self, message: str) -> None:
-        self.echo(message)
+        console.say(message)
         self.notes.append(message)
 
     def _drop_data(self, index: int) -> None:

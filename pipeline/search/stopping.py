@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline import names
+from pipeline import events, names
 from pipeline.config import PipelineConfig
 
 
@@ -27,8 +27,8 @@ def progression_unit(config: PipelineConfig) -> str:
 
 
 def progression(config: PipelineConfig, step: int, examples_per_step: int) -> int:
-    """A trial's progression at `step`, in the search's unit."""
-    return step * examples_per_step if progression_unit(config) == "examples" else step
+    """A trial's progression at `step`, in the search's unit (`events.progression`)."""
+    return events.progression(progression_unit(config), step, examples_per_step)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import names
 from pipeline.config import OutcomeConstraint, PipelineConfig, SearchConfig
-from pipeline.search.state import (
+from pipeline.search.journal import (
     ABANDONED,
     COMPLETED,
     EARLY_STOPPED,
@@ -199,60 +199,63 @@ def parameter_effects(search: SearchConfig, state: SearchState) -> list[str]:
     lines = [f"Over the {len(scored)} completed trials (early-stopped ones trained for fewer steps):", ""]
     top = sorted(scored, key=lambda t: t.eval_loss)[:5]
     for name, spec in search.parameters.items():
-        if spec.type == "fixed":
-            continue
-        values = [t.parameters.get(name) for t in scored]
         if spec.type == "choice":
-            groups: dict[Any, list[float]] = {}
-            for t in scored:
-                groups.setdefault(t.parameters.get(name), []).append(t.eval_loss)
-            parts = [
-                f"{fmt(v)}: mean {statistics.fmean(ls):.4f}, best {min(ls):.4f} (n={len(ls)})"
-                if len(ls) >= MIN_PER_VALUE
-                else f"{fmt(v)}: insufficient data (n={len(ls)})"
-                for v, ls in sorted(groups.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
-            ]
-            # A mean of one or two noisy runs says little: only values with enough trials rank.
-            enough = {v: ls for v, ls in groups.items() if len(ls) >= MIN_PER_VALUE}
-            best_value = min(enough, key=lambda v: statistics.fmean(enough[v])) if enough else None
-            lines.append(
-                f"- **{name}**: eval_loss by value: {'; '.join(parts)}."
-                + (f" Lowest mean at {fmt(best_value)}." if len(enough) > 1 else "")
-            )
-        else:
-            xs = [float(v) for v in values]
-            rho = spearman(
-                [math.log(x) if spec.log and x > 0 else x for x in xs], [t.eval_loss for t in scored]
-            )
-            top_vals = [float(t.parameters[name]) for t in top]
-            text = (
-                f"- **{name}**: the top {len(top)} trials span {fmt(min(top_vals))} to {fmt(max(top_vals))}"
-                if top
-                else f"- **{name}**:"
-            )
-            if rho is not None:
-                direction = "lower" if rho > 0 else "higher"
-                text += f"; rank correlation with eval_loss {rho:+.2f} ({direction} values did better)"
-            lines.append(text + ".")
+            lines.append(_choice_effect(name, scored))
+        elif spec.type != "fixed":
+            lines.append(_range_effect(name, spec.log, scored, top))
     params = search.parameters
     if "lora.r" in params and ("lora.alpha" in params or "lora.alpha_ratio" in params) and top:
-        ratios = [
-            float(t.parameters.get("lora.alpha", 0) or 0) / float(t.parameters["lora.r"])
-            if "lora.alpha" in t.parameters
-            else float(t.parameters["lora.alpha_ratio"])
-            for t in top
-        ]
-        all_ratios = [
-            float(t.parameters["lora.alpha"]) / float(t.parameters["lora.r"])
-            if "lora.alpha" in t.parameters
-            else float(t.parameters["lora.alpha_ratio"])
-            for t in scored
-        ]
+        ratios, all_ratios = _alpha_ratios(top), _alpha_ratios(scored)
         lines.append(
             f"- **rank:alpha**: alpha/r of the top {len(top)} trials: {', '.join(f'{r:g}' for r in ratios)} "
             f"(median {statistics.median(ratios):g}; over all scored trials the median is {statistics.median(all_ratios):g})."
         )
     return lines
+
+
+def _choice_effect(name: str, scored: list[TrialRecord]) -> str:
+    """Mean and best eval_loss per value of a choice parameter (values with too few trials say so)."""
+    groups: dict[Any, list[float]] = {}
+    for t in scored:
+        groups.setdefault(t.parameters.get(name), []).append(t.eval_loss)
+    parts = [
+        f"{fmt(v)}: mean {statistics.fmean(ls):.4f}, best {min(ls):.4f} (n={len(ls)})"
+        if len(ls) >= MIN_PER_VALUE
+        else f"{fmt(v)}: insufficient data (n={len(ls)})"
+        for v, ls in sorted(groups.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
+    ]
+    # A mean of one or two noisy runs says little: only values with enough trials rank.
+    enough = {v: ls for v, ls in groups.items() if len(ls) >= MIN_PER_VALUE}
+    best_value = min(enough, key=lambda v: statistics.fmean(enough[v])) if enough else None
+    return f"- **{name}**: eval_loss by value: {'; '.join(parts)}." + (
+        f" Lowest mean at {fmt(best_value)}." if len(enough) > 1 else ""
+    )
+
+
+def _range_effect(name: str, log: bool, scored: list[TrialRecord], top: list[TrialRecord]) -> str:
+    """Where the top trials' values lie, and the rank correlation of the value with eval_loss."""
+    xs = [float(t.parameters.get(name)) for t in scored]
+    rho = spearman([math.log(x) if log and x > 0 else x for x in xs], [t.eval_loss for t in scored])
+    top_vals = [float(t.parameters[name]) for t in top]
+    text = (
+        f"- **{name}**: the top {len(top)} trials span {fmt(min(top_vals))} to {fmt(max(top_vals))}"
+        if top
+        else f"- **{name}**:"
+    )
+    if rho is not None:
+        direction = "lower" if rho > 0 else "higher"
+        text += f"; rank correlation with eval_loss {rho:+.2f} ({direction} values did better)"
+    return text + "."
+
+
+def _alpha_ratios(trials: list[TrialRecord]) -> list[float]:
+    """alpha / r of each trial (its alpha_ratio where the search sets alpha that way)."""
+    return [
+        float(t.parameters.get("lora.alpha", 0) or 0) / float(t.parameters["lora.r"])
+        if "lora.alpha" in t.parameters
+        else float(t.parameters["lora.alpha_ratio"])
+        for t in trials
+    ]
 
 
 def recommendations(

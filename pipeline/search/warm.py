@@ -21,13 +21,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from pipeline import names, tracking
+from pipeline import console, names, tracking
 from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, to_dict, values_at, with_overrides
 from pipeline.config.search import ParameterSpec
 from pipeline.errors import PipelineError
 from pipeline.resources import Resources, identity
+from pipeline.search.journal import WarmTrial
 from pipeline.search.space import Optimizer
-from pipeline.search.state import WarmTrial
 from pipeline.search.stopping import progression
 
 # Keys that do not decide a trial's numbers (scratch folders).
@@ -134,7 +134,6 @@ def attach(
     optimizer: Optimizer,
     sources: list[tracking.RunRecord],
     me: dict[str, str],
-    echo: Callable[[str], None],
 ) -> list[WarmTrial]:
     """Attach every usable trial of the `sources` searches to Ax; all of them, with what became
     of each, in the order attached."""
@@ -177,7 +176,7 @@ def attach(
             warm.skipped = why
             out.append(warm)
         used = sum(w.attached for w in out if w.source_search == source.run_id)
-        echo(f"warm start: {used} of {len(runs)} trials of search {source.run_id} attached to Ax")
+        console.say(f"warm start: {used} of {len(runs)} trials of search {source.run_id} attached to Ax")
     return out
 
 
@@ -186,7 +185,6 @@ def start(
     optimizer: Optimizer,
     parent: tracking.TrackedRun,
     resources: Resources,
-    echo: Callable[[str], None],
 ) -> list[WarmTrial]:
     """The warm start of a new search (nothing when `search.warm_start` is empty): trials
     attached to Ax, the sources linked from the parent run."""
@@ -194,7 +192,7 @@ def start(
         return []
     sources = check_sources(config)
     me = identity(config.model_copy(update={"search": None}), resources)
-    out = attach(config, optimizer, sources, me, echo)
+    out = attach(config, optimizer, sources, me)
     parent.set_tags({names.SEARCH_WARM_START: ",".join(s.run_id for s in sources)})
     return out
 

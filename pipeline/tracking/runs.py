@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from pipeline import names
+from pipeline import names, outer_run
 from pipeline.config import TrackingConfig
 from pipeline.data import DataSplit
 from pipeline.errors import one_line
@@ -126,7 +125,7 @@ def start_run(
     # a new name put runs into `Default` (reproduced with mlflow 3.17).
     use_store(cfg) if parent_run_id else setup(cfg)
     if resume_run_id:
-        outer = os.environ.pop("MLFLOW_RUN_ID", None)
+        outer = outer_run.take_outer_run()
         if outer and outer != resume_run_id:
             MlflowClient().set_tag(outer, names.SEARCH_RESUMED_INTO, resume_run_id)
             MlflowClient().set_tag(outer, names.NOTE, f"This invocation resumed search run {resume_run_id}.")

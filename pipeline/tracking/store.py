@@ -10,6 +10,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import outer_run
 from pipeline.config import TrackingConfig
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -59,7 +60,7 @@ def setup(cfg: TrackingConfig) -> str:
     mlflow.set_tracking_uri(uri)
     # Under `mlflow run` the run (and so its experiment) already exists, and nested runs go to
     # their parent's experiment: only pick the configured experiment when neither holds.
-    if not os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
+    if not outer_run.outer_run_id() and mlflow.active_run() is None:
         _ensure_experiment(uri, cfg.experiment_name)
         mlflow.set_experiment(cfg.experiment_name)
     return uri
@@ -92,7 +93,7 @@ def run_url(experiment_id: str, run_id: str) -> str:
 
 def current_experiment_id(cfg: TrackingConfig) -> str | None:
     """The experiment runs go to now: that of the run `mlflow run` made, else the configured one."""
-    outer = os.environ.get("MLFLOW_RUN_ID")
+    outer = outer_run.outer_run_id()
     if outer:
         return MlflowClient().get_run(outer).info.experiment_id
     exp = MlflowClient().get_experiment_by_name(cfg.experiment_name)

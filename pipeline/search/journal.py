@@ -1,4 +1,4 @@
-"""The search's records and their life on disk.
+"""The search's journal: its records, and their life on disk.
 
 The records are plain and JSON round-trippable. After every change the search saves them with
 Ax's own JSON, locally (each file written to a temporary name, then moved into place, so a crash
@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline import names, tracking
 from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, load_config, to_dict
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, SearchFinished
 from pipeline.search.space import Optimizer
 from pipeline.search.stopping import progression
 
@@ -30,7 +30,7 @@ ABANDONED, KILLED, RUNNING = names.ABANDONED, names.KILLED, names.RUNNING
 CRASHED = "interrupted: the search process stopped"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrialRecord:
     index: int  # Ax trial index
     parameters: dict[str, Any]
@@ -60,7 +60,7 @@ class TrialRecord:
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BaselineRecord:
     run_id: str
     parameters: dict[str, Any]
@@ -73,7 +73,7 @@ class BaselineRecord:
     why: str = ""  # why it was reused, or why it was trained
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReplicateRecord:
     """One seed replicate: a replicated configuration (an Ax trial's, or the baseline's) trained
     again with another train.seed, after the search's trials."""
@@ -243,6 +243,18 @@ FROZEN_ON_RESUME = (
     "search.warm_start",  # attached once, when the search started
 )
 FREE_ON_RESUME = ("train.output_dir",)  # scratch, not a result (see config_fingerprint)
+
+
+def refuse_finished(run_id: str, records: SearchState, n_trials: int) -> None:
+    """SearchFinished, before any run is opened, when the search ran all its trials and ended
+    (a search interrupted while finishing, or given more --n-trials, goes on)."""
+    done = len(records.finished())
+    run = tracking.get_run(run_id)
+    if done >= n_trials and run is not None and run.status == "FINISHED":
+        raise SearchFinished(
+            f"search run {run_id} has finished ({done} of {n_trials} trials); nothing to do (give "
+            "--n-trials more than that to run more trials)"
+        )
 
 
 def _refuse_changed_settings(parent_run_id: str, config: PipelineConfig) -> None:
