@@ -42,7 +42,7 @@ class Measured:
 
 
 class StepTimer(TrainerCallback):
-    """Time inside optimizer steps, measured as the pipeline's StreamingCallback measures it."""
+    """Time inside optimizer steps, measured as the pipeline's callbacks.StreamMetrics measures it."""
 
     def __init__(self) -> None:
         self.seconds = 0.0

@@ -97,13 +97,17 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(autouse=True)
 def _isolated_store(tmp_path, monkeypatch):
-    """A fresh sqlite tracking store per test; no run id leaks in from the environment."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    """A fresh sqlite tracking store per test; no run id leaks in from the environment, and no
+    store from an earlier test's `mlflow.set_tracking_uri` (MLflow keeps it process-wide)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     yield
-    import mlflow
 
     while mlflow.active_run():
         mlflow.end_run()

@@ -82,3 +82,24 @@ def differences(expected: dict[str, Any], got: dict[str, Any], trials: int | Non
 def _plain(value: Any) -> Any:
     """JSON round trip: tuples and lists compare alike."""
     return json.loads(json.dumps(value))
+
+
+def children(parent_id: str) -> list:
+    """The child runs of a run (a search's baseline, trials and replicates), oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.start_time ASC"]
+    )
+
+
+def summary_numbers(report: str) -> dict[str, str]:
+    """The bold rows of a report's summary table: {label: value}."""
+    rows = {}
+    for line in report.splitlines():
+        if line.startswith("| **"):
+            key, value = line.split("|")[1:3]
+            rows[key.strip(" *")] = value.strip()
+    return rows

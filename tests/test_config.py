@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
+from pipeline.cli import main
 from pipeline.config import (
     PipelineConfig,
     config_fingerprint,
@@ -20,7 +23,7 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError
 
-from .conftest import DEMO_CONFIG, ROOT
+from .conftest import DEMO_CONFIG, ROOT, tiny_overrides
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -328,3 +331,28 @@ def test_a_wrongly_typed_choice_value_names_the_parameter_and_its_line(tmp_path)
     assert e.value.problems == [
         f"{path}:{row}: search.parameters.lora.r: the key is an integer; the value 'big' is not"
     ]
+
+
+def _cli(tmp_path, capsys, *extra: str) -> tuple[int, list[str]]:
+    args = [
+        "search",
+        "--config",
+        str(DEMO_CONFIG),
+        "--quiet",
+        *[f"--set={o}" for o in tiny_overrides(tmp_path)],
+    ]
+    try:
+        main([*args, *extra])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_bad_noise_settings_are_one_line_and_no_run(tmp_path, capsys):
+    code, err = _cli(tmp_path, capsys, "--set", "search.replicates.seeds=0")
+    assert code == 2 and len(err) == 1 and "search.replicates.seeds: Input should be greater than 0" in err[0]
+    code, err = _cli(tmp_path, capsys, "--set", "registry.confidence=1.5")
+    assert code == 2 and len(err) == 1 and "registry.confidence: Input should be less than 1" in err[0]
+    store = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # this test's own store
+    assert not [r for e in store.search_experiments() for r in store.search_runs([e.experiment_id])]

@@ -10,12 +10,14 @@ from pipeline import names
 from pipeline.errors import PipelineError
 from pipeline.metrics import (
     MemoryMonitor,
+    eval_losses,
     generation_scores,
     gpu_memory_gb,
     load_generation_metric,
     perplexity,
     process_peak_rss_gb,
 )
+from pipeline.resources import Resources
 
 
 class FakeCuda:
@@ -125,3 +127,42 @@ def test_generation_leaves_the_tokenizer_as_it_was(tmp_path):
     assert tok.padding_side == "right"
     tok.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).padding_side == "right"
+
+
+def test_per_example_eval_losses_add_up_to_the_eval_loss(tiny_config):
+    res = Resources()
+    data, model = res.data(tiny_config), None
+    from pipeline.device import plan_device
+
+    base, _ = res.base_model(tiny_config, plan_device(tiny_config.model, tiny_config.train))
+    model = base.model
+    one = eval_losses(model, data.eval, res.tokenizer(tiny_config), 4)
+    assert one.loss == pytest.approx(sum(one.nll) / sum(one.tokens), rel=1e-6)
+    assert one.tokens == tuple(sum(t != -100 for t in e["labels"][1:]) for e in data.eval)
+    # Examples are scored the same whatever their order and batch: keyed by example, not position.
+    back = eval_losses(model, data.eval[::-1], res.tokenizer(tiny_config), 7)
+    assert back.nll[::-1] == pytest.approx(one.nll, rel=1e-5) and back.loss == pytest.approx(one.loss)
+
+
+def test_memory_peaks_are_the_trials_own_and_every_devices():
+    """Peaks are reset per trial after the allocator's cache is emptied (else the reserved peak
+    carries earlier trials' cached blocks), for every visible device, each logged and named."""
+    from pipeline import names
+    from pipeline.metrics import MemoryMonitor, device_tags
+
+    from .test_metrics import FakeCuda
+
+    cuda = FakeCuda(devices=2)
+    monitor = MemoryMonitor(cuda)
+    monitor.start()
+    assert cuda.calls == ["empty_cache", "reset 0", "reset 1"]
+    peaks = monitor.peaks()
+    assert peaks[names.PEAK_GPU_MEM_GB] == 3.0 and peaks[names.PEAK_GPU_RESERVED_GB] == 5.0
+    assert peaks["peak_gpu0_mem_gb"] == 3.0 and peaks["peak_gpu1_mem_gb"] == 6.0
+    assert peaks["peak_gpu1_reserved_gb"] == 10.0
+    assert device_tags(cuda) == {
+        "pipeline.gpu0": "Fake GPU 0, 80.0 GB",
+        "pipeline.gpu1": "Fake GPU 1, 80.0 GB",
+    }
+    one = MemoryMonitor(FakeCuda(devices=1))
+    assert not [k for k in one.peaks() if k.startswith("peak_gpu0")]  # one device: the plain names

@@ -27,8 +27,15 @@ from pipeline.provenance import package_versions
 from pipeline.resources import NUMERICS_PACKAGES
 
 from .conftest import DEMO_CONFIG, in_ci, mlflow_run_command, venv_env
-from .reproduce import EXAMPLE, MACHINE_INDEPENDENT, differences, load_state, summarize
-from .test_search import children, summary_numbers
+from .reproduce import (
+    EXAMPLE,
+    MACHINE_INDEPENDENT,
+    children,
+    differences,
+    load_state,
+    summarize,
+    summary_numbers,
+)
 
 pytestmark = pytest.mark.e2e
 EXPERIMENT = "readme-main-job"

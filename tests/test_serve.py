@@ -86,3 +86,30 @@ def test_the_champion_answers_rest_invocations(tiny_config, tmp_path):
         assert status == 400, answer
     finally:
         stop_group(proc)
+
+
+def test_load_adapter_uses_the_recorded_dtype_and_places_weights_at_load(tiny_config, tmp_path):
+    """The base under a served adapter is loaded in the dtype it was trained in (recorded in
+    pipeline_base.json) and, on a GPU, straight onto it (not loaded on CPU, then moved)."""
+    import json
+
+    import torch
+
+    from pipeline import names
+    from pipeline.device import plan_device
+    from pipeline.model import from_pretrained_kwargs
+    from pipeline.serving import load_adapter
+    from pipeline.trial import run_trial
+
+    result = run_trial(tiny_config, quiet=True)
+    reference = result.adapter_dir / names.BASE_REFERENCE_FILE
+    recorded = json.loads(reference.read_text())
+    assert recorded["dtype"] == "float32"
+    reference.write_text(json.dumps({**recorded, "dtype": "bfloat16"}))  # as if trained in bf16
+    model, _ = load_adapter(result.adapter_dir)
+    assert model.get_base_model().dtype == torch.bfloat16
+    gpu = plan_device(
+        tiny_config.model, tiny_config.train, cuda=True, bf16_supported=True, gpu_name="A100", gpu_count=1
+    )
+    assert from_pretrained_kwargs(tiny_config.model, gpu, for_training=False)["device_map"] == {"": 0}
+    assert "device_map" not in from_pretrained_kwargs(tiny_config.model, gpu, for_training=True)

@@ -241,3 +241,51 @@ def test_training_args_follow_the_config(tiny_config):
     gpu = plan_device(config.model, config.train, cuda=True, bf16_supported=True, gpu_name="H100")
     # Only checks the mapping; TrainingArguments itself refuses bf16 without the hardware.
     assert gpu.precision == "bf16"
+
+
+def test_a_trial_runs_on_one_gpu_unless_the_config_asks_for_more(tiny_config):
+    """With several GPUs visible the HF Trainer wraps the model in DataParallel while eval,
+    generation and the memory peaks use one device: a trial is pinned to the first GPU, says so
+    in its device tag, and train.multi_gpu opts out."""
+    from types import SimpleNamespace
+
+    from pipeline.device import plan_device
+    from pipeline.train import pin_to_plan
+
+    plan = plan_device(
+        tiny_config.model, tiny_config.train, cuda=True, bf16_supported=True, gpu_name="H100", gpu_count=4
+    )
+    assert (plan.gpus, plan.name) == (1, "H100 (1 of 4 visible)")
+    args = pin_to_plan(SimpleNamespace(n_gpu=4, _n_gpu=4), plan)
+    assert args._n_gpu == 1
+    multi = with_overrides(tiny_config, {"train.multi_gpu": True})
+    plan = plan_device(multi.model, multi.train, cuda=True, bf16_supported=True, gpu_name="H100", gpu_count=4)
+    assert (plan.gpus, pin_to_plan(SimpleNamespace(n_gpu=4, _n_gpu=4), plan)._n_gpu) == (4, 4)
+    single = plan_device(
+        tiny_config.model, tiny_config.train, cuda=True, bf16_supported=True, gpu_name="T4", gpu_count=1
+    )
+    assert single.name == "T4" and single.gpus == 1
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_is_switched_on_once_on_the_4bit_path(tiny_config, monkeypatch):
+    """peft's 4-bit preparation switches checkpointing on; the Trainer must not do it again."""
+    from transformers import PreTrainedModel
+
+    from pipeline.trial import run_trial
+
+    calls = []
+    real = PreTrainedModel.activation_checkpointing_enable
+
+    def counting(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", counting)
+    config = with_overrides(tiny_config, {"model.load_in_4bit": True, "train.gradient_checkpointing": True})
+    result = run_trial(config, quiet=True)
+    assert len(calls) == 1, calls
+    assert result.steps == 12
+    calls.clear()
+    run_trial(with_overrides(tiny_config, {"train.gradient_checkpointing": True}), quiet=True)
+    assert len(calls) == 1, calls  # without 4-bit, the Trainer is the one that switches it on

@@ -1,5 +1,5 @@
-"""The search, for real: Ax + nested MLflow runs on the demo model, failures, early stopping,
-resume after SIGTERM and SIGKILL, multi-objective, the promotion gate, bad input."""
+"""The search loop end to end (`pipeline/search/loop.py`): failures, early stopping, interruption
+and resume, the champion."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from pipeline import names
 from pipeline.cli import main
 from pipeline.search import run_search, search_config
 
-from .conftest import DEMO_CONFIG, ROOT, run_cli, tiny_overrides, venv_env
+from ..conftest import DEMO_CONFIG, ROOT, run_cli, tiny_overrides, venv_env
+from ..reproduce import children
 
 MODEL = "tests-lora"
 
@@ -39,14 +40,6 @@ def overrides(tmp_path, **extra) -> list[str]:
     )
 
 
-def children(parent_id: str) -> list:
-    client = MlflowClient()
-    exp = client.get_run(parent_id).info.experiment_id
-    return client.search_runs(
-        [exp], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.start_time ASC"]
-    )
-
-
 def trials_of(parent_id: str) -> list:
     return [r for r in children(parent_id) if r.data.tags.get(names.ROLE) == names.ROLE_TRIAL]
 
@@ -56,18 +49,6 @@ def ax_statuses(tmp_path, parent_id: str) -> dict[int, TrialStatus]:
         str(tmp_path / "search" / parent_id / names.STATE_DIR / names.AX_STATE_FILE)
     )
     return {i: t.status for i, t in client._experiment.trials.items()}
-
-
-def summary_numbers(report: str) -> dict[str, str]:
-    rows = {}
-    for line in report.splitlines():
-        if line.startswith("| **"):
-            key, value = line.split("|")[1:3]
-            rows[key.strip(" *")] = value.strip()
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def _poison(monkeypatch, plan: dict[int, str]):
@@ -101,6 +82,19 @@ def _poison(monkeypatch, plan: dict[int, str]):
     for cls in (callbacks.StreamMetrics, callbacks.StopOnDivergence):
         monkeypatch.setattr(cls, "on_log", nan_loss(cls.on_log))
     return calls
+
+
+def _wait_for(predicate, proc, log, timeout=600, every=1.0):
+    """Poll until predicate() holds; fail at once if the search process ended meanwhile."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"the search exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(every)
+    raise AssertionError("timed out")
 
 
 def test_failed_nan_and_oom_trials_are_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
@@ -200,19 +194,6 @@ def test_early_stopping_stops_a_clearly_bad_trial(tmp_path):
         )
     assert MlflowClient().get_run(result.parent_run_id).data.metrics[names.STEPS_SAVED_PCT] > 0
     assert result.best.status == "completed"
-
-
-def _wait_for(predicate, proc, log, timeout=600, every=1.0):
-    """Poll until predicate() holds; fail at once if the search process ended meanwhile."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        value = predicate()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise AssertionError(f"the search exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        time.sleep(every)
-    raise AssertionError("timed out")
 
 
 @pytest.mark.slow
@@ -373,9 +354,6 @@ def test_a_worse_search_does_not_move_the_champion_and_reuses_the_baseline(tmp_p
     client = MlflowClient()
     assert str(client.get_model_version_by_alias(MODEL, names.CHAMPION_ALIAS).version) == "1"
     assert "not promoted: eval_loss" in (worse.report_dir / names.REPORT_FILE).read_text()
-
-
-# --- bad input: one line, exit 2, nothing registered ------------------------------------------
 
 
 def test_bad_search_input(tmp_path, capsys):

@@ -2,8 +2,7 @@
 
 The unit tests at the top need no cluster. The `distributed` tests start a local Ray cluster
 (2 CPUs) and track to a real `mlflow server` on PostgreSQL with a proxied S3 artifact store
-(tests/servers.py); one also runs `mlflow run . -e search` with 2 workers against sqlite.
-"""
+(tests/servers.py); one also runs `mlflow run . -e search` with 2 workers against sqlite."""
 
 from __future__ import annotations
 
@@ -26,54 +25,12 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.search import distributed
 
-from . import servers
-from .conftest import DEMO_CONFIG, ROOT, mlflow_run_command, run_cli, tiny_overrides, venv_env
-
-# ---------------------------------------------------------------------------------------------
-# No cluster needed
+from .. import servers
+from ..conftest import DEMO_CONFIG, ROOT, mlflow_run_command, run_cli, tiny_overrides, venv_env
 
 
 def _search(tmp_path, **extra):
     return load_config(DEMO_CONFIG, tiny_overrides(tmp_path, **{"search.executor": "ray", **extra})).search
-
-
-def test_worker_plan_follows_the_cluster(tmp_path):
-    plan = distributed._plan
-    cpu_box = {"CPU": 16.0}
-    assert plan(_search(tmp_path), cpu_box, lambda: None) == (1, 0.0, 16.0)
-    assert plan(_search(tmp_path, **{"search.workers": 4}), cpu_box, lambda: None) == (4, 0.0, 4.0)
-    gpu_box = {"CPU": 32.0, "GPU": 8.0}  # one worker per GPU, each pinned to its own
-    assert plan(_search(tmp_path), gpu_box, lambda: None) == (8, 1.0, 4.0)
-    two_per_gpu = _search(tmp_path, **{"search.workers": 16, "search.worker_resources.gpus": 0.5})
-    assert plan(two_per_gpu, gpu_box, lambda: None) == (16, 0.5, 2.0)
-
-    closed = []
-    too_many = _search(tmp_path, **{"search.workers": 9})
-    with pytest.raises(PipelineError) as e:
-        plan(too_many, gpu_box, lambda: closed.append(True))
-    assert str(e.value).startswith(
-        "search.workers: 9 workers x (1 GPU, 3 CPU) need 9 GPUs (the cluster has 8)"
-    )
-    assert closed == [True]  # a cluster the search started is shut down again
-
-
-def test_store_uris_as_workers_see_them(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert distributed.absolute_store_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
-    assert distributed.absolute_store_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
-    assert distributed.absolute_store_uri("mlruns") == str(tmp_path / "mlruns")
-    assert distributed.absolute_store_uri("http://10.0.0.2:5000") == "http://10.0.0.2:5000"
-    assert tracking.is_local_store("sqlite:///mlflow.db") and tracking.is_local_store("mlruns")
-    assert not tracking.is_local_store("postgresql+psycopg://u@db/mlflow")
-    assert not tracking.is_local_store("https://mlflow.example.com")
-
-
-def test_the_mailbox_actor_imports_nothing_heavy():
-    """The driver's mailbox starts as a Ray actor in a moment: importing it loads no torch,
-    transformers, mlflow or ax (a worker imports those once, the mailbox never)."""
-    code = "import sys, pipeline.search.mailbox; print(sorted({'torch', 'transformers', 'mlflow', 'ax'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
 
 
 class _FakeRay(types.SimpleNamespace):
@@ -101,70 +58,6 @@ class _FakeRay(types.SimpleNamespace):
     def shutdown(self):
         self.shutdowns += 1
         self._up = False
-
-
-def test_a_trial_whose_driver_is_gone_ends_killed_to_run_again(tiny_config):
-    """A worker orphaned by a killed driver must not record its trial FAILED: a resumed search
-    would count it as a failure instead of running its config again."""
-    from pipeline.resources import Resources
-    from pipeline.search.executor import TrialJob, run_job
-    from pipeline.trial import RunSpec
-
-    class Gone(Exception):  # what ray.get raises once the driver's mailbox actor died with it
-        pass
-
-    def get(ref):
-        raise Gone("actor died")
-
-    ray = types.SimpleNamespace(get=get)
-    reports = types.SimpleNamespace(ask=types.SimpleNamespace(remote=lambda *a: "ref"))
-
-    def on_eval(event):
-        return distributed.ask_driver(ray, reports, (0, 0), event)
-
-    base = tiny_config.model_copy(update={"search": None})
-    spec = RunSpec(names.ROLE_TRIAL, "trial-01", tags={names.AX_TRIAL_INDEX: 2})
-    out = run_job(TrialJob(2, base, {"lora.r": 4}, spec), Resources(), on_eval, quiet=True)
-    assert out.status == names.KILLED and out.run_id
-    run = MlflowClient().get_run(out.run_id)
-    assert run.info.status == "KILLED" and run.data.tags[names.TRIAL_STATUS] == names.KILLED
-
-
-def test_a_multi_node_cluster_refuses_a_sqlite_store(tmp_path, monkeypatch):
-    config = load_config(DEMO_CONFIG, tiny_overrides(tmp_path, **{"search.executor": "ray"}))
-    fake = _FakeRay(nodes=3, cluster={"CPU": 48.0, "GPU": 3.0})
-    monkeypatch.setattr(distributed, "_ray", lambda: fake)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(PipelineError) as e:
-        distributed.RayExecutor(config, "sqlite:///mlflow.db")
-    assert str(e.value).startswith(
-        "tracking.tracking_uri: sqlite:///mlflow.db is a local store and the Ray cluster has 3 nodes"
-    )
-    assert "tracking server" in str(e.value) and fake.shutdowns == 1
-
-
-def test_ray_settings_without_the_ray_executor_are_config_errors():
-    with pytest.raises(ConfigError) as e:
-        load_config(DEMO_CONFIG, ["search.workers=4", "search.ray_address=auto"])
-    assert "search: workers, ray_address apply to search.executor: ray (it is 'local')" in str(e.value)
-
-
-def test_without_ray_installed_the_ray_executor_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    monkeypatch.chdir(ROOT)
-    args = ["search", "--config", str(DEMO_CONFIG), "--n-trials", "2", "--quiet", "--set"]
-    args.append(" ".join(tiny_overrides(tmp_path, **{"search.executor": "ray"})))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    code, _, err = run_cli(args, capsys)
-    assert code == 2
-    lines = [line for line in err.splitlines() if "error" in line.lower()]
-    assert lines == ["error: search.executor: ray needs Ray: pip install -e '.[distributed]'"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # no run started
-
-
-# ---------------------------------------------------------------------------------------------
-# Real clusters and servers
 
 
 def _overrides(tmp_path: Path, **extra) -> str:
@@ -230,6 +123,131 @@ def _watch(client: MlflowClient, until, experiment: str = "dist", timeout_s: flo
 def team(tmp_path_factory):
     with servers.team_server(tmp_path_factory.mktemp("team")) as server:
         yield server
+
+
+def _check_team_store(team, run_id: str, tmp_path: Path) -> None:
+    """The team recipe: the run is a row in PostgreSQL, its adapter objects in S3, and a client
+    with no S3 settings downloads it (by default from presigned S3 URLs; with
+    MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false, streamed through the server)."""
+    import psycopg
+
+    with psycopg.connect(team.postgres_dsn) as conn:
+        row = conn.execute("select status from runs where run_uuid = %s", (run_id,)).fetchone()
+    assert row == ("FINISHED",)
+    adapter = f"{run_id}/artifacts/{names.ADAPTER_DIR}/adapter_model.safetensors"
+    (key,) = [k for k in team.s3_keys() if k.endswith(adapter)]
+    stored = servers.s3_client(team.s3_endpoint).get_object(Bucket=team.bucket, Key=key)["Body"].read()
+    client = MlflowClient(tracking_uri=team.url)
+    presigned = Path(client.download_artifacts(run_id, names.ADAPTER_DIR, str(tmp_path / "presigned")))
+    assert (presigned / "adapter_model.safetensors").read_bytes() == stored
+    os.environ["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] = "false"
+    try:
+        proxied = Path(client.download_artifacts(run_id, names.ADAPTER_DIR, str(tmp_path / "proxied")))
+    finally:
+        os.environ.pop("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD")
+    assert (proxied / "adapter_model.safetensors").read_bytes() == stored
+    root = client.get_run(run_id).info.artifact_uri.removeprefix("mlflow-artifacts:").lstrip("/")
+    path = f"/api/2.0/mlflow-artifacts/artifacts/{root}/{names.ADAPTER_DIR}/adapter_model.safetensors"
+    assert f"GET {path} " in team.log.read_text(), "the proxied download did not go through the server"
+
+
+def test_worker_plan_follows_the_cluster(tmp_path):
+    plan = distributed._plan
+    cpu_box = {"CPU": 16.0}
+    assert plan(_search(tmp_path), cpu_box, lambda: None) == (1, 0.0, 16.0)
+    assert plan(_search(tmp_path, **{"search.workers": 4}), cpu_box, lambda: None) == (4, 0.0, 4.0)
+    gpu_box = {"CPU": 32.0, "GPU": 8.0}  # one worker per GPU, each pinned to its own
+    assert plan(_search(tmp_path), gpu_box, lambda: None) == (8, 1.0, 4.0)
+    two_per_gpu = _search(tmp_path, **{"search.workers": 16, "search.worker_resources.gpus": 0.5})
+    assert plan(two_per_gpu, gpu_box, lambda: None) == (16, 0.5, 2.0)
+
+    closed = []
+    too_many = _search(tmp_path, **{"search.workers": 9})
+    with pytest.raises(PipelineError) as e:
+        plan(too_many, gpu_box, lambda: closed.append(True))
+    assert str(e.value).startswith(
+        "search.workers: 9 workers x (1 GPU, 3 CPU) need 9 GPUs (the cluster has 8)"
+    )
+    assert closed == [True]  # a cluster the search started is shut down again
+
+
+def test_store_uris_as_workers_see_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert distributed.absolute_store_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert distributed.absolute_store_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert distributed.absolute_store_uri("mlruns") == str(tmp_path / "mlruns")
+    assert distributed.absolute_store_uri("http://10.0.0.2:5000") == "http://10.0.0.2:5000"
+    assert tracking.is_local_store("sqlite:///mlflow.db") and tracking.is_local_store("mlruns")
+    assert not tracking.is_local_store("postgresql+psycopg://u@db/mlflow")
+    assert not tracking.is_local_store("https://mlflow.example.com")
+
+
+def test_the_mailbox_actor_imports_nothing_heavy():
+    """The driver's mailbox starts as a Ray actor in a moment: importing it loads no torch,
+    transformers, mlflow or ax (a worker imports those once, the mailbox never)."""
+    code = "import sys, pipeline.search.mailbox; print(sorted({'torch', 'transformers', 'mlflow', 'ax'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_trial_whose_driver_is_gone_ends_killed_to_run_again(tiny_config):
+    """A worker orphaned by a killed driver must not record its trial FAILED: a resumed search
+    would count it as a failure instead of running its config again."""
+    from pipeline.resources import Resources
+    from pipeline.search.executor import TrialJob, run_job
+    from pipeline.trial import RunSpec
+
+    class Gone(Exception):  # what ray.get raises once the driver's mailbox actor died with it
+        pass
+
+    def get(ref):
+        raise Gone("actor died")
+
+    ray = types.SimpleNamespace(get=get)
+    reports = types.SimpleNamespace(ask=types.SimpleNamespace(remote=lambda *a: "ref"))
+
+    def on_eval(event):
+        return distributed.ask_driver(ray, reports, (0, 0), event)
+
+    base = tiny_config.model_copy(update={"search": None})
+    spec = RunSpec(names.ROLE_TRIAL, "trial-01", tags={names.AX_TRIAL_INDEX: 2})
+    out = run_job(TrialJob(2, base, {"lora.r": 4}, spec), Resources(), on_eval, quiet=True)
+    assert out.status == names.KILLED and out.run_id
+    run = MlflowClient().get_run(out.run_id)
+    assert run.info.status == "KILLED" and run.data.tags[names.TRIAL_STATUS] == names.KILLED
+
+
+def test_a_multi_node_cluster_refuses_a_sqlite_store(tmp_path, monkeypatch):
+    config = load_config(DEMO_CONFIG, tiny_overrides(tmp_path, **{"search.executor": "ray"}))
+    fake = _FakeRay(nodes=3, cluster={"CPU": 48.0, "GPU": 3.0})
+    monkeypatch.setattr(distributed, "_ray", lambda: fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(PipelineError) as e:
+        distributed.RayExecutor(config, "sqlite:///mlflow.db")
+    assert str(e.value).startswith(
+        "tracking.tracking_uri: sqlite:///mlflow.db is a local store and the Ray cluster has 3 nodes"
+    )
+    assert "tracking server" in str(e.value) and fake.shutdowns == 1
+
+
+def test_ray_settings_without_the_ray_executor_are_config_errors():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO_CONFIG, ["search.workers=4", "search.ray_address=auto"])
+    assert "search: workers, ray_address apply to search.executor: ray (it is 'local')" in str(e.value)
+
+
+def test_without_ray_installed_the_ray_executor_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    monkeypatch.chdir(ROOT)
+    args = ["search", "--config", str(DEMO_CONFIG), "--n-trials", "2", "--quiet", "--set"]
+    args.append(" ".join(tiny_overrides(tmp_path, **{"search.executor": "ray"})))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert lines == ["error: search.executor: ray needs Ray: pip install -e '.[distributed]'"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # no run started
 
 
 @pytest.mark.distributed
@@ -307,32 +325,6 @@ def test_parallel_search_on_ray_with_a_team_server_absorbs_a_killed_worker(tmp_p
     _check_team_store(team, best.info.run_id, tmp_path)
 
     assert "ray: 2 workers x (0 GPU, 1 CPU)" in log and log.count("] trial-") == 6
-
-
-def _check_team_store(team, run_id: str, tmp_path: Path) -> None:
-    """The team recipe: the run is a row in PostgreSQL, its adapter objects in S3, and a client
-    with no S3 settings downloads it (by default from presigned S3 URLs; with
-    MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false, streamed through the server)."""
-    import psycopg
-
-    with psycopg.connect(team.postgres_dsn) as conn:
-        row = conn.execute("select status from runs where run_uuid = %s", (run_id,)).fetchone()
-    assert row == ("FINISHED",)
-    adapter = f"{run_id}/artifacts/{names.ADAPTER_DIR}/adapter_model.safetensors"
-    (key,) = [k for k in team.s3_keys() if k.endswith(adapter)]
-    stored = servers.s3_client(team.s3_endpoint).get_object(Bucket=team.bucket, Key=key)["Body"].read()
-    client = MlflowClient(tracking_uri=team.url)
-    presigned = Path(client.download_artifacts(run_id, names.ADAPTER_DIR, str(tmp_path / "presigned")))
-    assert (presigned / "adapter_model.safetensors").read_bytes() == stored
-    os.environ["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] = "false"
-    try:
-        proxied = Path(client.download_artifacts(run_id, names.ADAPTER_DIR, str(tmp_path / "proxied")))
-    finally:
-        os.environ.pop("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD")
-    assert (proxied / "adapter_model.safetensors").read_bytes() == stored
-    root = client.get_run(run_id).info.artifact_uri.removeprefix("mlflow-artifacts:").lstrip("/")
-    path = f"/api/2.0/mlflow-artifacts/artifacts/{root}/{names.ADAPTER_DIR}/adapter_model.safetensors"
-    assert f"GET {path} " in team.log.read_text(), "the proxied download did not go through the server"
 
 
 @pytest.mark.distributed

@@ -1,4 +1,5 @@
-"""The search's config and its mapping onto Ax, without training anything."""
+"""The search space and its mapping onto Ax (`pipeline/search/space.py`), without training
+anything."""
 
 from __future__ import annotations
 
@@ -7,24 +8,17 @@ import math
 import pytest
 
 from pipeline.config import load_config, with_overrides
-from pipeline.errors import ConfigError
-from pipeline.search.baseline import baseline_parameters
+from pipeline.errors import ConfigError, SearchAborted
 from pipeline.search.space import (
     Optimizer,
     build_client,
     build_parameters,
-    early_stopping_strategy,
     objective_string,
     outcome_constraints,
 )
-from pipeline.search.summary import best_trial, trial_name
 
-from .conftest import DEMO_CONFIG, ROOT
-
-
-def demo(**values):
-    config = load_config(DEMO_CONFIG)
-    return with_overrides(config, values) if values else config
+from ..conftest import ROOT
+from .common import demo
 
 
 def test_parameters_map_one_to_one_onto_ax():
@@ -160,34 +154,6 @@ def test_same_seed_same_trial_sequence_other_seed_differs():
     assert a != c
 
 
-def test_baseline_parameters_and_membership():
-    config = demo()
-    params = baseline_parameters(config)
-    assert params == {"lora.r": 8, "lora.alpha": 16.0, "train.learning_rate": 1e-3, "train.batch_size": 8}
-    optimizer = Optimizer(build_client(config.search), config)
-    assert optimizer.in_search_space(params)
-    assert not optimizer.in_search_space({**params, "lora.r": 12})
-
-
-def test_early_stopping_auto_and_settings():
-    assert early_stopping_strategy(demo()) is not None  # 150 steps, eval every 50: 3 evaluations
-    assert early_stopping_strategy(demo(**{"train.eval_steps": 100})) is None
-    assert early_stopping_strategy(demo(**{"search.early_stopping.enabled": False})) is None
-    es = early_stopping_strategy(
-        demo(**{"search.early_stopping.min_progression": 70, "search.early_stopping.percentile": 30})
-    )
-    assert (es.min_progression, es.percentile_threshold) == (70, 30)
-    with pytest.raises(ConfigError, match="needs train.eval_steps"):
-        early_stopping_strategy(demo(**{"train.eval_steps": None, "search.early_stopping.enabled": True}))
-
-
-def test_trial_names_say_the_trial_and_its_params():
-    name = trial_name(
-        7, {"lora.r": 32, "lora.alpha": 64.0, "train.learning_rate": 1.2e-4, "train.batch_size": 2}
-    )
-    assert name == "trial-07 r=32 a=64 lr=1.2e-04 bs=2"
-
-
 def test_alpha_ratio_derives_alpha():
     # (Without a search section: the demo searches lora.alpha, which alpha_ratio would override.)
     config = demo(**{"search": None, "lora.alpha_ratio": 2.0, "lora.r": 16})
@@ -195,36 +161,50 @@ def test_alpha_ratio_derives_alpha():
     assert with_overrides(config, {"lora.r": 64}).lora.alpha == 128
 
 
-def test_best_trial_respects_status_constraints_and_direction():
-    from pipeline.search.journal import SearchState, TrialRecord
+def test_optimizer_state_saves_and_loads(tmp_path):
+    config = demo(**{"search.initialization_trials": 2})
+    optimizer = Optimizer.create(config)
+    index, params, method = optimizer.ask()
+    assert method == "CenterOfSearchSpace" and set(params) == set(config.search.parameters)
+    optimizer.complete(index, {"eval_loss": 2.0}, 150, early_stopped=False)
+    running, running_params, _ = optimizer.ask()
+    optimizer.save(tmp_path / "ax.json")
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = Optimizer.load(tmp_path / "ax.json", config)
+    # After a crash, the trial Ax saw running is still running in the loaded state, and a retry of
+    # its parameters is a new trial once it failed.
+    assert loaded.running() == {running: running_params}
+    loaded.fail(running, "crash")
+    assert loaded.running() == {} and loaded.retry(running_params) == running + 1
 
-    config = demo(**{"search.outcome_constraints": ["peak_rss_gb <= 2"]})
-    state = SearchState(parent_run_id="p", n_trials=4)
-    state.trials = [
-        TrialRecord(
-            index=0,
-            parameters={},
-            status="completed",
-            eval_loss=2.0,
-            metrics={"eval_loss": 2.0, "peak_rss_gb": 3.0},
-        ),  # infeasible
-        TrialRecord(
-            index=1,
-            parameters={},
-            status="early_stopped",
-            eval_loss=1.0,
-            metrics={"eval_loss": 1.0, "peak_rss_gb": 1.0},
-        ),
-        TrialRecord(
-            index=2,
-            parameters={},
-            status="completed",
-            eval_loss=2.5,
-            metrics={"eval_loss": 2.5, "peak_rss_gb": 1.5},
-        ),
-        TrialRecord(index=3, parameters={}, status="failed", failure_reason="x"),
-    ]
-    assert best_trial(state, config.search).index == 2
-    maximize = demo(**{"search.objectives": [{"metric": "eval_rougeL", "minimize": False}]})
-    state.trials[0].metrics["eval_rougeL"], state.trials[2].metrics["eval_rougeL"] = 0.4, 0.3
-    assert best_trial(state, maximize.search).index == 0
+
+def test_measured_parameters_are_never_a_new_trial_and_a_giving_up_rule_is_loud():
+    """Ax re-proposes a failed trial's point (it deduplicates against every other arm); a point
+    that has data is abandoned and Ax asked again, and if Ax's early stopping still gives up
+    (it only logs a warning), the optimizer says so instead of never stopping a trial again."""
+    config = demo(**{"search.early_stopping.enabled": True, "search.early_stopping.min_curves": 1})
+    optimizer = Optimizer.create(config)
+    first, params, _ = optimizer.ask()
+    optimizer.complete(first, {"eval_loss": 3.0}, 1200, early_stopped=False)
+    real = optimizer.client.get_next_trials
+    calls = []
+
+    def propose_the_measured_point_first(max_trials):
+        calls.append(max_trials)
+        if len(calls) == 1:
+            return {optimizer.client.attach_trial(parameters=params): params}
+        return real(max_trials=max_trials)
+
+    optimizer.client.get_next_trials = propose_the_measured_point_first
+    index, fresh, _ = optimizer.ask()
+    assert len(calls) == 2 and fresh != params
+    statuses = {i: t.status.name for i, t in optimizer.client._experiment.trials.items()}
+    assert statuses[index - 1] == "ABANDONED" and "parameters again" in optimizer.notes[-1]
+    with pytest.raises(SearchAborted, match="has data"):
+        optimizer.retry(params)  # the loop only retries interrupted trials, whose data is gone
+
+    # Two trials of one arm with data (bypassing the optimizer): Ax gives up; we notice.
+    twin = optimizer.client.attach_trial(parameters=params)
+    optimizer.client.attach_data(twin, {"eval_loss": 3.1}, progression=400)
+    assert optimizer.report_evaluation(index, 400, 3.2) is False
+    assert optimizer.broken and "multiple trial indices" in optimizer.broken

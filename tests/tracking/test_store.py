@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import names, tracking
 from pipeline.config import TrackingConfig
 
-from .conftest import run_cli
+from ..conftest import run_cli
 
 
 def test_a_new_experiment_keeps_its_artifacts_beside_the_sqlite_store(tmp_path, monkeypatch):
@@ -38,7 +38,7 @@ def test_ui_serves_the_store_on_loopback(tmp_path, monkeypatch, capsys):
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///nothing-here.db")
-    config = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml"
     code, _, err = run_cli(["ui", "--config", str(config)], capsys)
     assert code == 2 and "error: tracking store sqlite:///nothing-here.db: no such file here" in err
 

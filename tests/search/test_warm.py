@@ -22,7 +22,7 @@ from pipeline.search.space import Optimizer
 from pipeline.search.warm import match, parse_value
 from pipeline.tracking import RunRecord, param_text
 
-from .conftest import DEMO_CONFIG, tiny_overrides
+from ..conftest import DEMO_CONFIG, tiny_overrides
 
 ME = {names.DATA_FINGERPRINT: "data-fp", names.EVAL_FINGERPRINT: "eval-fp", names.PRECISION: "float32"}
 
