@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.search_efficiency import Table  # noqa: E402
+from pipeline import console  # noqa: E402
 from pipeline.config import load_config, with_overrides  # noqa: E402
 from pipeline.search.space import Optimizer  # noqa: E402
 
@@ -41,7 +42,7 @@ def timed(fn, *args):
 def measure(config, table: Table, pending: int, warm: int, repeats: int) -> dict[str, float]:
     """Seconds per call with `pending` trials running: a batch ask filling them, a single ask
     (one worker idle), an evaluation report, a completion."""
-    opt = Optimizer.create(config, echo=lambda _: None)
+    opt = Optimizer.create(config)
     for _ in range(warm):  # the model-based phase: BoTorch, fitted on `warm` completed trials
         index, params, _ = opt.ask()
         opt.complete(index, {"eval_loss": table(params)}, table.max_steps, False)
@@ -97,4 +98,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with console.muted():  # Ax's notes (a duplicate proposal) would drown the tables
+        main()

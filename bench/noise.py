@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from pipeline import console  # noqa: E402
 from pipeline.config import load_config, with_overrides  # noqa: E402
 
 KEYS = ["lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"]
@@ -165,11 +166,18 @@ def replay_part(args: argparse.Namespace) -> None:
     for replay in range(args.replays):
         rng = random.Random(1000 + replay)
         cfg = with_overrides(config, {"search.seed": replay})
-        opt = Optimizer(build_client(cfg.search, name=f"noise-{replay}"), cfg, echo=lambda m: None)
+        opt = Optimizer(build_client(cfg.search, name=f"noise-{replay}"), cfg)
         b_obs = noisy.draw(base_params, rng)
         opt.attach_baseline(base_params, {"eval_loss": b_obs}, None)
         state = SearchState("replay", n_trials)
-        state.baseline = BaselineRecord("b", base_params, b_obs, {"eval_loss": b_obs}, False, True)
+        state.baseline = BaselineRecord(
+            run_id="b",
+            parameters=base_params,
+            eval_loss=b_obs,
+            metrics={"eval_loss": b_obs},
+            reused=False,
+            in_search_space=True,
+        )
         cost0 = noisy.cost[noisy.key(base_params)]
         costs: list[float] = []
         picks: dict[str, tuple[dict[str, list[float]], float]] = {}
@@ -177,8 +185,10 @@ def replay_part(args: argparse.Namespace) -> None:
             index, params, _ = opt.ask_batch(1)[0]
             value = noisy.draw(params, rng)
             opt.complete(index, {"eval_loss": value}, 150, False)
-            state.trials.append(TrialRecord(index, dict(params), COMPLETED, f"r{index}", eval_loss=value,
-                                            metrics={"eval_loss": value}))  # fmt: skip
+            state.trials.append(
+                TrialRecord(index=index, parameters=dict(params), status=COMPLETED, run_id=f"r{index}",
+                            eval_loss=value, metrics={"eval_loss": value})
+            )  # fmt: skip
             costs.append(noisy.cost[noisy.key(params)])
             if len(state.trials) == n_trials:  # the search's end: its replicates, as the pipeline picks them
                 selection = list(state.trials)
@@ -293,4 +303,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with console.muted():  # Ax's notes (a duplicate proposal) would drown the tables
+        main()

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline import console  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 KEYS = ["lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"]
@@ -125,7 +126,7 @@ def run_ax_warm(
     from pipeline.search.space import Optimizer, build_client
 
     def search(cfg) -> Optimizer:
-        opt = Optimizer(build_client(cfg.search, name=f"replay-warm-{seed}"), cfg, echo=lambda m: None)
+        opt = Optimizer(build_client(cfg.search, name=f"replay-warm-{seed}"), cfg)
         opt.client.complete_trial(
             opt.client.attach_baseline(parameters=baseline), {"eval_loss": table(baseline)}
         )
@@ -459,4 +460,5 @@ def plot(results: dict[str, dict], best: float, target: float, path: Path) -> No
 
 
 if __name__ == "__main__":
-    main()
+    with console.muted():  # Ax's notes (a duplicate proposal) would drown the tables
+        main()

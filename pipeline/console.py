@@ -9,10 +9,12 @@ the filters are in place when those libraries log at import time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 DEBUG_ENV = "PIPELINE_DEBUG"  # inherited by `mlflow run`'s process and by Ray workers
 
@@ -46,10 +48,25 @@ NOISE = (
 )
 
 
+_muted = False  # progress lines off: a benchmark replaying thousands of Ax steps prints its own
+
+
 def say(line: str) -> None:
     """One progress line: stdout, flushed, also with --quiet (one line per trial is what CI logs
     want; --quiet silences the libraries and the progress bars, not these)."""
-    print(line, flush=True)
+    if not _muted:
+        print(line, flush=True)
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """No progress lines inside the block (a benchmark driving the search's parts directly)."""
+    global _muted
+    before, _muted = _muted, True
+    try:
+        yield
+    finally:
+        _muted = before
 
 
 def debug() -> bool:

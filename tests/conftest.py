@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import outer_run
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "models" / "pydoc-llama"
 DEMO_DATA = ROOT / "data" / "pydoc_qa.jsonl"
@@ -104,9 +106,8 @@ def _isolated_store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    for var in outer_run.DRIVER_ONLY_ENV:
+        monkeypatch.delenv(var, raising=False)
     yield
 
     while mlflow.active_run():
@@ -184,7 +185,7 @@ def venv_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for var in outer_run.DRIVER_ONLY_ENV:
         env.pop(var, None)  # set by in-process runs of the same test; `mlflow run` takes its own
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -3,11 +3,15 @@
 One job per module, in the order data flows:
 
 - `space.py`: config -> Ax; the `Optimizer` (the only module that imports ax);
-- `state.py`: the search's records, saved atomically, loaded and reconciled on resume;
+- `journal.py`: the search's records, saved atomically, loaded and reconciled on resume;
 - `summary.py`: what the records say (best trial, summary metrics, insights); pure functions;
 - `plots.py`, `report.py`: the report, rendered from the records and the summary;
 - `finish.py`: the end of a search: best trial, summary metrics, best_config.yaml, registry;
+- `budget.py`: the wall-clock and device budgets, as a function of the records and a clock;
+- `replicates.py`, `evidence.py`, `noise_report.py`: seed replicates, the recommendation and its
+  interval, and what the report says of them;
 - `executor.py`: where trials run (`LocalExecutor`: one at a time, in this process);
+- `mailbox.py`: the Ray driver's mailbox (workers' evaluations in, stop decisions out);
 - `distributed.py`: `RayExecutor`: trials in parallel on Ray workers, Ax stays in the driver;
 - `baseline.py`: the baseline, reused or trained;
 - `stopping.py`: early stopping as the config plans it (progression unit, whether it can act);

@@ -108,7 +108,7 @@ def test_state_files_and_crash_windows(tmp_path, monkeypatch):
 
     def record_then_die(self, record, outcome):
         real_record(self, record, outcome)
-        if len(self.state.finished()) == 2:
+        if len(self.records.finished()) == 2:
             raise SystemExit("killed")  # like SIGKILL: no handler saves anything
 
     with monkeypatch.context() as m, pytest.raises(SystemExit):
