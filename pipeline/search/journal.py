@@ -95,7 +95,7 @@ class ReplicateRecord:
         return self.status in names.FINISHED_STATUSES
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WarmTrial:
     """One trial of an earlier search, and what became of it here."""
 

@@ -146,13 +146,13 @@ def attach(
         for run in runs:
             params, why = match(run, config, me, optimizer.in_search_space)
             warm = WarmTrial(
-                source.run_id,
-                run.run_id,
-                run.name,
-                run.tags.get(names.TRIAL_STATUS, run.status.lower()),
-                params,
-                run.eval_loss,
-                {k: float(v) for k, v in run.metrics.items() if names.is_trial_metric(k)},
+                source_search=source.run_id,
+                run_id=run.run_id,
+                run_name=run.name,
+                status=run.tags.get(names.TRIAL_STATUS, run.status.lower()),
+                parameters=params,
+                eval_loss=run.eval_loss,
+                metrics={k: float(v) for k, v in run.metrics.items() if names.is_trial_metric(k)},
                 source_experiment=source.experiment_id,
             )
             key = json.dumps(params, sort_keys=True, default=str)
