@@ -15,13 +15,14 @@ def spent(
     search: SearchConfig,
     records: SearchState,
     now: float,
-    session_started: float,
+    accounted_at: float,
     running: Mapping[int, float],
     devices_per_trial: int,
 ) -> str | None:
-    """Why the search must stop now (a spent budget), or None. `running`: when each job still
-    running started, on the same clock as `now`."""
-    elapsed = records.wall_seconds + now - session_started
+    """Why the search must stop now (a spent budget), or None. `records.wall_seconds` holds the
+    wall time up to the clock value `accounted_at`; `running`: when each job still running
+    started, on the same clock as `now`."""
+    elapsed = records.wall_seconds + now - accounted_at
     if search.budget_minutes and elapsed >= search.budget_minutes * 60:
         return f"wall-clock budget of {search.budget_minutes:g} minutes spent"
     if search.budget_gpu_hours:

@@ -93,7 +93,9 @@ class Search:
         self.pending: dict[int, TrialRecord] = {}  # submitted, not yet finished, by Ax index
         self.started: dict[int, float] = {}  # clock() when each pending trial was submitted
         self.clock = clock  # the budgets' clock (tests drive a fake one)
-        self.t_session = clock()  # when this session began (its wall time counts from here)
+        # Wall time is added to the records at every save, so a hard kill (SIGKILL, a lost node)
+        # loses at most the time since the last save: the clock value counted up to is this.
+        self.accounted_at = clock()
 
     @property
     def dir(self) -> Path:
@@ -104,7 +106,7 @@ class Search:
 
     def run(self) -> SearchResult:
         """Open (or reopen) the parent run, then: baseline, warm start, trials, replicates, finish."""
-        self.t_session = self.clock()
+        self.accounted_at = self.clock()
         with (
             graceful_stop(),
             tracking.start_run(
@@ -148,7 +150,6 @@ class Search:
             self._replicate()
 
     def _end_session(self) -> None:
-        self.records.wall_seconds += self.clock() - self.t_session
         self._save()
 
     def _open(self, run: tracking.TrackedRun) -> None:
@@ -277,7 +278,7 @@ class Search:
             self.search,
             self.records,
             self.clock(),
-            self.t_session,
+            self.accounted_at,
             self.started,
             self.executor.devices_per_trial,
         )
@@ -332,7 +333,7 @@ class Search:
         if best is not None:
             metrics[names.BEST_EVAL_LOSS] = best.eval_loss
         self.parent_run.log_metrics(metrics, step=n, flush=True)
-        elapsed = records.wall_seconds + self.clock() - self.t_session
+        elapsed = records.wall_seconds + self.clock() - self.accounted_at
         eta = elapsed / max(n, 1) * (records.n_trials - n)
         loss = f"{record.eval_loss:.4f}" if record.eval_loss is not None else "-"
         best_text = f"best {best.eval_loss:.4f} ({best.run_name.split()[0]})" if best else "best -"
@@ -377,6 +378,10 @@ class Search:
     # --- helpers ---------------------------------------------------------------------------
 
     def _save(self) -> None:
+        """The records and Ax's state, with this session's wall time up to now."""
+        now = self.clock()
+        self.records.wall_seconds += now - self.accounted_at
+        self.accounted_at = now
         with self.timer.phase("state"):
             journal.save(self.parent_run, self.optimizer, self.records, self.dir)
 

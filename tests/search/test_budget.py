@@ -55,3 +55,62 @@ def test_budgets_stop_the_running_trial_at_its_next_evaluation(tmp_path, budget,
     assert statuses[trial.index] == "EARLY_STOPPED"
     # A budget stop is not early stopping's saving.
     assert "saved 0.0% of planned training steps" in (result.report_dir / "search_report.md").read_text()
+
+
+class _Clock:
+    """The search's clock, driven by the test."""
+
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.slow
+def test_a_hard_killed_session_keeps_its_wall_time_and_the_budget_counts_it(tmp_path, monkeypatch):
+    """Wall time reaches the records at every save, not only when the search exits: a session
+    killed without a chance to save (SIGKILL, a lost node; here SystemExit, which no handler
+    catches) keeps its time up to its last save, and a resumed search's budget counts it. Each
+    trial takes 100 s on the search's clock; the budget is 3 minutes."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import names
+    from pipeline.search import journal, loop, search_config
+    from pipeline.search.executor import LocalExecutor
+
+    sets = search_overrides(tmp_path, **{"train.eval_steps": 4, "search.budget_minutes": 3})
+    clock, real_record = _Clock(), loop.Search._record
+
+    def trial_takes_100_s_and_the_second_dies(self, record, outcome):
+        clock.now += 100
+        real_record(self, record, outcome)
+        if len(self.records.finished()) == 2:
+            raise SystemExit("killed")  # after trial 2's run ended, before any save
+
+    with monkeypatch.context() as m, pytest.raises(SystemExit):
+        m.setattr(loop.Search, "_record", trial_takes_100_s_and_the_second_dies)
+        loop.Search(
+            search_config(DEMO_CONFIG, sets, n_trials=5), LocalExecutor(quiet=True), clock=clock
+        ).run()
+    client = MlflowClient()
+    (parent,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        if r.data.tags[names.ROLE] == names.ROLE_SEARCH
+    ]
+    config = search_config(DEMO_CONFIG, sets, n_trials=5, resume=parent.info.run_id)
+    _, saved = journal.load(parent.info.run_id, config)
+    # Saved at trial 2's submit: trial 1's 100 s are in (before, a killed session added nothing).
+    assert saved.wall_seconds == pytest.approx(100.0)
+
+    def trial_takes_100_s(self, record, outcome):
+        clock.now += 100
+        real_record(self, record, outcome)
+
+    monkeypatch.setattr(loop.Search, "_record", trial_takes_100_s)
+    result = loop.Search(config, LocalExecutor(quiet=True), clock=clock, resume=parent.info.run_id).run()
+    # 100 s carried over + trial 3's 100 s spend the 180 s budget: trial 4 never starts (with
+    # the first session's time lost, it would have).
+    assert [t.status for t in result.state.finished()] == ["completed"] * 3
+    assert result.state.stop_reason == "wall-clock budget of 3 minutes spent"
+    assert result.state.wall_seconds == pytest.approx(200.0)
