@@ -126,11 +126,11 @@ class Search:
             except (KeyboardInterrupt, SearchAborted) as e:
                 self.records.stop_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
                 self._kill_pending()
-                self._end_session()
+                self._save()  # with the session's wall time
                 raise
             finally:
                 self.executor.close()
-            self._end_session()
+            self._save()  # with the session's wall time
             return self._finish()
 
     def _steps(self) -> None:
@@ -148,9 +148,6 @@ class Search:
         self._loop()
         if self.search.replicates is not None and not records.stop_reason:
             self._replicate()
-
-    def _end_session(self) -> None:
-        self._save()
 
     def _open(self, run: tracking.TrackedRun) -> None:
         """A new search's config on its run, or a resumed one's records reconciled with MLflow."""
