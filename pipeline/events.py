@@ -29,7 +29,7 @@ class EvalEvent:
 
     step: int
     examples_per_step: int  # training examples one optimizer step consumes
-    metrics: Mapping[str, float] = field(default_factory=dict)  # eval_loss, eval_perplexity
+    metrics: Mapping[str, float] = field(default_factory=dict)  # by name: eval_loss
     trial: int = -1  # the Ax trial index, stamped by the executor (-1: not a search trial)
 
     @property

@@ -162,7 +162,9 @@ def fit(
         ):
             run_id = run.run_id
             try:
-                result = _result(run, trial, *_train_in_run(run, trial, name, on_eval))
+                result = _result(
+                    run, trial, tags[names.CONFIG_FINGERPRINT], *_train_in_run(run, trial, name, on_eval)
+                )
                 if on_complete is not None:
                     with timer.phase("finish"):  # the retrain's report and registration
                         on_complete(run, result)
@@ -212,6 +214,7 @@ def _run_tags(trial: TrialSetup, spec: RunSpec) -> dict[str, Any]:
 def _result(
     run: tracking.TrackedRun,
     trial: TrialSetup,
+    fingerprint: str,
     outcome: TrainReport,
     final: dict[str, float],
     adapter_dir: Path,
@@ -225,7 +228,7 @@ def _result(
         steps=outcome.steps,
         max_steps=outcome.max_steps,
         config=trial.config,
-        config_fingerprint=config_fingerprint(trial.config),
+        config_fingerprint=fingerprint,
         data_fingerprint=data.fingerprint,
         eval_fingerprint=data.eval_fingerprint,
         adapter_uri=run.artifact_uri(names.ADAPTER_DIR),

@@ -19,7 +19,6 @@ from pipeline import console, interrupt, names, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_yaml
 from pipeline.errors import SearchAborted
 from pipeline.events import EvalEvent
-from pipeline.interrupt import graceful_stop
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
 from pipeline.search import baseline, budget, journal, replicates, warm
@@ -108,7 +107,7 @@ class Search:
         """Open (or reopen) the parent run, then: baseline, warm start, trials, replicates, finish."""
         self.accounted_at = self.clock()
         with (
-            graceful_stop(),
+            interrupt.graceful_stop(),
             tracking.start_run(
                 self._tracking(), self._run_name(), self._tags(), resume_run_id=self.resume
             ) as run,

@@ -23,7 +23,7 @@ def progression_unit(config: PipelineConfig) -> str:
     unit = config.search.early_stopping.progression
     if unit != "auto":
         return unit
-    return "steps" if config.train.max_steps > 0 else "examples"
+    return events.STEPS if config.train.max_steps > 0 else events.EXAMPLES
 
 
 def progression(config: PipelineConfig, step: int, examples_per_step: int) -> int:
