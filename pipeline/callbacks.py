@@ -10,8 +10,10 @@
 - `KeepBest`: remembers the best evaluation (and its adapter weights), stops on a plateau;
 - `AskToStop`: asks an `EvalHook` (the search's early stopping) whether to stop.
 
-The last four hear evaluations through `EvalListener.on_evaluation`; a new job (a checkpoint at
-every evaluation) is one more listener, and touches none of the others.
+The last four hear evaluations through `EvalListener.on_evaluation`, and so does the checkpoint
+at every evaluation (`checkpoint.Checkpointer`). Those with state a resumed run needs (the
+evaluations so far, the plateau counter, the step clock) give it as `state_dict()` and take it
+back with `load_state_dict()`.
 """
 
 from __future__ import annotations
@@ -109,6 +111,12 @@ class StreamMetrics(TrainerCallback):
     def on_evaluation(self, result: EvalResult, model: Any, control: Any) -> None:
         self.stream_eval(result.loss, result.step)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_seconds": self.step_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_seconds = float(state["step_seconds"])
+
     def stream_eval(self, loss: float, step: int) -> None:
         self.sink({names.EVAL_LOSS: loss, names.EVAL_PERPLEXITY: perplexity(loss)}, step)
 
@@ -136,7 +144,7 @@ class PeriodicEval(TrainerCallback):
         self.last_scores: EvalLosses | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.at_start:
+        if self.at_start and state.global_step == 0:  # a resumed run evaluated its start already
             self.run(model, state.global_step, state.max_steps, control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -156,6 +164,18 @@ class PeriodicEval(TrainerCallback):
         for listener in self.listeners:
             listener.on_evaluation(result, model, control)
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "evals": self.evals,
+            "eval_seconds": self.eval_seconds,
+            "last_scores": _scores_dict(self.last_scores),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evals = [(int(s), float(v)) for s, v in state["evals"]]
+        self.eval_seconds = float(state["eval_seconds"])
+        self.last_scores = _scores(state["last_scores"])
 
 
 class StopOnDivergence(TrainerCallback):
@@ -193,7 +213,7 @@ class KeepBest:
         self.plateau_at: int | None = None
         self._reference: float | None = None  # the loss later evaluations must beat by min_delta
         self._bad_evals = 0
-        self._weights: dict[str, Any] | None = None
+        self.weights: dict[str, Any] | None = None  # the best evaluation's adapter weights
 
     def on_evaluation(self, result: EvalResult, model: Any, control: Any) -> None:
         loss, step = result.loss, result.step
@@ -203,9 +223,7 @@ class KeepBest:
             self.best, self.best_scores = (step, loss), result.scores
             if self.restore_weights and model is not None:
                 # Only the trainable (adapter) weights change: a few MB even for large models.
-                self._weights = {
-                    n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
-                }
+                self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if self._reference is None or loss < self._reference - self.min_delta:
             self._reference, self._bad_evals = loss, 0
             return
@@ -214,16 +232,32 @@ class KeepBest:
             self.plateau_at = step
             control.should_training_stop = True
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but `weights` (tensors, saved apart)."""
+        return {
+            "best": self.best,
+            "best_scores": _scores_dict(self.best_scores),
+            "plateau_at": self.plateau_at,
+            "reference": self._reference,
+            "bad_evals": self._bad_evals,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = (int(state["best"][0]), float(state["best"][1])) if state["best"] else None
+        self.best_scores = _scores(state["best_scores"])
+        self.plateau_at = state["plateau_at"]
+        self._reference, self._bad_evals = state["reference"], int(state["bad_evals"])
+
     def restore(self, model: Any, last_step: int | None) -> tuple[int, float] | None:
         """Put the best evaluation's adapter weights back unless the last evaluation (at
         `last_step`) is the best; returns (step, loss) of the restored evaluation."""
-        if not (self.restore_weights and self._weights and self.best) or last_step is None:
+        if not (self.restore_weights and self.weights and self.best) or last_step is None:
             return None
         if self.best[0] == last_step:
             return None
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, value in self._weights.items():
+            for name, value in self.weights.items():
                 params[name].copy_(value)
         return self.best
 
@@ -241,6 +275,16 @@ class AskToStop:
         if self.hook(result.event):
             self.stopped_at = result.step
             control.should_training_stop = True
+
+
+def _scores_dict(scores: EvalLosses | None) -> dict[str, Any] | None:
+    return None if scores is None else {"loss": scores.loss, "nll": scores.nll, "tokens": scores.tokens}
+
+
+def _scores(data: dict[str, Any] | None) -> EvalLosses | None:
+    if data is None:
+        return None
+    return EvalLosses(float(data["loss"]), tuple(map(float, data["nll"])), tuple(map(int, data["tokens"])))
 
 
 class StepBar(ProgressCallback):

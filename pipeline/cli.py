@@ -169,6 +169,12 @@ def search(
     show_default=True,
     help="Register even if the same adapter is already a version (true/false).",
 )
+@click.option(
+    "--resume",
+    default=None,
+    metavar="RUN_ID",
+    help="Continue this interrupted retrain run from its last checkpoint (with the config it started with).",
+)
 @_quiet_option
 def retrain(
     config_path: str,
@@ -176,12 +182,13 @@ def retrain(
     from_search: str | None,
     best_config: str | None,
     allow_duplicate: bool,
+    resume: str | None,
     quiet: bool,
 ) -> None:
     """Train the best config longer; register it; move `champion` only if it is better.
 
     Without --from-search or --best-config, the search behind the current champion of the
-    config's registry.model_name is retrained."""
+    config's registry.model_name is retrained. --resume continues an interrupted retrain."""
     _setup_logging(quiet)
     # Both configs answer before the heavy imports; the files of the one that trains are checked.
     base = load_config(config_path, overrides, search=False)
@@ -189,7 +196,13 @@ def retrain(
     from pipeline.retrain import run_retrain
 
     out = run_retrain(
-        config_path, list(overrides), from_search or None, best_config or None, allow_duplicate, quiet
+        config_path,
+        list(overrides),
+        from_search or None,
+        best_config or None,
+        allow_duplicate,
+        quiet,
+        resume=resume or None,
     )
     r = out.result
     click.echo(

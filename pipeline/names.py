@@ -32,6 +32,8 @@ DATA_EVAL_EXAMPLES = "data_eval_examples"
 DATA_TRUNCATED = "data_truncated_examples"
 DATA_DROPPED = "data_dropped_examples"
 MODEL_LOAD_S = "model_load_s"
+CHECKPOINTS_SAVED = "checkpoints_saved"  # resumable checkpoints sealed (by the last process)
+CHECKPOINT_SAVE_S = "checkpoint_save_s"  # seconds those saves took (part of the training time)
 BEST_EVAL_STEP = "best_eval_step"  # step of the best evaluation (the weights kept with restore_best)
 GENERATION_METRIC_PREFIX = "eval_"  # + metric key, e.g. eval_rougeL
 LMEVAL_PREFIX = "lmeval_"  # + task + metric (+ filter), e.g. lmeval_pydoc_mc_acc (lm-eval harness)
@@ -114,7 +116,7 @@ COMPLETED = "completed"
 EARLY_STOPPED = "early_stopped"  # stopped by the search's early-stopping rule; a partial result
 FAILED = "failed"  # an error or a NaN loss; Ax may propose the region again
 ABANDONED = "abandoned"  # out of memory: the same config would fail again, Ax will not retry it
-KILLED = "killed"  # interrupted (Ctrl-C, SIGTERM, a crash): a resumed search runs it again
+KILLED = "killed"  # interrupted (Ctrl-C, SIGTERM, a crash): a resumed search continues or reruns it
 RUNNING = "running"
 FINISHED_STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, ABANDONED)
 SCORED_STATUSES = (COMPLETED, EARLY_STOPPED)
@@ -124,6 +126,10 @@ AX_TRIAL_INDEX = "ax.trial_index"
 AX_GENERATION_METHOD = "ax.generation_method"  # Sobol | BoTorch | CenterOfSearchSpace | Manual
 TRIAL_STATUS = "trial.status"  # one of the statuses above; every run of run_trial tags its own
 TRIAL_FAILURE_REASON = "trial.failure_reason"
+# A run continued from its last checkpoint (after a kill, a lost worker): the step it continued
+# from, and how many times it was continued.
+TRIAL_RESUMED_FROM_STEP = "trial.resumed_from_step"
+TRIAL_RESUMES = "trial.resumes"
 # Parallel searches (search.executor: ray): which worker ran a trial. A worker loads the base model
 # once; `trial.worker_base_loads` counts its loads so far (1 on every run of a healthy worker).
 TRIAL_WORKER = "trial.worker"  # w1, w2, ... (a replaced worker keeps its slot's id)
@@ -173,6 +179,9 @@ TRIALS_FILE = "trials.json"
 
 # --- local folders (under train.output_dir) ---
 ADAPTERS_DIR = "adapters"  # adapters/<run id>/adapter/: the local copy of a run's adapter/ artifact
+CHECKPOINTS_DIR = "checkpoints"  # checkpoints/<run id>/checkpoint-<step>/: a running run's latest
+# A run's latest checkpoint as an artifact (a Ray worker's, whose disk may not outlive it).
+CHECKPOINT_ARTIFACT = "checkpoint"
 
 # --- registry ---
 CHAMPION_ALIAS = "champion"

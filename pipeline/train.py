@@ -31,6 +31,7 @@ from pipeline.callbacks import (
     StopOnRequest,
     StreamMetrics,
 )
+from pipeline.checkpoint import Checkpointer, Plan, ResumableTrainer, best_weights, restore
 from pipeline.config import EvalConfig, PipelineConfig, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.device import DevicePlan
@@ -128,6 +129,9 @@ class TrainReport:
     plateau_at: int | None = None
     restored: bool = False
     example_losses: EvalLosses | None = None  # of the evaluation whose loss is `eval_loss`
+    resumed_from: int | None = None  # the checkpoint's step this run continued from
+    checkpoints: int = 0  # checkpoints sealed by this process
+    checkpoint_seconds: float = 0.0  # spent saving them
 
 
 @dataclass
@@ -139,6 +143,7 @@ class Callbacks:
     divergence: StopOnDivergence
     best: KeepBest
     ask: AskToStop | None
+    checkpointer: Checkpointer | None = None
 
     @classmethod
     def build(
@@ -148,6 +153,7 @@ class Callbacks:
         on_eval: EvalHook | None,
         memory: MemoryMonitor,
         per_step: int,
+        checkpoints: Plan | None = None,
     ) -> Callbacks:
         train_cfg, eval_cfg, plan = job.config.train, job.config.eval, job.plan
 
@@ -160,16 +166,42 @@ class Callbacks:
         )
         ask = AskToStop(on_eval) if on_eval is not None else None
         # The order listeners hear an evaluation: streamed, then a divergence ends it, then the
-        # plateau rule, then the search.
+        # plateau rule, then the search, then a checkpoint (unless one of them ended the run).
         listeners = [stream, divergence, best, *([ask] if ask else [])]
         evaluation = PeriodicEval(
             evaluate, train_cfg.eval_steps, listeners, at_start=eval_cfg.at_start, examples_per_step=per_step
         )
-        return cls(stream, evaluation, divergence, best, ask)
+        checkpointer = None
+        if checkpoints is not None:
+            parts = {"stream": stream, "evaluation": evaluation, "best": best}
+            checkpointer = Checkpointer(
+                checkpoints.folder,
+                checkpoints.identity,
+                parts,
+                best_weights=lambda: best.weights,
+                mirror=checkpoints.mirror,
+                resume=checkpoints.resume,
+            )
+            evaluation.listeners.append(checkpointer)
+        return cls(stream, evaluation, divergence, best, ask, checkpointer)
 
     def for_trainer(self) -> list[Any]:
         """In the order the Trainer calls them at each event: a requested stop first."""
-        return [StopOnRequest(), self.stream, self.evaluation, self.divergence]
+        extra = [self.checkpointer] if self.checkpointer is not None else []
+        return [StopOnRequest(), self.stream, self.evaluation, self.divergence, *extra]
+
+    def resume(self, trainer: ResumableTrainer) -> str | None:
+        """Bind the checkpointer to the trainer; on a resume, put the callbacks' state back and
+        say which checkpoint folder the Trainer continues from."""
+        cp = self.checkpointer
+        if cp is None:
+            return None
+        trainer.checkpointer, cp.trainer = cp, trainer
+        if cp.resume is None:
+            return None
+        restore(cp.resume, cp.parts)
+        self.best.weights = best_weights(cp.resume)
+        return str(cp.resume.path)
 
 
 def train(
@@ -178,21 +210,24 @@ def train(
     sink: MetricSink,
     on_eval: EvalHook | None = None,
     memory: MemoryMonitor | None = None,
+    checkpoints: Plan | None = None,
 ) -> tuple[Trainer, TrainReport]:
-    """Train the LoRA model, evaluate at the end, and report what happened."""
-    args = _training_args(model, job)
+    """Train the LoRA model, evaluate at the end, and report what happened. With `checkpoints`,
+    a resumable checkpoint is saved at every evaluation, and `checkpoints.resume` (if any) is
+    where training continues from."""
+    args = _training_args(model, job, checkpoints)
     per_step = examples_per_optimizer_step(args)
-    callbacks = Callbacks.build(job, sink, on_eval, memory or MemoryMonitor(), per_step)
+    callbacks = Callbacks.build(job, sink, on_eval, memory or MemoryMonitor(), per_step, checkpoints)
     trainer = _trainer(model, job, args, callbacks.for_trainer())
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=callbacks.resume(trainer))
     return trainer, _report(model, trainer, float(result.training_loss), callbacks, per_step)
 
 
-def _training_args(model: Any, job: TrainInputs) -> TrainingArguments:
+def _training_args(model: Any, job: TrainInputs, checkpoints: Plan | None) -> TrainingArguments:
     train_cfg, plan = job.config.train, job.plan
-    args = pin_to_plan(
-        build_training_args(train_cfg, job.config.eval, plan, train_cfg.output_dir, job.quiet), plan
-    )
+    # The Trainer writes its checkpoints into output_dir: the run's own checkpoint folder.
+    out = str(checkpoints.folder) if checkpoints is not None else train_cfg.output_dir
+    args = pin_to_plan(build_training_args(train_cfg, job.config.eval, plan, out, job.quiet), plan)
     if args.activation_checkpointing and getattr(model, "is_activation_checkpointing", False):
         # Already on (the 4-bit path enables it while preparing the base): enabling it a second
         # time would wrap the layers again.
@@ -200,7 +235,7 @@ def _training_args(model: Any, job: TrainInputs) -> TrainingArguments:
     return args
 
 
-def _trainer(model: Any, job: TrainInputs, args: TrainingArguments, callbacks: list[Any]) -> Trainer:
+def _trainer(model: Any, job: TrainInputs, args: TrainingArguments, callbacks: list[Any]) -> ResumableTrainer:
     """The Hugging Face Trainer with our collator, loss and callbacks, and our console."""
     train_cfg, plan, tokenizer = job.config.train, job.plan, job.tokenizer
     collate = build_collator(
@@ -213,7 +248,7 @@ def _trainer(model: Any, job: TrainInputs, args: TrainingArguments, callbacks: l
     # Logits only where the loss reads them (the response): not with Liger, whose fused
     # linear + cross-entropy never materializes logits in the first place.
     response_only = not (train_cfg.prompt_logits or train_cfg.use_liger_kernel) and takes_position_mask(model)
-    trainer = Trainer(
+    trainer = ResumableTrainer(
         model=model,
         args=args,
         train_dataset=TokenDataset(job.data.train),
@@ -234,7 +269,7 @@ def _trainer(model: Any, job: TrainInputs, args: TrainingArguments, callbacks: l
 def _report(model: Any, trainer: Trainer, train_loss: float, cb: Callbacks, per_step: int) -> TrainReport:
     """The final evaluation (unless the last step evaluated), the best weights put back with
     `restore_best`, and what training did."""
-    state, evals = trainer.state, cb.evaluation.evals
+    state, evals, cp = trainer.state, cb.evaluation.evals, cb.checkpointer
     step = state.global_step
     if cb.divergence.diverged is not None:
         final_loss = float("nan")
@@ -267,4 +302,7 @@ def _report(model: Any, trainer: Trainer, train_loss: float, cb: Callbacks, per_
         plateau_at=cb.best.plateau_at,
         restored=restored is not None,
         example_losses=cb.best.best_scores if restored is not None else cb.evaluation.last_scores,
+        resumed_from=cp.resume.step if cp is not None and cp.resume is not None else None,
+        checkpoints=len(cp.saved) if cp is not None else 0,
+        checkpoint_seconds=cp.save_seconds if cp is not None else 0.0,
     )

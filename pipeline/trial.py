@@ -18,18 +18,19 @@ import json
 import logging
 import math
 import time
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__, console, lmeval, names, tracking
+from pipeline.checkpoint import discarded_at_the_end
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_dict, to_yaml
 from pipeline.data import example_ids
 from pipeline.device import plan_device
-from pipeline.errors import TrialFailed, TrialInterrupted, one_line
+from pipeline.errors import TrialFailed, TrialInterrupted
 from pipeline.events import EvalHook
+from pipeline.failures import tag_failure
 from pipeline.metrics import (
     MemoryMonitor,
     device_tags,
@@ -43,10 +44,10 @@ from pipeline.model import (
     attach_lora,
     count_parameters,
     detach_lora,
-    is_out_of_memory,
 )
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
+from pipeline.resume import checkpoint_plan, once_per_step
 from pipeline.serving import save_adapter
 from pipeline.stats import ExampleScores
 from pipeline.timing import PhaseTimer
@@ -63,6 +64,8 @@ class RunSpec:
     name: str | None = None  # None: tracking.run_name, else derived from the config
     parent_run_id: str | None = None
     tags: Mapping[str, Any] = field(default_factory=dict)
+    resume: str | None = None  # continue this (interrupted) run from its last checkpoint
+    checkpoint_store: bool = False  # copy checkpoints to the run's artifacts (a Ray worker's)
 
 
 @dataclass
@@ -157,19 +160,21 @@ def fit(
     try:
         with (
             timer.phase("tracking"),
-            tracking.start_run(config.tracking, name, tags, parent_run_id=spec.parent_run_id) as run,
+            tracking.start_run(
+                config.tracking, name, tags, parent_run_id=spec.parent_run_id, resume_run_id=spec.resume
+            ) as run,
             timer.phase("other"),
         ):
             run_id = run.run_id
             try:
                 result = _result(
-                    run, trial, tags[names.CONFIG_FINGERPRINT], *_train_in_run(run, trial, name, on_eval)
+                    run, trial, tags[names.CONFIG_FINGERPRINT], *_train_in_run(run, trial, spec, on_eval)
                 )
                 if on_complete is not None:
                     with timer.phase("finish"):  # the retrain's report and registration
                         on_complete(run, result)
             except BaseException as e:
-                failure = _tag_failure(run, e)
+                failure = tag_failure(run, e)
                 raise
             with timer.phase("tracking"):
                 run.set_tags({names.TRIAL_STATUS: result.status})
@@ -239,63 +244,38 @@ def _result(
     )
 
 
-def _tag_failure(run: tracking.TrackedRun, e: BaseException) -> tuple[str, str]:
-    """Tag the run with why it failed (and keep the traceback of an unexpected error); returns
-    (status, reason). Called inside the `except` block."""
-    status, reason = _failure(e)
-    run.set_tags({names.TRIAL_STATUS: status, names.TRIAL_FAILURE_REASON: reason})
-    if status != names.KILLED and not isinstance(e, TrialFailed):
-        _keep_traceback(run)
-    return status, reason
-
-
-def _keep_traceback(run: tracking.TrackedRun) -> None:
-    """The failure's full traceback: an artifact of its run, and on stderr with -v. Called inside
-    the `except` block (the traceback is the one being handled)."""
-    text = traceback.format_exc()
-    console.show_traceback(text)
-    try:
-        run.log_text(text, names.ERROR_FILE)
-    except Exception as e:  # the store may be what failed; the one-line reason is tagged already
-        log.warning("could not keep the traceback on run %s: %s", run.run_id, one_line(e, 200))
-
-
-def _failure(e: BaseException) -> tuple[str, str]:
-    """(trial status, one-line reason) of an error inside a trial's run."""
-    if isinstance(e, (KeyboardInterrupt, SystemExit)):  # as tracking ends the run: KILLED
-        return names.KILLED, "interrupted"
-    if isinstance(e, TrialFailed):
-        return names.FAILED, e.reason
-    reason = one_line(f"{type(e).__name__}: {e}")
-    if is_out_of_memory(e):
-        return names.ABANDONED, reason  # the same config would run out of memory again
-    return names.FAILED, reason
-
-
 def _train_in_run(
-    run: tracking.TrackedRun, trial: TrialSetup, name: str, on_eval: EvalHook | None
+    run: tracking.TrackedRun, trial: TrialSetup, spec: RunSpec, on_eval: EvalHook | None
 ) -> tuple[TrainReport, dict[str, float], Path]:
-    """Inside the run: log the config, train, measure, save the adapter. Always detaches LoRA."""
+    """Inside the run: log the config, train (from a checkpoint when the run is continued),
+    measure, save the adapter. Always detaches LoRA."""
     config, job, timer, base = trial.config, trial.job, trial.timer, trial.base
-    _log_inputs(run, trial)
+    if spec.resume is None:  # a continued run logged its inputs the first time
+        _log_inputs(run, trial)
+    with timer.phase("tracking"):
+        plan = checkpoint_plan(
+            run, config, job.data, resume=spec.resume is not None, to_store=spec.checkpoint_store
+        )
     with timer.phase("lora"):
         model = attach_lora(base.model, config.lora, config.train.seed)
     try:
         trainable, total = count_parameters(model)
         stats = job.data.stats
         log.info(
-            f"{name}: {stats.train_examples} train / {stats.eval_examples} eval examples, "
+            f"{run.run_id}: {stats.train_examples} train / {stats.eval_examples} eval examples, "
             f"{trainable:,} of {total:,} parameters trainable, {job.plan.describe()}"
         )
+        # Evaluations reach the store at once (the UI, whoever decides on them); steps batch.
+        sink = timer.wrap("tracking", lambda m, s: run.log_metrics(m, s, flush=names.EVAL_LOSS in m))
         memory = MemoryMonitor()
-        with timer.phase("train"):  # training steps and evaluations; the hooks are timed apart
+        with timer.phase("train"), discarded_at_the_end(plan):  # the hooks are timed apart
             _, outcome = train(
                 model,
                 job,
-                # Evaluations reach the store at once (the UI, whoever decides on them); steps batch.
-                sink=timer.wrap("tracking", lambda m, s: run.log_metrics(m, s, flush=names.EVAL_LOSS in m)),
+                sink=once_per_step(run.run_id, sink) if spec.resume else sink,
                 on_eval=timer.wrap("eval_hook", on_eval) if on_eval is not None else None,
                 memory=memory,
+                checkpoints=plan,
             )
         if outcome.diverged:
             step, value = outcome.diverged
@@ -347,6 +327,8 @@ def _final_metrics(trial: TrialSetup, outcome: TrainReport, trainable: int, tota
         names.DATA_TRUNCATED: stats.truncated,
         names.DATA_DROPPED: stats.dropped,
         names.MODEL_LOAD_S: 0.0 if trial.reused else trial.base.load_seconds,
+        names.CHECKPOINTS_SAVED: outcome.checkpoints,
+        names.CHECKPOINT_SAVE_S: outcome.checkpoint_seconds,
         **({names.BEST_EVAL_STEP: outcome.best_step} if outcome.best_step is not None else {}),
     }
 

@@ -221,6 +221,40 @@ def test_plateau_stops_training_and_the_best_evaluation_is_restored(tiny_config,
     assert MlflowClient().get_run(result.run_id).data.metrics[names.EVAL_LOSS] == pytest.approx(best)
 
 
+@pytest.mark.slow
+def test_an_interrupted_retrain_continues_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch):
+    """A retrain stopped (SIGTERM) after its evaluation at step 10 and continued with --resume ends
+    with the eval-loss curve, the plateau state and the eval loss of one never interrupted."""
+    from pipeline import callbacks, interrupt
+    from pipeline.errors import TrialInterrupted
+
+    best = tmp_path / "best_config.yaml"
+    best.write_text(to_yaml(load_config(DEMO_CONFIG, overrides(tmp_path), search=False)))
+    sets = [*overrides(tmp_path), "train.max_steps=30", "train.eval_steps=5", "lora.dropout=0.1"]
+    whole = run_retrain(DEMO_CONFIG, sets, best_config=str(best), allow_duplicate=True, quiet=True)
+    real = callbacks.KeepBest.on_evaluation
+
+    def sigterm_at_step_10(self, result, model, control):
+        real(self, result, model, control)
+        if result.step == 10:
+            interrupt.request_stop()
+
+    with monkeypatch.context() as m, pytest.raises(TrialInterrupted) as stopped:
+        m.setattr(callbacks.KeepBest, "on_evaluation", sigterm_at_step_10)
+        run_retrain(DEMO_CONFIG, sets, best_config=str(best), allow_duplicate=True, quiet=True)
+    run_id = stopped.value.run_id
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
+
+    continued = run_retrain(DEMO_CONFIG, [], resume=run_id, allow_duplicate=True, quiet=True)
+    r, w = continued.result, whole.result
+    assert r.run_id == run_id and r.evals == w.evals and r.eval_loss == w.eval_loss
+    assert r.metrics[names.BEST_EVAL_STEP] == w.metrics[names.BEST_EVAL_STEP]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[names.TRIAL_RESUMED_FROM_STEP] == "10"
+    assert run.data.tags[names.RETRAIN_SOURCE] == f"file {best}"
+    assert continued.promotion is not None and continued.report_path.is_file()
+
+
 # --- bad input: one line, exit 2, nothing registered ------------------------------------------
 
 
@@ -240,6 +274,10 @@ def test_bad_retrain_and_generate_input(tmp_path, capsys):
     )
     code, _, err = run_cli(["retrain", "--quiet", *sets, "--from-search", baseline.run_id], capsys)
     assert code == 2 and f"error: from_search: run {baseline.run_id} is not a search run" in err
+    code, _, err = run_cli(["retrain", "--quiet", *sets, "--resume", baseline.run_id], capsys)
+    assert (
+        code == 2 and f"error: resume: {baseline.run_id!r} is not a retrain run in this tracking store" in err
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "model:\n  name_or_path: models/pydoc-llama\ndata:\n  path: data/pydoc_qa.jsonl\nlora:\n  r: -1\n"

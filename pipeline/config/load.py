@@ -224,7 +224,8 @@ def fingerprint(payload: Any) -> str:
 def config_fingerprint(config: PipelineConfig) -> str:
     """Fingerprint of what decides a trial's result: model, data, lora, train and eval settings."""
     d = to_dict(config)
-    d["train"].pop("output_dir", None)
+    for scratch in ("output_dir", "checkpoints", "keep_checkpoints"):  # where, not what, it trains
+        d["train"].pop(scratch, None)
     return fingerprint({k: d[k] for k in RESULT_SECTIONS})
 
 

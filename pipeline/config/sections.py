@@ -184,7 +184,17 @@ class TrainConfig(Section):
         description="At the end, put back the adapter weights of the best evaluation (not the last); "
         "the run's final eval_loss is then the best one.",
     )
-    output_dir: str = Field("outputs", description="Scratch folder for trainer state; adapters go to MLflow.")
+    output_dir: str = Field(
+        "outputs", description="Scratch folder: checkpoints of running trials, the best trial's adapter."
+    )
+    checkpoints: bool = Field(
+        True,
+        description="Save a resumable checkpoint at every evaluation (adapter, optimizer, scheduler, RNG, "
+        "data position): an interrupted trial or retrain continues from it on --resume.",
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep a run's last checkpoint after it ends (by default it is deleted then)."
+    )
 
 
 class LmEvalConfig(Section):

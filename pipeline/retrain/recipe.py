@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import console, names, registry, tracking
+from pipeline import console, interrupt, names, registry, tracking
 from pipeline.config import (
     PipelineConfig,
     apply_overrides,
@@ -145,6 +145,25 @@ def _row(label: str, run: tracking.RunRecord | None) -> Row:
     return Row(label, run.run_id, dict(run.metrics), run.eval_fingerprint)
 
 
+def resumed_source(run_id: str, base: PipelineConfig) -> tuple[RetrainSource, str]:
+    """An interrupted retrain run: what it retrains (the config it logged, as it started) and
+    its name; PipelineError when the run is not a retrain or has finished."""
+    tracking.setup(base.tracking)
+    run = tracking.get_run(run_id)
+    if run is None or run.role != names.ROLE_RETRAIN:
+        raise PipelineError(f"resume: {run_id!r} is not a retrain run in this tracking store")
+    if run.status == "FINISHED":
+        raise PipelineError(f"resume: retrain run {run_id} has finished; there is nothing to continue")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(
+            tracking.download_run_file(run_id, names.CONFIG_FILE, tmp, "resume"), search=False
+        )
+    search_id = run.tags.get(names.SEARCH_SOURCE_RUN)
+    return RetrainSource(
+        "resume", run.tags.get(names.RETRAIN_SOURCE, f"retrain run {run_id}"), config, search_id
+    ), run.name
+
+
 def run_retrain(
     config_path: str,
     overrides: list[str],
@@ -152,13 +171,18 @@ def run_retrain(
     best_config: str | None = None,
     allow_duplicate: bool = False,
     quiet: bool = False,
+    resume: str | None = None,
 ) -> RetrainResult:
-    """The retrain entry point."""
+    """The retrain entry point; `resume`: continue that interrupted retrain run from its last
+    checkpoint, with the config it started with."""
     base = load_config(config_path, overrides, search=False)
-    source = resolve_source(base, overrides, from_search, best_config)
+    if resume:
+        source, name = resumed_source(resume, base)
+    else:
+        source, name = resolve_source(base, overrides, from_search, best_config), None
     resources = Resources()
     data = resources.data(source.config)
-    config = retrain_config(source.config, data.stats.train_examples, overrides)
+    config = source.config if resume else retrain_config(source.config, data.stats.train_examples, overrides)
     search = tracking.get_run(source.search_run_id) if source.search_run_id else None
     finish = _Finish(
         config,
@@ -171,10 +195,15 @@ def run_retrain(
     lora, tr = config.lora, config.train
     spec = RunSpec(
         role=names.ROLE_RETRAIN,
-        name=f"retrain r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size} {tr.epochs:g} epochs",
+        name=name
+        or f"retrain r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size} {tr.epochs:g} epochs",
         tags={names.RETRAIN_SOURCE: source.description, names.SEARCH_SOURCE_RUN: source.search_run_id},
+        resume=resume,
     )
-    result = run_trial(config, spec, resources=resources, on_complete=finish, quiet=quiet)
+    # SIGTERM (a scheduler's time limit) ends the run KILLED after the current step, its
+    # checkpoint kept for --resume.
+    with interrupt.graceful_stop():
+        result = run_trial(config, spec, resources=resources, on_complete=finish, quiet=quiet)
     return RetrainResult(result, source, finish.promotion, finish.report_path)
 
 

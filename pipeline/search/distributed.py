@@ -19,9 +19,12 @@ MLflow from many processes, each trap reproduced with mlflow 3.17:
   there it makes `start_run` resume the parent instead of creating a child;
 - a sqlite or file store is refused on a cluster of more than one node: use a tracking server.
 
-A worker that dies (killed, segfault, node lost) fails its trial: its run is ended FAILED here
-and the slot gets a new worker. Ctrl-C stops every worker; their runs end KILLED and a resumed
-search runs their configs again.
+Each sealed checkpoint of a worker's trial is also copied to its run's artifacts (`checkpoint/`):
+a worker that dies (killed, segfault, node lost) after its trial's first evaluation hands the
+trial to a new worker in its slot, which continues it from that checkpoint in the same run
+(`RunSpec.resume`), up to `HANDOFFS` times; before its first checkpoint, or past that, the trial
+fails (its run ended FAILED here). Ctrl-C stops every worker; their runs end KILLED and a resumed
+search continues them from their checkpoints (or runs their configs again).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import console, interrupt, names, outer_run, tracking
+from pipeline.checkpoint import MANIFEST
 from pipeline.config import PipelineConfig
 from pipeline.device import quiet_libraries, use_cpu_threads
 from pipeline.errors import PipelineError, one_line
@@ -46,8 +50,12 @@ from pipeline.resources import Resources
 from pipeline.search.executor import JobOutcome, TrialJob, run_job
 from pipeline.search.mailbox import Reports
 
+# A dead worker's trial can continue when its run has this artifact (a sealed checkpoint's copy).
+CHECKPOINT_MANIFEST = f"{names.CHECKPOINT_ARTIFACT}/{MANIFEST}"
+
 INSTALL = "search.executor: ray needs Ray: pip install -e '.[distributed]'"
 POLL_S = 1.0  # how often the driver looks up from waiting (Ctrl-C, a spent budget)
+HANDOFFS = 2  # a trial whose workers keep dying (a segfault of its own) fails after this many
 
 
 def _ray() -> Any:
@@ -139,6 +147,7 @@ class _Flight:
     job: TrialJob
     on_eval: EvalHook | None
     started: float
+    handoffs: int = 0  # times its trial was continued on a new worker after its worker died
 
 
 class RayExecutor:
@@ -190,13 +199,15 @@ class RayExecutor:
     def idle(self) -> int:
         return len(self.free)
 
-    def submit(self, job: TrialJob, on_eval: EvalHook | None) -> None:
+    def submit(self, job: TrialJob, on_eval: EvalHook | None, handoffs: int = 0) -> None:
         slot = self.free.pop(0)
         if self.slots[slot] is None:
             self.slots[slot] = self._start_worker(slot)
         flight = next(self.flights)
+        # A worker's disk may not outlive it: its checkpoints go to the tracking store too.
+        job = replace(job, spec=replace(job.spec, checkpoint_store=True))
         ref = self.slots[slot].run.remote(job, self.reports, flight, on_eval is not None)
-        self.running[ref] = _Flight(flight, slot, job, on_eval, time.perf_counter())
+        self.running[ref] = _Flight(flight, slot, job, on_eval, time.perf_counter(), handoffs)
 
     def wait_any(self) -> JobOutcome:
         """The next job to end; meanwhile answer the workers' evaluations (the driver's thread is
@@ -217,7 +228,9 @@ class RayExecutor:
                 continue
             flight = self.running.pop(ready[0])
             self.free.append(flight.slot)
-            return self._outcome(ready[0], flight)
+            outcome = self._outcome(ready[0], flight)
+            if outcome is not None:
+                return outcome
 
     def close(self) -> None:
         """Stop the workers; runs of trials still in flight end KILLED; a local cluster goes."""
@@ -249,7 +262,8 @@ class RayExecutor:
             stop = bool(on_eval(event)) if on_eval is not None else False
             self.reports.answer.remote(key, stop)
 
-    def _outcome(self, ref: Any, flight: _Flight) -> JobOutcome:
+    def _outcome(self, ref: Any, flight: _Flight) -> JobOutcome | None:
+        """How the flight's job ended; None when its worker died and a new worker continues it."""
         ray = self.ray
         try:
             outcome = ray.get(ref)
@@ -258,6 +272,8 @@ class RayExecutor:
             self.slots[flight.slot] = None  # the next job in this slot starts a new worker
             cause = one_line(str(e).splitlines()[0] if str(e) else type(e).__name__, 200)
             reason = f"worker w{flight.slot + 1} died mid-trial ({type(e).__name__}: {cause})"
+            if self._hand_over(flight, reason):
+                return None
             run_id = self._end_runs(flight, names.FAILED, reason)
             return JobOutcome(
                 flight.job,
@@ -272,14 +288,30 @@ class RayExecutor:
             return replace(outcome, status=names.FAILED, reason=reason, error=PipelineError(reason))
         return outcome
 
+    def _hand_over(self, flight: _Flight, reason: str) -> bool:
+        """Continue a dead worker's trial on a new worker, from the checkpoint it left in the
+        tracking store (its run reopened): True if it was handed over."""
+        spec, done = flight.job.spec, flight.handoffs
+        left = self._running_run(flight)
+        if left is None or done >= HANDOFFS or not tracking.has_artifact(left, CHECKPOINT_MANIFEST):
+            return False
+        tracking.end_killed(left, reason)
+        console.say(f"{reason}; its trial continues from its last checkpoint on a new worker")
+        self.submit(replace(flight.job, spec=replace(spec, resume=left)), flight.on_eval, done + 1)
+        return True
+
+    def _running_run(self, flight: _Flight) -> str | None:
+        """The run the flight's worker left RUNNING, if any (at most one per worker)."""
+        parent, worker = flight.job.spec.parent_run_id, f"w{flight.slot + 1}"
+        left = [r for r in tracking.running_children(parent) if r.tags.get(names.TRIAL_WORKER) == worker]
+        return left[0].run_id if left else None
+
     def _end_runs(self, flight: _Flight, status: str, reason: str) -> str | None:
         """End the run a lost worker left RUNNING (there is at most one per worker)."""
-        parent = flight.job.spec.parent_run_id
-        worker = f"w{flight.slot + 1}"
-        left = [r for r in tracking.running_children(parent) if r.tags.get(names.TRIAL_WORKER) == worker]
-        for run in left:
-            (tracking.end_failed if status == names.FAILED else tracking.end_killed)(run.run_id, reason)
-        return left[0].run_id if left else None
+        left = self._running_run(flight)
+        if left is not None:
+            (tracking.end_failed if status == names.FAILED else tracking.end_killed)(left, reason)
+        return left
 
 
 def _plan(search: Any, cluster: dict[str, float], close: Any) -> tuple[int, float, float]:

@@ -10,8 +10,9 @@ from typing import Any
 from pipeline import console, names, registry, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, to_yaml, with_overrides
 from pipeline.device import hardware
+from pipeline.files import write_atomic
 from pipeline.provenance import git_commit, package_versions
-from pipeline.search import evidence, journal
+from pipeline.search import evidence
 from pipeline.search.journal import SearchState, TrialRecord
 from pipeline.search.report import ReportContext, description, write_report
 from pipeline.search.space import Optimizer
@@ -112,7 +113,7 @@ def write_best_config(
 ) -> Path:
     """best_config.yaml: the recommended trial's complete config, locally and on the search run."""
     path = directory / names.BEST_CONFIG_FILE
-    journal.write_atomic(
+    write_atomic(
         path,
         to_yaml(
             with_overrides(config, best.parameters),

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,13 @@ from typing import Any
 from pipeline import names, tracking
 from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, load_config, to_dict
 from pipeline.errors import PipelineError, SearchFinished
+from pipeline.files import write_atomic
 from pipeline.search.space import Optimizer
 from pipeline.search.stopping import progression
 
 # Trial outcomes (the `trial.status` tag's values). `killed` trials were interrupted: they do not
-# count toward n_trials, and a resumed search runs their config again.
+# count toward n_trials; a resumed search continues them from their checkpoint, or runs their
+# config again (`interrupted.py`).
 COMPLETED, EARLY_STOPPED, FAILED = names.COMPLETED, names.EARLY_STOPPED, names.FAILED
 ABANDONED, KILLED, RUNNING = names.ABANDONED, names.KILLED, names.RUNNING
 CRASHED = "interrupted: the search process stopped"
@@ -124,6 +126,9 @@ class SearchState:
     trials: list[TrialRecord] = field(default_factory=list)
     baseline: BaselineRecord | None = None
     retry: list[dict[str, Any]] = field(default_factory=list)  # configs of killed trials, to rerun
+    # Ax indices of killed trials that continue from their last checkpoint, in their own run:
+    # Ax still calls them running, and they are resubmitted before anything new.
+    resumable: list[int] = field(default_factory=list)
     wall_seconds: float = 0.0  # accumulated over sessions (a resumed search adds to it)
     sessions: int = 0
     stop_reason: str = ""
@@ -186,18 +191,6 @@ def search_dir(config: PipelineConfig, parent_run_id: str) -> Path:
     return d
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(run: tracking.TrackedRun, optimizer: Optimizer, state: SearchState, directory: Path) -> None:
     """Ax's JSON and the records, locally (atomically) and as artifacts of the search run."""
     d = directory / names.STATE_DIR
@@ -242,7 +235,8 @@ FROZEN_ON_RESUME = (
     "search.early_stopping.progression",  # Ax's data would mix units
     "search.warm_start",  # attached once, when the search started
 )
-FREE_ON_RESUME = ("train.output_dir",)  # scratch, not a result (see config_fingerprint)
+# Scratch, not a result (see config_fingerprint).
+FREE_ON_RESUME = ("train.output_dir", "train.checkpoints", "train.keep_checkpoints")
 
 
 def refuse_finished(run_id: str, records: SearchState, n_trials: int) -> None:
@@ -286,14 +280,22 @@ def fetch_config(parent_run_id: str, config: PipelineConfig, dst: str | Path) ->
     return tracking.download_run_file(parent_run_id, names.CONFIG_FILE, dst, "resume")
 
 
-def reconcile(optimizer: Optimizer, state: SearchState) -> None:
+def reconcile(
+    optimizer: Optimizer, state: SearchState, continuable: Callable[[TrialRecord], bool] = lambda r: False
+) -> None:
     """After a crash, make the records and Ax agree with what MLflow saw happen.
 
     A trial that Ax or the records still call running, but whose run ended with a status
     (completed, early-stopped, failed, abandoned: the process died after the trial, before the
     save), is recorded from that run and not trained again. A trial with no such run was
-    interrupted: killed, and its config runs again first. Child runs left RUNNING end KILLED."""
+    interrupted: killed; it continues from its checkpoint in its own run when it has one
+    (`continuable`), else its config runs again first. Child runs left RUNNING end KILLED."""
     baseline_index = 0 if state.baseline and state.baseline.in_search_space else None
+    for child in tracking.running_children(state.parent_run_id):
+        tracking.end_killed(child.run_id, CRASHED)
+        rec = state.record(child.trial_index) if child.trial_index is not None else None
+        if rec is not None:
+            rec.run_id = child.run_id
     ended = {
         r.trial_index: r
         for r in tracking.trials_of(state.parent_run_id)
@@ -308,18 +310,19 @@ def reconcile(optimizer: Optimizer, state: SearchState) -> None:
             if rec.generation_method == "retry" and rec.parameters in state.retry:
                 state.retry.remove(rec.parameters)  # it ran again and ended: not a third time
             continue
+        if rec is not None and rec.status == RUNNING:
+            rec.status, rec.failure_reason = KILLED, CRASHED
+        if index in in_ax and rec is not None and rec.run_id and continuable(rec):
+            if index not in state.resumable:
+                state.resumable.append(index)
+            continue
+        if index in state.resumable:
+            state.resumable.remove(index)
         if index in in_ax:
             optimizer.fail(index, CRASHED)
-        if rec is not None:
-            rec.status, rec.failure_reason = KILLED, CRASHED
         params = in_ax.get(index, rec.parameters if rec else None)
         if params is not None and index != baseline_index and params not in state.retry:
             state.retry.append(params)
-    for child in tracking.running_children(state.parent_run_id):
-        tracking.end_killed(child.run_id, CRASHED)
-        rec = state.record(child.trial_index) if child.trial_index is not None else None
-        if rec is not None:
-            rec.run_id = child.run_id
 
 
 def _from_run(rec: TrialRecord, run: tracking.RunRecord, optimizer: Optimizer | None) -> None:

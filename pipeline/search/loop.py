@@ -21,7 +21,7 @@ from pipeline.errors import SearchAborted
 from pipeline.events import EvalEvent
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
-from pipeline.search import baseline, budget, journal, replicates, warm
+from pipeline.search import baseline, budget, interrupted, journal, replicates, warm
 from pipeline.search.executor import Executor, JobOutcome, LocalExecutor, TrialJob
 from pipeline.search.finish import SearchResult, finish
 from pipeline.search.journal import (
@@ -160,7 +160,7 @@ class Search:
         else:
             records.n_trials = self.search.n_trials
             records.stop_reason = ""  # this session's own, if it stops early too
-            journal.reconcile(self.optimizer, records)
+            journal.reconcile(self.optimizer, records, lambda r: interrupted.can_continue(self.config, r))
         records.sessions += 1
         self.optimizer.noise_sd = records.noise_sd
 
@@ -226,12 +226,17 @@ class Search:
         self._save()
 
     def _fill(self) -> None:
-        """Give every idle worker a trial: interrupted trials' configs first, then one batch from
-        Ax for the rest (locally: one trial at a time, as always)."""
+        """Give every idle worker a trial: interrupted trials first (continued from their
+        checkpoints, or their configs again), then one batch from Ax for the rest (locally: one
+        trial at a time, as always)."""
         records = self.records
         want = min(self.executor.idle(), records.n_trials - len(records.finished()) - len(self.pending))
         if want <= 0:
             return
+        for index in [i for i in records.resumable if i not in self.pending][:want]:
+            self.pending[index], self.started[index] = records.record(index), self.clock()
+            self.executor.submit(interrupted.continuation(records, index, self.trial_base), self._on_eval)
+            want -= 1
         running = [t.parameters for t in self.pending.values()]
         retries = [p for p in records.retry if p not in running][:want]
         with self.timer.phase("ax"):
@@ -282,8 +287,9 @@ class Search:
     def _record(self, record: TrialRecord, outcome: JobOutcome) -> None:
         """Feed a finished trial back to Ax and into its record (its run tagged itself)."""
         records, index = self.records, record.index
-        record.wall_seconds = outcome.wall_seconds
-        record.device_seconds = (self.clock() - self.started.pop(index)) * self.executor.devices_per_trial
+        # Added: a continued trial's earlier sessions count too.
+        record.wall_seconds += outcome.wall_seconds
+        record.device_seconds += (self.clock() - self.started.pop(index)) * self.executor.devices_per_trial
         record.run_id = outcome.run_id or record.run_id
         if outcome.status == KILLED:
             self._mark_killed(record)
@@ -351,12 +357,7 @@ class Search:
         self.pending.clear()
 
     def _mark_killed(self, record: TrialRecord) -> None:
-        """An interrupted trial: failed in Ax (its partial data dropped), its config first in
-        line to run again."""
-        record.status, record.failure_reason = KILLED, "interrupted"
-        self.optimizer.fail(record.index, "interrupted")
-        if record.parameters not in self.records.retry:
-            self.records.retry.insert(0, record.parameters)
+        interrupted.mark_killed(self.config, self.records, self.optimizer, record)
 
     def _check_failure_rate(self) -> None:
         done = self.records.finished()

@@ -216,3 +216,23 @@ def example_scores(run_id: str, metric: str = names.EVAL_LOSS) -> ExampleScores 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+
+
+def last_steps(run_id: str) -> dict[str, int]:
+    """The last step each metric of a run was logged at (what a continued run must not log again)."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    return {
+        key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+        for key in run.data.metrics
+    }
+
+
+def has_artifact(run_id: str, path: str) -> bool:
+    """Does the run have an artifact (file or folder) at `path`?"""
+    parent = path.rpartition("/")[0]
+    try:
+        listed = MlflowClient().list_artifacts(run_id, parent or None)
+    except Exception:  # an unreachable artifact store: as good as none
+        return False
+    return any(f.path == path for f in listed)

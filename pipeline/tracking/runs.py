@@ -77,6 +77,9 @@ class TrackedRun:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
+    def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_file), artifact_path)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -128,7 +131,7 @@ def start_run(
         outer = outer_run.take_outer_run()
         if outer and outer != resume_run_id:
             MlflowClient().set_tag(outer, names.SEARCH_RESUMED_INTO, resume_run_id)
-            MlflowClient().set_tag(outer, names.NOTE, f"This invocation resumed search run {resume_run_id}.")
+            MlflowClient().set_tag(outer, names.NOTE, f"This invocation resumed run {resume_run_id}.")
     if cfg.log_system_metrics:
         mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_interval_s)
         mlflow.set_system_metrics_samples_before_logging(1)

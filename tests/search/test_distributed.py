@@ -21,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import names, tracking
+from pipeline.checkpoint import MANIFEST
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.search import distributed
@@ -265,20 +266,16 @@ def test_parallel_search_on_ray_with_a_team_server_absorbs_a_killed_worker(tmp_p
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
     reader.start()
 
-    def running_trial(runs):  # a trial some seconds into its training, on a worker we can kill
-        return next(
-            (
-                r
-                for r in _trials(runs)
-                if r.info.status == "RUNNING"
-                and names.TRIAL_WORKER_PID in r.data.tags
-                and time.time() * 1000 - r.info.start_time > 3000
-            ),
-            None,
-        )
+    def checkpointed_trial(runs):  # a running trial whose worker copied a checkpoint to the store
+        for r in _trials(runs):
+            if r.info.status == "RUNNING" and names.TRIAL_WORKER_PID in r.data.tags:
+                listed = client.list_artifacts(r.info.run_id, names.CHECKPOINT_ARTIFACT)
+                if any(f.path.endswith(MANIFEST) for f in listed):
+                    return r
+        return None
 
     try:
-        victim = _watch(client, running_trial)
+        victim = _watch(client, checkpointed_trial)
         os.kill(int(victim.data.tags[names.TRIAL_WORKER_PID]), signal.SIGKILL)
         assert proc.wait(timeout=1200) == 0, "".join(output)[-4000:]
     finally:
@@ -296,12 +293,18 @@ def test_parallel_search_on_ray_with_a_team_server_absorbs_a_killed_worker(tmp_p
     trials = _trials(runs)
     assert len({r.data.tags[names.AX_TRIAL_INDEX] for r in trials}) == len(trials) == 6  # no duplicate
 
-    killed = client.get_run(victim.info.run_id)
-    assert killed.info.status == "FAILED"
-    assert killed.data.tags[names.TRIAL_STATUS] == names.FAILED
-    assert "died mid-trial" in killed.data.tags[names.TRIAL_FAILURE_REASON]
+    # The dead worker's trial went on from its checkpoint on a new worker, in the same run.
+    continued = client.get_run(victim.info.run_id)
+    assert continued.info.status == "FINISHED", continued.data.tags
+    assert continued.data.tags[names.TRIAL_STATUS] in names.SCORED_STATUSES
+    assert int(continued.data.tags[names.TRIAL_RESUMED_FROM_STEP]) >= 4
+    assert continued.data.tags[names.TRIAL_RESUMES] == "1"
+    assert continued.data.tags[names.TRIAL_WORKER_PID] != victim.data.tags[names.TRIAL_WORKER_PID]
+    steps = [m.step for m in client.get_metric_history(victim.info.run_id, names.EVAL_LOSS)]
+    assert steps == sorted(set(steps)), steps  # each evaluation once
+    assert "died mid-trial" in log and "continues from its last checkpoint on a new worker" in log
     statuses = sorted(r.data.tags[names.TRIAL_STATUS] for r in trials)
-    assert statuses.count(names.FAILED) == 1, statuses
+    assert names.FAILED not in statuses, statuses
     assert names.EARLY_STOPPED in statuses, statuses  # Ax stopped one through the streamed evals
     for r in trials:
         if r.data.tags[names.TRIAL_STATUS] == names.EARLY_STOPPED:
@@ -309,7 +312,7 @@ def test_parallel_search_on_ray_with_a_team_server_absorbs_a_killed_worker(tmp_p
 
     # Two workers, then a third process replacing the killed one: each loaded the base once.
     workers = {(r.data.tags[names.TRIAL_WORKER], r.data.tags[names.TRIAL_WORKER_PID]) for r in trials}
-    assert {w for w, _ in workers} == {"w1", "w2"} and len(workers) == 3, workers
+    assert {w for w, _ in workers} == {"w1", "w2"} and len(workers) <= 3, workers
     loads = {r.data.tags.get(names.TRIAL_WORKER_BASE_LOADS) for r in trials if r.info.status == "FINISHED"}
     assert loads == {"1"}, loads
     assert all(r.data.tags[names.DEVICE].startswith("cpu (1 threads)") for r in trials)
