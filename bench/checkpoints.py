@@ -2,7 +2,8 @@
 
     python bench/checkpoints.py --part cost                 # size, save time, overhead (demo, SmolLM2)
     python bench/checkpoints.py --part kills --kills 12     # trials killed at random steps, continued
-    python bench/checkpoints.py --part retrain --kills 10   # the same for a demo retrain
+    python bench/checkpoints.py --part retrain --kills 10   # the same with the retrain's settings
+    python bench/checkpoints.py --part kills --kills 2 --steps 12 --every 4   # CI smoke size
 
 cost: the demo trial (150 steps, an evaluation every 50) with checkpoints on and off, paired on
 each seed: the trial's training time, its saves' time and size; the same saves on SmolLM2-135M
@@ -90,7 +91,7 @@ def cost(tmp: str, seeds: list[int]) -> None:
     )
 
 
-def kills(tmp: str, n: int, seed: int, retrain: bool) -> None:
+def kills(tmp: str, n: int, seed: int, retrain: bool, steps: int | None, every: int) -> None:
     from pipeline.callbacks import StreamMetrics
 
     rng = random.Random(seed)
@@ -104,7 +105,7 @@ def kills(tmp: str, n: int, seed: int, retrain: bool) -> None:
     real_step_end = StreamMetrics.on_step_end
     redone, kill_steps, same = [], [], 0
     print(
-        f"{'retrain' if retrain else 'trial'}: {steps} steps, an evaluation every 50; uninterrupted eval_loss {whole.eval_loss:.6f}"
+        f"{'retrain' if retrain else 'trial'}: {steps} steps, an evaluation every {every}; uninterrupted eval_loss {whole.eval_loss:.6f}"
     )
     for k in range(n):
         at = rng.randint(1, steps - 1)
@@ -136,7 +137,7 @@ def kills(tmp: str, n: int, seed: int, retrain: bool) -> None:
     lost_before = kill_steps  # a restart from step 0 redoes every step up to the kill
     print(
         f"steps redone per kill: median {statistics.median(redone):.0f}, mean {statistics.mean(redone):.1f}, "
-        f"max {max(redone)} over {n} kills (goal: at most one evaluation interval, 50); without "
+        f"max {max(redone)} over {n} kills (goal: at most one evaluation interval, {every}); without "
         f"checkpoints: median {statistics.median(lost_before):.0f}, mean {statistics.mean(lost_before):.1f}"
     )
     print(f"continued runs equal to the uninterrupted one (eval-loss curve and final loss): {same}/{n}")
@@ -148,6 +149,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="1,2,3", help="cost: train.seed of each pair")
     ap.add_argument("--kills", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0, help="kills: the random kill steps' seed")
+    ap.add_argument("--steps", type=int, default=None, help="kills: steps per run (150; retrain: 300)")
+    ap.add_argument("--every", type=int, default=50, help="kills: steps between evaluations")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/bench.db")
@@ -155,7 +158,7 @@ def main() -> None:
         if args.part == "cost":
             cost(tmp, [int(s) for s in args.seeds.split(",")])
         else:
-            kills(tmp, args.kills, args.seed, retrain=args.part == "retrain")
+            kills(tmp, args.kills, args.seed, args.part == "retrain", args.steps, args.every)
 
 
 if __name__ == "__main__":

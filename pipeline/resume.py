@@ -77,12 +77,16 @@ def _copy_to_store(run: tracking.TrackedRun, path: Path) -> None:
 
 def _fetch_from_store(run_id: str, folder: Path) -> None:
     """The run's artifact copy of its latest checkpoint, into `folder/checkpoint-<step>/`."""
+    if not tracking.has_artifact(run_id, f"{names.CHECKPOINT_ARTIFACT}/{MANIFEST}"):
+        return  # none (not on a Ray worker, or killed before its first checkpoint): step 0
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            got = Path(tracking.download_artifacts(run_id, names.CHECKPOINT_ARTIFACT, tmp))
+            got = Path(tracking.download_artifacts(run_id, names.CHECKPOINT_ARTIFACT, tmp, quiet=True))
             step = int(json.loads((got / MANIFEST).read_text())["step"])
-        except Exception as e:  # no copy (it never reached an evaluation): from step 0
-            log.debug("run %s has no checkpoint artifact: %s", run_id, one_line(e, 120))
+        except Exception as e:  # an unreachable store, a copy cut short: from step 0
+            log.warning(
+                f"run {run_id}: its checkpoint copy could not be fetched ({one_line(e, 120)}); training from step 0"
+            )
             return
         folder.mkdir(parents=True, exist_ok=True)
         shutil.move(str(got), folder / f"{PREFIX}{step}")

@@ -37,6 +37,16 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert lines[-1].startswith("fastest peer: ") and float(lines[-1].rsplit(" ", 1)[1].rstrip("x")) > 0
 
 
+def test_checkpoint_kill_benchmark_smoke(tmp_path):
+    lines = _bench(
+        ["bench/checkpoints.py", "--part", "kills", "--kills", "2", "--steps", "12", "--every", "4"], tmp_path
+    )
+    assert (
+        lines[-2].startswith("steps redone per kill: median ") and "without checkpoints: median" in lines[-2]
+    )
+    assert lines[-1] == "continued runs equal to the uninterrupted one (eval-loss curve and final loss): 2/2"
+
+
 def test_model_reuse_benchmark_smoke(tmp_path):
     lines = _bench(
         ["bench/model_reuse.py", "--config", "configs/demo-cpu.yaml", "--trials", "2", "--steps", "2"],

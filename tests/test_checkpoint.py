@@ -187,3 +187,24 @@ def test_a_full_disk_fails_the_save_not_the_run(config, monkeypatch, caplog):
         for s in (3, 6, 9)
     ]
     assert not any(checkpoint.folder_for(config.train.output_dir, result.run_id).iterdir())
+
+
+def test_a_run_whose_disk_is_gone_continues_from_its_copy_in_the_tracking_store(config):
+    """What a Ray worker does (its disk may not outlive it): each sealed checkpoint is copied to
+    the run's artifacts; a run continued elsewhere fetches it."""
+    import shutil
+
+    resources = Resources()
+    whole = run_trial(config, resources=resources, quiet=True)
+    stored = RunSpec(checkpoint_store=True)
+    with pytest.raises(TrialInterrupted) as e:
+        run_trial(config, stored, resources=resources, on_eval=_stop_after(6), quiet=True)
+    interrupt._STOP.clear()
+    run_id = e.value.run_id
+    listed = {f.path for f in MlflowClient().list_artifacts(run_id, names.CHECKPOINT_ARTIFACT)}
+    assert f"{names.CHECKPOINT_ARTIFACT}/{checkpoint.MANIFEST}" in listed
+    shutil.rmtree(checkpoint.folder_for(config.train.output_dir, run_id))  # the worker's disk
+
+    continued = run_trial(config, RunSpec(resume=run_id), resources=resources, quiet=True)
+    assert MlflowClient().get_run(run_id).data.tags[names.TRIAL_RESUMED_FROM_STEP] == "6"
+    assert continued.evals == whole.evals and continued.eval_loss == whole.eval_loss

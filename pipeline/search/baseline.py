@@ -14,6 +14,7 @@ from pipeline import console, names, tracking
 from pipeline.config import PipelineConfig, SearchConfig, values_at
 from pipeline.errors import PipelineError
 from pipeline.resources import NUMERICS_PACKAGES, Resources, identity
+from pipeline.resume import has_checkpoint
 from pipeline.search.executor import Executor, TrialJob
 from pipeline.search.journal import BaselineRecord
 from pipeline.serving import discard_local_adapter
@@ -80,6 +81,15 @@ def _tag(run: tracking.RunRecord, key: str) -> str | None:
     return json.dumps({p: versions.get(p) for p in NUMERICS_PACKAGES}, sort_keys=True)
 
 
+def _interrupted_baseline(config: PipelineConfig, parent_run_id: str) -> str | None:
+    """This search's baseline run, if a kill interrupted it after a checkpoint: it continues."""
+    for run in tracking.children_of(parent_run_id):
+        killed = run.role == names.ROLE_BASELINE and run.tags.get(names.TRIAL_STATUS) == names.KILLED
+        if killed and config.train.checkpoints and has_checkpoint(config.train.output_dir, run.run_id):
+            return run.run_id
+    return None
+
+
 def find_or_train(
     config: PipelineConfig,
     parent: tracking.TrackedRun,
@@ -109,10 +119,10 @@ def find_or_train(
             examples_per_step=reused.examples_per_step,
             why=why,
         )
-    console.say(f"baseline: training the baseline config ({why})")
-    executor.submit(
-        TrialJob(-1, trial_base, {}, RunSpec(names.ROLE_BASELINE, parent_run_id=parent.run_id)), None
-    )
+    left = _interrupted_baseline(config, parent.run_id)
+    console.say(f"baseline: {'continuing' if left else 'training'} the baseline config ({why})")
+    spec = RunSpec(names.ROLE_BASELINE, parent_run_id=parent.run_id, resume=left)
+    executor.submit(TrialJob(-1, trial_base, {}, spec), None)
     outcome = executor.wait_any()
     if outcome.result is None:
         raise outcome.error or PipelineError(f"baseline: {outcome.reason}")

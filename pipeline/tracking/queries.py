@@ -172,9 +172,23 @@ def latest_finished_search() -> RunRecord | None:
     return next(iter(_find(experiments, where, newest, limit=1)), None)
 
 
-def download_artifacts(run_id: str, path: str, dst: str | Path) -> str:
-    """Download an artifact file or folder of a run; returns the local path."""
-    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def download_artifacts(run_id: str, path: str, dst: str | Path, quiet: bool = False) -> str:
+    """Download an artifact file or folder of a run; returns the local path. `quiet`: without
+    MLflow's progress bar (MLflow reads its variable at each call)."""
+    if not quiet:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+    bar = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+    finally:
+        if bar is None:
+            os.environ.pop(PROGRESS_BAR, None)
+        else:
+            os.environ[PROGRESS_BAR] = bar
 
 
 def download_run_file(run_id: str, artifact: str, dst: str | Path, option: str) -> Path:
@@ -186,9 +200,6 @@ def download_run_file(run_id: str, artifact: str, dst: str | Path, option: str) 
         raise PipelineError(f"{option}: run {run_id} has no {artifact} (did the search finish?)") from None
 
 
-PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-
-
 def example_scores(run_id: str, metric: str = names.EVAL_LOSS) -> ExampleScores | None:
     """The run's per-example scores of `metric`: its eval losses (`eval_examples.json`) or a task
     metric's per-document scores (`lm_eval/examples/<metric>.json`); None when it has none (a run
@@ -198,20 +209,12 @@ def example_scores(run_id: str, metric: str = names.EVAL_LOSS) -> ExampleScores 
     )
     if metric != names.EVAL_LOSS and not metric.startswith(names.LMEVAL_PREFIX):
         return None
-    # One small file per run: no progress bar for it (MLflow reads the variable at each call).
-    bar = os.environ.get(PROGRESS_BAR)
-    os.environ[PROGRESS_BAR] = "false"
-    try:
+    try:  # one small file per run: no progress bar for it
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(download_artifacts(run_id, artifact, tmp))
+            path = Path(download_artifacts(run_id, artifact, tmp, quiet=True))
             return ExampleScores.from_json(json.loads(path.read_text()), run_id)
     except Exception:
         return None
-    finally:
-        if bar is None:
-            os.environ.pop(PROGRESS_BAR, None)
-        else:
-            os.environ[PROGRESS_BAR] = bar
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:

@@ -147,3 +147,33 @@ def test_a_search_sigkilled_mid_trial_continues_that_trial_on_resume(tmp_path):
     assert [t.eval_loss for t in whole.state.trials] == [
         runs[i].data.metrics[names.EVAL_LOSS] for i in (1, 2)
     ]
+
+
+@pytest.mark.slow
+def test_an_interrupted_baseline_continues_in_its_run(tmp_path, monkeypatch):
+    from pipeline import callbacks
+
+    sets = search_overrides(tmp_path, **{"train.eval_steps": 3})
+    real, fired = callbacks.KeepBest.on_evaluation, []
+
+    def stop_the_baseline_at_6(self, result, model, control):
+        real(self, result, model, control)
+        if result.step == 6 and not fired:
+            fired.append(True)
+            interrupt.request_stop()
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(callbacks.KeepBest, "on_evaluation", stop_the_baseline_at_6)
+        loop.Search(search_config(DEMO_CONFIG, sets, n_trials=1), LocalExecutor(quiet=True)).run()
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tests").experiment_id
+    (parent,) = client.search_runs([exp], f"tags.`{names.ROLE}` = 'search'")
+    (killed,) = client.search_runs([exp], f"tags.`{names.ROLE}` = 'baseline'")
+    assert killed.info.status == "KILLED"
+
+    pid = parent.info.run_id
+    resumed = run_search(search_config(DEMO_CONFIG, sets, n_trials=1, resume=pid), resume=pid, quiet=True)
+    assert resumed.state.baseline.run_id == killed.info.run_id
+    run = client.get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[names.TRIAL_RESUMED_FROM_STEP] == "6"
+    assert [s for s, _ in resumed.state.baseline.evals] == [3, 6, 9, 12]
