@@ -120,6 +120,25 @@ def _watch(client: MlflowClient, until, experiment: str = "dist", timeout_s: flo
     raise AssertionError("the awaited state never came")
 
 
+def _check_same_curve_as_uninterrupted(client: MlflowClient, run_id: str, tmp_path: Path) -> None:
+    """The continued trial's eval losses are those of its config trained here without a kill (on
+    one thread, as its worker; up to where Ax stopped it, if it did)."""
+    import torch
+
+    from pipeline.trial import run_trial
+
+    config_file = client.download_artifacts(run_id, names.CONFIG_FILE, str(tmp_path))
+    config = load_config(config_file, [f"train.output_dir={tmp_path / 'ref'}"], search=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = run_trial(config, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    continued = [(m.step, m.value) for m in client.get_metric_history(run_id, names.EVAL_LOSS)]
+    assert continued and continued == reference.evals[: len(continued)], (continued, reference.evals)
+
+
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     with servers.team_server(tmp_path_factory.mktemp("team")) as server:
@@ -303,6 +322,7 @@ def test_parallel_search_on_ray_with_a_team_server_absorbs_a_killed_worker(tmp_p
     steps = [m.step for m in client.get_metric_history(victim.info.run_id, names.EVAL_LOSS)]
     assert steps == sorted(set(steps)), steps  # each evaluation once
     assert "died mid-trial" in log and "continues from its last checkpoint on a new worker" in log
+    _check_same_curve_as_uninterrupted(client, victim.info.run_id, tmp_path)
     statuses = sorted(r.data.tags[names.TRIAL_STATUS] for r in trials)
     assert names.FAILED not in statuses, statuses
     assert names.EARLY_STOPPED in statuses, statuses  # Ax stopped one through the streamed evals
