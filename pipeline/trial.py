@@ -272,7 +272,7 @@ def _train_in_run(
             _, outcome = train(
                 model,
                 job,
-                sink=once_per_step(run.run_id, sink) if spec.resume else sink,
+                sink=once_per_step(run.run_id, sink) if plan and plan.resume else sink,
                 on_eval=timer.wrap("eval_hook", on_eval) if on_eval is not None else None,
                 memory=memory,
                 checkpoints=plan,
