@@ -3,6 +3,7 @@
     python bench/checkpoints.py --part cost                 # size, save time, overhead (demo, SmolLM2)
     python bench/checkpoints.py --part kills --kills 12     # trials killed at random steps, continued
     python bench/checkpoints.py --part retrain --kills 10   # the same with the retrain's settings
+    python bench/checkpoints.py --part search --kills 10    # a demo search killed 10 times, resumed
     python bench/checkpoints.py --part kills --kills 2 --steps 12 --every 4   # CI smoke size
 
 cost: the demo trial (150 steps, an evaluation every 50) with checkpoints on and off, paired on
@@ -143,9 +144,90 @@ def kills(tmp: str, n: int, seed: int, retrain: bool, steps: int | None, every: 
     print(f"continued runs equal to the uninterrupted one (eval-loss curve and final loss): {same}/{n}")
 
 
+def search_kills(tmp: str, n: int, seed: int, trials: int) -> None:
+    """The demo search (early stopping on, no replicates) killed `n` times, each time at a random
+    optimizer step of whatever trains then (the baseline or a trial), and resumed after each kill
+    until it finishes; against the same search never interrupted."""
+    from pipeline.callbacks import StreamMetrics
+    from pipeline.search import run_search, search_config
+    from pipeline.search.journal import SearchState
+
+    # All Sobol: a resumed search's BoTorch proposals differ slightly from an uninterrupted one's
+    # whatever happened to its trials (Ax's model fit after reloading its JSON), so only Sobol
+    # trials isolate what the kills and the checkpoints do.
+    sets = [
+        f"train.output_dir={tmp}/out", f"search.output_dir={tmp}/search", "search.replicates=null",
+        f"search.initialization_trials={trials}",
+        "tracking.log_system_metrics=false", "tracking.experiment_name=bench-search-kills",
+        "registry.model_name=bench-search-kills",
+    ]  # fmt: skip
+    whole = run_search(search_config("configs/demo-cpu.yaml", sets, n_trials=trials), quiet=True)
+    rng, real = random.Random(seed), StreamMetrics.on_step_end
+    redone, kill_steps, parent = [], [], None
+    while True:
+        target, seen = rng.randint(1, 150), [0]  # this session dies after `target` optimizer steps
+
+        def step_end(self, args, state, control, _target=target, _seen=seen, **kw):
+            real(self, args, state, control, **kw)
+            _seen[0] += 1
+            if _seen[0] == _target and len(kill_steps) < n:
+                sealed = [
+                    int(p.parent.name.split("-")[1])
+                    for p in Path(args.output_dir).glob(f"*/{checkpoint.MANIFEST}")
+                ]
+                redone.append(state.global_step - max(sealed, default=0))
+                kill_steps.append(state.global_step)
+                interrupt.request_stop()
+
+        StreamMetrics.on_step_end = step_end
+        try:
+            config = search_config("configs/demo-cpu.yaml", sets, resume=parent, n_trials=trials)
+            result = run_search(config, resume=parent, quiet=True)
+            break
+        except KeyboardInterrupt:
+            interrupt._STOP.clear()
+            parent = parent or _killed_search()
+        finally:
+            StreamMetrics.on_step_end = real
+    state: SearchState = result.state
+
+    def by_config(records) -> dict[str, tuple]:  # a trial killed before a checkpoint ran again
+        return {
+            str(sorted(t.parameters.items())): (t.status, t.eval_loss)
+            for t in records
+            if t.status != names.KILLED
+        }
+
+    mine, theirs = by_config(state.trials), by_config(whole.state.trials)
+    rerun = sum(1 for t in state.trials if t.status == names.KILLED)
+    print(
+        f"search of {trials} trials + baseline killed {len(kill_steps)} times, resumed {state.sessions - 1} times; "
+        f"{rerun} kill(s) before a trial's first checkpoint (its config ran again as a new trial)"
+    )
+    print(
+        f"steps redone per kill: median {statistics.median(redone):.0f}, mean {statistics.mean(redone):.1f}, "
+        f"max {max(redone)} (goal: at most one evaluation interval, 50); without checkpoints: median "
+        f"{statistics.median(kill_steps):.0f}, mean {statistics.mean(kill_steps):.1f}"
+    )
+    same = sum(mine.get(k) == v for k, v in theirs.items())
+    print(f"trials whose status and eval_loss equal the uninterrupted search's: {same}/{len(theirs)}")
+    print(f"baseline eval_loss equal: {state.baseline.eval_loss == whole.state.baseline.eval_loss}")
+
+
+def _killed_search() -> str:
+    """The run id of the search that was just killed (the only search run of its experiment)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("bench-search-kills").experiment_id
+    (run,) = client.search_runs([exp], "tags.`pipeline.role` = 'search' and attributes.status = 'KILLED'")
+    return run.info.run_id
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["cost", "kills", "retrain"], default="cost")
+    ap.add_argument("--part", choices=["cost", "kills", "retrain", "search"], default="cost")
+    ap.add_argument("--trials", type=int, default=8, help="search: its n_trials")
     ap.add_argument("--seeds", default="1,2,3", help="cost: train.seed of each pair")
     ap.add_argument("--kills", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0, help="kills: the random kill steps' seed")
@@ -157,6 +239,8 @@ def main() -> None:
     with console.muted():
         if args.part == "cost":
             cost(tmp, [int(s) for s in args.seeds.split(",")])
+        elif args.part == "search":
+            search_kills(tmp, args.kills, args.seed, args.trials)
         else:
             kills(tmp, args.kills, args.seed, args.part == "retrain", args.steps, args.every)
 
