@@ -39,6 +39,9 @@ from pipeline.trial import RunSpec, run_trial
 SMOL = "configs/smollm2-cpu.yaml"
 
 
+OVERRIDES: list[str] = []  # --set: e.g. model.load_in_4bit=true (bench/gpu_check.sh)
+
+
 def _config(path: str, tmp: str, **values) -> PipelineConfig:
     base = {
         "train.output_dir": tmp,
@@ -47,7 +50,7 @@ def _config(path: str, tmp: str, **values) -> PipelineConfig:
         "eval.generation_samples": 0,
         "search": None,
     }
-    return with_overrides(load_config(path), {**base, **values})
+    return with_overrides(load_config(path, OVERRIDES), {**base, **values})
 
 
 def _size_mb(folder: Path) -> float:
@@ -98,9 +101,9 @@ def kills(tmp: str, n: int, seed: int, retrain: bool, steps: int | None, every: 
     rng = random.Random(seed)
     res = Resources()
     values = {"train.restore_best": True, "train.early_stopping_patience": 3} if retrain else {}
-    steps = 300 if retrain else 150
+    steps = steps or (300 if retrain else 150)
     cfg = _config(
-        "configs/demo-cpu.yaml", tmp, **{"train.max_steps": steps, "train.eval_steps": 50, **values}
+        "configs/demo-cpu.yaml", tmp, **{"train.max_steps": steps, "train.eval_steps": every, **values}
     )
     whole = run_trial(cfg, resources=res, quiet=True)
     real_step_end = StreamMetrics.on_step_end
@@ -150,7 +153,6 @@ def search_kills(tmp: str, n: int, seed: int, trials: int) -> None:
     until it finishes; against the same search never interrupted."""
     from pipeline.callbacks import StreamMetrics
     from pipeline.search import run_search, search_config
-    from pipeline.search.journal import SearchState
 
     # All Sobol: a resumed search's BoTorch proposals differ slightly from an uninterrupted one's
     # whatever happened to its trials (Ax's model fit after reloading its JSON), so only Sobol
@@ -189,16 +191,20 @@ def search_kills(tmp: str, n: int, seed: int, trials: int) -> None:
             parent = parent or _killed_search()
         finally:
             StreamMetrics.on_step_end = real
-    state: SearchState = result.state
+    _report_search(result.state, whole.state, trials, redone, kill_steps)
 
-    def by_config(records) -> dict[str, tuple]:  # a trial killed before a checkpoint ran again
-        return {
-            str(sorted(t.parameters.items())): (t.status, t.eval_loss)
-            for t in records
-            if t.status != names.KILLED
-        }
 
-    mine, theirs = by_config(state.trials), by_config(whole.state.trials)
+def _by_config(records) -> dict[str, tuple]:
+    """Finished trials by configuration (a trial killed before a checkpoint ran again, as a new one)."""
+    return {
+        str(sorted(t.parameters.items())): (t.status, t.eval_loss)
+        for t in records
+        if t.status != names.KILLED
+    }
+
+
+def _report_search(state, whole, trials: int, redone: list[int], kill_steps: list[int]) -> None:
+    mine, theirs = _by_config(state.trials), _by_config(whole.trials)
     rerun = sum(1 for t in state.trials if t.status == names.KILLED)
     print(
         f"search of {trials} trials + baseline killed {len(kill_steps)} times, resumed {state.sessions - 1} times; "
@@ -211,7 +217,7 @@ def search_kills(tmp: str, n: int, seed: int, trials: int) -> None:
     )
     same = sum(mine.get(k) == v for k, v in theirs.items())
     print(f"trials whose status and eval_loss equal the uninterrupted search's: {same}/{len(theirs)}")
-    print(f"baseline eval_loss equal: {state.baseline.eval_loss == whole.state.baseline.eval_loss}")
+    print(f"baseline eval_loss equal: {state.baseline.eval_loss == whole.baseline.eval_loss}")
 
 
 def _killed_search() -> str:
@@ -233,7 +239,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="kills: the random kill steps' seed")
     ap.add_argument("--steps", type=int, default=None, help="kills: steps per run (150; retrain: 300)")
     ap.add_argument("--every", type=int, default=50, help="kills: steps between evaluations")
+    ap.add_argument("--set", default="", help="config overrides for every run, space-separated")
     args = ap.parse_args()
+    OVERRIDES.extend(args.set.split())
     tmp = tempfile.mkdtemp()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/bench.db")
     with console.muted():

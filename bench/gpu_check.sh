@@ -60,6 +60,11 @@ for cfg in configs/demo-cpu.yaml configs/smollm2-cpu.yaml; do
   $PY bench/gpu_memory_check.py --config "$cfg" --set "model.dtype=bfloat16 train.max_steps=30 train.eval_steps=10"
 done
 
+echo "== a trial killed at random steps and continued from its checkpoint (CUDA RNG, bf16, 4-bit)"
+for quant in "model.dtype=bfloat16" "model.load_in_4bit=true"; do
+  $PY bench/checkpoints.py --part kills --kills 3 --steps 60 --every 20 --set "$quant"
+done
+
 echo "== pipeline overhead of the demo search (10 trials) on this GPU"
 $PY bench/overhead.py --trials 10
 echo "== base-model reuse vs reload per trial, SmolLM2"

@@ -11,19 +11,19 @@ accounting (evaluations so far, plateau counter, best weights, the running train
 
 A checkpoint without a manifest was cut short by a kill and is skipped; one whose files do not
 match their hashes, or that belongs to another configuration, is refused with one warning line.
-Only the latest checkpoint is kept (the previous one is deleted once the new one is sealed), and
-the folder goes when the run ends, unless `train.keep_checkpoints`.
+Only the latest checkpoint is kept (the previous one is deleted once the new one is sealed); the
+folder goes when the run has ended (`resume.discard_checkpoints`), unless
+`train.keep_checkpoints`: a kill until then, even after the last step, continues from it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -102,7 +102,6 @@ class Plan:
     identity: Identity
     resume: Checkpoint | None = None
     mirror: Callable[[Path], None] | None = None
-    keep: bool = False  # train.keep_checkpoints
 
 
 def folder_for(output_dir: str | Path, run_id: str) -> Path:
@@ -240,22 +239,6 @@ class Checkpointer(TrainerCallback):
             "state": state,
         }
         write_atomic(path / MANIFEST, json.dumps(manifest, indent=1, default=float))
-
-
-@contextlib.contextmanager
-def discarded_at_the_end(plan: Plan | None) -> Iterator[None]:
-    """Delete the run's checkpoints when the block ends, unless it was interrupted (they are what
-    a resume continues from) or `plan.keep`."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        if plan is not None:  # a failed run is not continued
-            shutil.rmtree(plan.folder, ignore_errors=True)
-        raise
-    if plan is not None and not plan.keep:
-        shutil.rmtree(plan.folder, ignore_errors=True)
 
 
 def restore(checkpoint: Checkpoint, parts: Mapping[str, Stateful]) -> None:

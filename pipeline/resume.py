@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline import console, names, tracking
 from pipeline.checkpoint import MANIFEST, PREFIX, Checkpoint, Identity, Plan, folder_for, latest
-from pipeline.config import PipelineConfig, config_fingerprint
+from pipeline.config import PipelineConfig, TrainConfig, config_fingerprint
 from pipeline.data import PreparedData
 from pipeline.errors import one_line
 
@@ -45,7 +45,14 @@ def checkpoint_plan(
         times = int((earlier.tags if earlier else {}).get(names.TRIAL_RESUMES, 0)) + 1
         run.set_tags({names.TRIAL_RESUMES: times, names.TRIAL_RESUMED_FROM_STEP: found.step if found else 0})
     mirror = (lambda path: _copy_to_store(run, path)) if to_store else None
-    return Plan(folder, identity, found, mirror, keep=train.keep_checkpoints)
+    return Plan(folder, identity, found, mirror)
+
+
+def discard_checkpoints(train: TrainConfig, run_id: str) -> None:
+    """A run that ended (or failed: it is not continued) needs its checkpoints no more, unless
+    `train.keep_checkpoints`."""
+    if not train.keep_checkpoints:
+        shutil.rmtree(folder_for(train.output_dir, run_id), ignore_errors=True)
 
 
 def has_checkpoint(output_dir: str | Path, run_id: str) -> bool:

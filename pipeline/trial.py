@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__, console, lmeval, names, tracking
-from pipeline.checkpoint import discarded_at_the_end
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_dict, to_yaml
 from pipeline.data import example_ids
 from pipeline.device import plan_device
@@ -47,7 +46,7 @@ from pipeline.model import (
 )
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
-from pipeline.resume import checkpoint_plan, once_per_step
+from pipeline.resume import checkpoint_plan, discard_checkpoints, once_per_step
 from pipeline.serving import save_adapter
 from pipeline.stats import ExampleScores
 from pipeline.timing import PhaseTimer
@@ -175,7 +174,10 @@ def fit(
                         on_complete(run, result)
             except BaseException as e:
                 failure = tag_failure(run, e)
+                if failure[0] != names.KILLED:  # a killed run continues from its checkpoint
+                    discard_checkpoints(config.train, run_id)
                 raise
+            discard_checkpoints(config.train, run_id)  # only now: a kill before this continues
             with timer.phase("tracking"):
                 run.set_tags({names.TRIAL_STATUS: result.status})
                 run.log_metrics(timer.metrics(), result.steps, flush=True)
@@ -268,7 +270,7 @@ def _train_in_run(
         # Evaluations reach the store at once (the UI, whoever decides on them); steps batch.
         sink = timer.wrap("tracking", lambda m, s: run.log_metrics(m, s, flush=names.EVAL_LOSS in m))
         memory = MemoryMonitor()
-        with timer.phase("train"), discarded_at_the_end(plan):  # the hooks are timed apart
+        with timer.phase("train"):  # training steps and evaluations; the hooks are timed apart
             _, outcome = train(
                 model,
                 job,

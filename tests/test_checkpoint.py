@@ -89,6 +89,26 @@ def test_a_run_continued_from_its_checkpoint_ends_exactly_as_one_never_interrupt
     assert not folder.exists()  # the run ended: its checkpoint goes
 
 
+def test_a_run_killed_after_its_last_step_continues_from_its_last_checkpoint(config):
+    """The checkpoints go only when the run has ended: a kill while the retrain registers (or the
+    trial generates) continues from the last checkpoint, to the same result."""
+    resources = Resources()
+    whole = run_trial(config, resources=resources, quiet=True)
+
+    def killed_while_registering(run, result):
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrialInterrupted) as e:
+        run_trial(config, resources=resources, on_complete=killed_while_registering, quiet=True)
+    run_id = e.value.run_id
+    assert [p.name for p in checkpoint.folder_for(config.train.output_dir, run_id).iterdir()] == [
+        "checkpoint-9"
+    ]
+    continued = run_trial(config, RunSpec(resume=run_id), resources=resources, quiet=True)
+    assert MlflowClient().get_run(run_id).data.tags[names.TRIAL_RESUMED_FROM_STEP] == "9"
+    assert continued.evals == whole.evals and continued.eval_loss == whole.eval_loss
+
+
 def test_keep_checkpoints_keeps_the_last_one_and_checkpoints_false_saves_none(config):
     kept = run_trial(with_overrides(config, {"train.keep_checkpoints": True}), quiet=True)
     folder = checkpoint.folder_for(config.train.output_dir, kept.run_id)
