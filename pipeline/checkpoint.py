@@ -153,28 +153,21 @@ class Checkpointer(TrainerCallback):
     """Asks the Trainer for a checkpoint at every evaluation, seals it with a manifest, keeps the
     latest only; on a resume, puts the trainer's loss accounting back.
 
-    `parts` are the callbacks whose state goes into the manifest (by name); `best_weights` gives
-    KeepBest's kept tensors (saved beside the Trainer's files); `mirror(path)` copies a sealed
-    checkpoint where another machine can find it (a Ray worker's run artifacts)."""
+    `plan` says where, what the checkpoint belongs to, the one this run continues from and where
+    a sealed one is copied; `parts` are the callbacks whose state goes into the manifest (by
+    name); `best_weights` gives KeepBest's kept tensors (saved beside the Trainer's files)."""
 
     def __init__(
         self,
-        folder: Path,
-        identity: Identity,
+        plan: Plan,
         parts: Mapping[str, Stateful],
         best_weights: Callable[[], dict[str, torch.Tensor] | None] = lambda: None,
-        mirror: Callable[[Path], None] | None = None,
-        resume: Checkpoint | None = None,
     ) -> None:
-        self.folder = folder
-        self.identity = identity
+        self.plan = plan
         self.parts = parts
         self.best_weights = best_weights
-        self.mirror = mirror
-        self.resume = resume
         self.trainer: Trainer | None = None  # bound by `train._trainer`
         self.saved: list[int] = []  # steps sealed in this process
-        self.failed: list[tuple[int, str]] = []  # (step, reason) of saves that failed
         self.save_seconds = 0.0
 
     # --- when to save, and the resume's loss accounting ------------------------------------
@@ -186,8 +179,8 @@ class Checkpointer(TrainerCallback):
             control.should_save = True
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.resume is not None and self.trainer is not None:
-            restore_loss_accounting(self.trainer, self.resume.state.get("loss", {}))
+        if self.plan.resume is not None and self.trainer is not None:
+            restore_loss_accounting(self.trainer, self.plan.resume.state.get("loss", {}))
 
     # --- the save ------------------------------------------------------------------------
 
@@ -195,7 +188,7 @@ class Checkpointer(TrainerCallback):
         """Run the Trainer's own save (`write`), then seal it. A failed save (a full disk, a lost
         mount) is one warning line and no checkpoint: the run goes on."""
         t0 = time.perf_counter()
-        path = self.folder / f"{PREFIX}{step}"
+        path = self.plan.folder / f"{PREFIX}{step}"
         try:
             if path.exists():  # an unsealed leftover of a killed process at the same step
                 shutil.rmtree(path)
@@ -203,18 +196,17 @@ class Checkpointer(TrainerCallback):
             self._seal(path, step)
         except OSError as e:
             shutil.rmtree(path, ignore_errors=True)
-            self.failed.append((step, one_line(e, 160)))
             log.warning(f"checkpoint at step {step} not saved ({one_line(e, 160)}); training goes on")
             return
         finally:
             self.save_seconds += time.perf_counter() - t0
         self.saved.append(step)
-        for old in _candidates(self.folder):  # the new one is whole: the older ones can go
+        for old in _candidates(self.plan.folder):  # the new one is whole: the older ones can go
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
-        if self.mirror is not None:
+        if self.plan.mirror is not None:
             try:
-                self.mirror(path)
+                self.plan.mirror(path)
             except Exception as e:  # the local copy stands; a lost worker restarts from step 0
                 log.warning(f"checkpoint at step {step} not copied to the tracking store: {one_line(e, 160)}")
 
@@ -234,7 +226,7 @@ class Checkpointer(TrainerCallback):
         manifest = {
             "format": FORMAT,
             "step": step,
-            "identity": asdict(self.identity),
+            "identity": asdict(self.plan.identity),
             "files": files,
             "state": state,
         }

@@ -55,11 +55,17 @@ def discard_checkpoints(train: TrainConfig, run_id: str) -> None:
         shutil.rmtree(folder_for(train.output_dir, run_id), ignore_errors=True)
 
 
-def has_checkpoint(output_dir: str | Path, run_id: str) -> bool:
-    """Has the run a sealed checkpoint to continue from (here, or in its artifacts)? Whether it
-    is usable is for the run that continues to find out (it falls back to step 0)."""
-    if any(folder_for(output_dir, run_id).glob(f"{PREFIX}*/{MANIFEST}")):
-        return True
+def has_checkpoint(train: TrainConfig, run_id: str) -> bool:
+    """Can the run continue from a sealed checkpoint (here, or in its artifacts; never with
+    `train.checkpoints: false`)? Whether it is usable is for the run that continues to find out
+    (it falls back to step 0)."""
+    if not train.checkpoints:
+        return False
+    return any(folder_for(train.output_dir, run_id).glob(f"{PREFIX}*/{MANIFEST}")) or in_store(run_id)
+
+
+def in_store(run_id: str) -> bool:
+    """Has the run a sealed checkpoint's copy in its artifacts (a Ray worker's)?"""
     return tracking.has_artifact(run_id, f"{names.CHECKPOINT_ARTIFACT}/{MANIFEST}")
 
 
@@ -84,7 +90,7 @@ def _copy_to_store(run: tracking.TrackedRun, path: Path) -> None:
 
 def _fetch_from_store(run_id: str, folder: Path) -> None:
     """The run's artifact copy of its latest checkpoint, into `folder/checkpoint-<step>/`."""
-    if not tracking.has_artifact(run_id, f"{names.CHECKPOINT_ARTIFACT}/{MANIFEST}"):
+    if not in_store(run_id):
         return  # none (not on a Ray worker, or killed before its first checkpoint): step 0
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -129,7 +129,6 @@ class TrainReport:
     plateau_at: int | None = None
     restored: bool = False
     example_losses: EvalLosses | None = None  # of the evaluation whose loss is `eval_loss`
-    resumed_from: int | None = None  # the checkpoint's step this run continued from
     checkpoints: int = 0  # checkpoints sealed by this process
     checkpoint_seconds: float = 0.0  # spent saving them
 
@@ -174,14 +173,7 @@ class Callbacks:
         checkpointer = None
         if checkpoints is not None:
             parts = {"stream": stream, "evaluation": evaluation, "best": best}
-            checkpointer = Checkpointer(
-                checkpoints.folder,
-                checkpoints.identity,
-                parts,
-                best_weights=lambda: best.weights,
-                mirror=checkpoints.mirror,
-                resume=checkpoints.resume,
-            )
+            checkpointer = Checkpointer(checkpoints, parts, best_weights=lambda: best.weights)
             evaluation.listeners.append(checkpointer)
         return cls(stream, evaluation, divergence, best, ask, checkpointer)
 
@@ -197,11 +189,12 @@ class Callbacks:
         if cp is None:
             return None
         trainer.checkpointer, cp.trainer = cp, trainer
-        if cp.resume is None:
+        resume = cp.plan.resume
+        if resume is None:
             return None
-        restore(cp.resume, cp.parts)
-        self.best.weights = best_weights(cp.resume)
-        return str(cp.resume.path)
+        restore(resume, cp.parts)
+        self.best.weights = best_weights(resume)
+        return str(resume.path)
 
 
 def train(
@@ -302,7 +295,6 @@ def _report(model: Any, trainer: Trainer, train_loss: float, cb: Callbacks, per_
         plateau_at=cb.best.plateau_at,
         restored=restored is not None,
         example_losses=cb.best.best_scores if restored is not None else cb.evaluation.last_scores,
-        resumed_from=cp.resume.step if cp is not None and cp.resume is not None else None,
         checkpoints=len(cp.saved) if cp is not None else 0,
         checkpoint_seconds=cp.save_seconds if cp is not None else 0.0,
     )

@@ -34,9 +34,9 @@ def _stop_after(step: int):
     return hook
 
 
-def _interrupted(config, resources, at: int) -> str:
+def _interrupted(config, resources, at: int, spec: RunSpec | None = None) -> str:
     with pytest.raises(TrialInterrupted) as e:
-        run_trial(config, resources=resources, on_eval=_stop_after(at), quiet=True)
+        run_trial(config, spec, resources=resources, on_eval=_stop_after(at), quiet=True)
     interrupt._STOP.clear()
     return e.value.run_id
 
@@ -216,11 +216,7 @@ def test_a_run_whose_disk_is_gone_continues_from_its_copy_in_the_tracking_store(
 
     resources = Resources()
     whole = run_trial(config, resources=resources, quiet=True)
-    stored = RunSpec(checkpoint_store=True)
-    with pytest.raises(TrialInterrupted) as e:
-        run_trial(config, stored, resources=resources, on_eval=_stop_after(6), quiet=True)
-    interrupt._STOP.clear()
-    run_id = e.value.run_id
+    run_id = _interrupted(config, resources, at=6, spec=RunSpec(checkpoint_store=True))
     listed = {f.path for f in MlflowClient().list_artifacts(run_id, names.CHECKPOINT_ARTIFACT)}
     assert f"{names.CHECKPOINT_ARTIFACT}/{checkpoint.MANIFEST}" in listed
     shutil.rmtree(checkpoint.folder_for(config.train.output_dir, run_id))  # the worker's disk

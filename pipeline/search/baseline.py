@@ -85,7 +85,7 @@ def _interrupted_baseline(config: PipelineConfig, parent_run_id: str) -> str | N
     """This search's baseline run, if a kill interrupted it after a checkpoint: it continues."""
     for run in tracking.children_of(parent_run_id):
         killed = run.role == names.ROLE_BASELINE and run.tags.get(names.TRIAL_STATUS) == names.KILLED
-        if killed and config.train.checkpoints and has_checkpoint(config.train.output_dir, run.run_id):
+        if killed and has_checkpoint(config.train, run.run_id):
             return run.run_id
     return None
 

@@ -41,17 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import console, interrupt, names, outer_run, tracking
-from pipeline.checkpoint import MANIFEST
 from pipeline.config import PipelineConfig
 from pipeline.device import quiet_libraries, use_cpu_threads
 from pipeline.errors import PipelineError, one_line
 from pipeline.events import EvalEvent, EvalHook
 from pipeline.resources import Resources
+from pipeline.resume import in_store
 from pipeline.search.executor import JobOutcome, TrialJob, run_job
 from pipeline.search.mailbox import Reports
-
-# A dead worker's trial can continue when its run has this artifact (a sealed checkpoint's copy).
-CHECKPOINT_MANIFEST = f"{names.CHECKPOINT_ARTIFACT}/{MANIFEST}"
 
 INSTALL = "search.executor: ray needs Ray: pip install -e '.[distributed]'"
 POLL_S = 1.0  # how often the driver looks up from waiting (Ctrl-C, a spent budget)
@@ -293,7 +290,7 @@ class RayExecutor:
         tracking store (its run reopened): True if it was handed over."""
         spec, done = flight.job.spec, flight.handoffs
         left = self._running_run(flight)
-        if left is None or done >= HANDOFFS or not tracking.has_artifact(left, CHECKPOINT_MANIFEST):
+        if left is None or done >= HANDOFFS or not in_store(left):
             return False
         tracking.end_killed(left, reason)
         console.say(f"{reason}; its trial continues from its last checkpoint on a new worker")

@@ -20,9 +20,7 @@ from pipeline.trial import RunSpec
 
 def can_continue(config: PipelineConfig, record: TrialRecord) -> bool:
     """Has the trial's run a checkpoint to continue from?"""
-    return bool(
-        config.train.checkpoints and record.run_id and has_checkpoint(config.train.output_dir, record.run_id)
-    )
+    return record.run_id is not None and has_checkpoint(config.train, record.run_id)
 
 
 def mark_killed(

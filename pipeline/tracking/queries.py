@@ -3,10 +3,11 @@ are for. No other module writes an MLflow filter string or reads an MLflow run o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,12 +179,16 @@ PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 def download_artifacts(run_id: str, path: str, dst: str | Path, quiet: bool = False) -> str:
     """Download an artifact file or folder of a run; returns the local path. `quiet`: without
     MLflow's progress bar (MLflow reads its variable at each call)."""
-    if not quiet:
+    with _no_progress_bar() if quiet else contextlib.nullcontext():
         return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
     bar = os.environ.get(PROGRESS_BAR)
     os.environ[PROGRESS_BAR] = "false"
     try:
-        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+        yield
     finally:
         if bar is None:
             os.environ.pop(PROGRESS_BAR, None)

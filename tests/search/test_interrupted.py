@@ -18,18 +18,16 @@ from pipeline.search import loop, run_search, search_config
 from pipeline.search.executor import LocalExecutor
 
 from ..conftest import DEMO_CONFIG, ROOT, venv_env
+from ..reproduce import children
 from .common import search_overrides
 
 
 def _trials(parent_run_id: str) -> dict[int, object]:
     """The search's trial runs by Ax index (one run each)."""
-    client = MlflowClient()
-    runs = client.search_runs(
-        [client.get_run(parent_run_id).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{names.ROLE}` = 'trial'",
-    )
     out: dict[int, object] = {}
-    for r in runs:
+    for r in children(parent_run_id):
+        if r.data.tags[names.ROLE] != names.ROLE_TRIAL:
+            continue
         index = int(r.data.tags[names.AX_TRIAL_INDEX])
         assert index not in out, f"trial {index} has two runs"
         out[index] = r
