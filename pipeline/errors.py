@@ -52,8 +52,10 @@ class TrialFailed(Exception):
         run_id: str | None = None,
         status: str = "failed",
         traceback_file: str | None = None,
+        memory_gb: float | None = None,
     ):
         super().__init__(reason)
+        self.memory_gb = memory_gb  # out of memory: what the trial asked for (model.oom_memory_gb)
         self.reason = reason
         self.run_id = run_id
         self.status = status

@@ -8,19 +8,23 @@ import traceback
 
 from pipeline import console, names, tracking
 from pipeline.errors import TrialFailed, one_line
-from pipeline.model import is_out_of_memory
+from pipeline.model import is_out_of_memory, oom_memory_gb
 
 log = logging.getLogger("pipeline")
 
 
-def tag_failure(run: tracking.TrackedRun, e: BaseException) -> tuple[str, str]:
+def tag_failure(run: tracking.TrackedRun, e: BaseException) -> tuple[str, str, float | None]:
     """Tag the run with why it failed (and keep the traceback of an unexpected error); returns
-    (status, reason). Called inside the `except` block."""
+    (status, reason, the memory an out-of-memory trial asked for, logged as `oom_memory_gb`).
+    Called inside the `except` block."""
     status, reason = failure(e)
     run.set_tags({names.TRIAL_STATUS: status, names.TRIAL_FAILURE_REASON: reason})
+    memory = oom_memory_gb(e) if status == names.ABANDONED else None
+    if memory is not None:
+        run.log_metrics({names.OOM_MEMORY_GB: memory}, 0, flush=True)
     if status != names.KILLED and not isinstance(e, TrialFailed):
         _keep_traceback(run)
-    return status, reason
+    return status, reason, memory
 
 
 def _keep_traceback(run: tracking.TrackedRun) -> None:

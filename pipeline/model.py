@@ -9,12 +9,15 @@ from __future__ import annotations
 import gc
 import importlib.util
 import math
+import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from pipeline import variants
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.device import DevicePlan
 from pipeline.errors import ModelError
@@ -92,10 +95,13 @@ def load_base_model(
         model.hf_quantizer = None
         model.is_quantized = False
         model.quantization_method = None
+    if "quantization_config" in kwargs:
+        # Serving too: an adapter is served on the 4-bit kernels it was trained through (DoRA
+        # dequantizes the base weight, which a CPU-repacked layer gets wrong).
+        keep_4bit_trainable(model)
     if "quantization_config" in kwargs and for_training:
         from peft import prepare_model_for_kbit_training
 
-        keep_4bit_trainable(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -165,31 +171,31 @@ def from_pretrained_kwargs(cfg: ModelConfig, plan: DevicePlan, for_training: boo
 
 
 def linear_module_names(model: Any) -> set[str]:
-    """Leaf names of the linear layers LoRA can target (bitsandbytes 4-bit layers included)."""
-    names = set()
-    for full, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
-            names.add(full.rsplit(".", 1)[-1])
-    return names
+    """Leaf names of the layers LoRA can target (linear, GPT-2's Conv1D, bitsandbytes')."""
+    return {full.rsplit(".", 1)[-1] for full in variants.lora_layers(model)}
 
 
-def build_lora_config(cfg: LoraConfig) -> Any:
-    """peft.LoraConfig from our lora section."""
+def build_lora_config(cfg: LoraConfig, target_modules: str | list[str] | None = None) -> Any:
+    """peft.LoraConfig from our lora section (`target_modules` as resolved on the model)."""
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=target_modules if target_modules is not None else cfg.target_modules,
         use_rslora=cfg.use_rslora,
         bias=cfg.bias,
         task_type="CAUSAL_LM",
+        **variants.peft_kwargs(cfg),
     )
 
 
-def attach_lora(model: Any, cfg: LoraConfig, seed: int) -> Any:
-    """Wrap the base with a fresh, seeded LoRA adapter; only adapter weights are trainable."""
+def attach_lora(
+    model: Any, cfg: LoraConfig, seed: int, batches: Callable[[], Iterable[dict]] | None = None
+) -> Any:
+    """Wrap the base with a fresh, seeded LoRA adapter of `cfg`'s variant; only adapter weights
+    are trainable. `batches` gives training batches to the inits that read data (EVA)."""
     from peft import get_peft_model
 
     if isinstance(cfg.target_modules, list):
@@ -200,13 +206,28 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int) -> Any:
                 f"lora.target_modules: {', '.join(missing)} not in the model; its linear layers are "
                 f"{', '.join(sorted(available))}"
             )
+    targets = variants.resolve_target_modules(model, cfg.target_modules)
+    variant = variants.before_attach(model, cfg, targets)
     torch.manual_seed(seed)  # the adapter's A matrices are randomly initialized
-    return get_peft_model(model, build_lora_config(cfg))
+    # EVA's adapter is created empty and filled from data (PEFT's documented path).
+    peft_model = get_peft_model(model, build_lora_config(cfg, targets), low_cpu_mem_usage=cfg.init == "eva")
+    peft_model.pipeline_variant = variant
+    try:
+        variants.after_attach(peft_model, cfg, variant, batches)
+    except BaseException:
+        detach_lora(peft_model)
+        raise
+    return peft_model
 
 
 def detach_lora(peft_model: Any) -> Any:
-    """Remove the adapter layers (without merging) and return the untouched base model."""
-    return peft_model.unload()
+    """Remove the adapter layers (without merging) and return the untouched base model (with
+    the weights a PiSSA/OLoRA init rewrote put back)."""
+    variant = getattr(peft_model, "pipeline_variant", None)
+    base = peft_model.unload()
+    if variant is not None:
+        variant.restore(base)
+    return base
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -228,6 +249,35 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def is_out_of_memory(e: BaseException) -> bool:
     """A CUDA (or CPU allocator) out-of-memory error: the same config would run out again."""
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+_AMOUNT = r"([\d.]+)\s*(GiB|MiB|KiB|bytes|B)"
+_UNITS = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "bytes": 1, "B": 1}
+
+
+def oom_memory_gb(e: BaseException) -> float | None:
+    """The memory (GiB) an out-of-memory trial asked for, at least the device's capacity: what
+    it held plus what it tried to allocate, from the error's text (CUDA's and the CPU
+    allocator's), else from the device. None when neither can be told."""
+    text = str(e)
+
+    def amount(pattern: str) -> float | None:
+        m = re.search(pattern + r"\s+" + _AMOUNT, text, re.IGNORECASE)
+        return float(m.group(1)) * _UNITS[m.group(2)] / 2**30 if m else None
+
+    tried = amount(r"tried to allocate")
+    held = amount(r"Of the allocated memory") or 0.0
+    capacity = amount(r"total capacity of")
+    if capacity is None and torch.cuda.is_available() and isinstance(e, torch.cuda.OutOfMemoryError):
+        capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
+        held = held or torch.cuda.max_memory_allocated(0) / 2**30
+    elif capacity is None and "DefaultCPUAllocator" in text:
+        import psutil
+
+        capacity = psutil.virtual_memory().total / 2**30
+    if tried is None and capacity is None:
+        return None
+    return round(max(held + (tried or 0.0), capacity or 0.0), 4)
 
 
 def free_memory() -> None:

@@ -16,6 +16,10 @@ PEAK_GPU_MEM_GB = "peak_gpu_mem_gb"  # torch.cuda.max_memory_allocated, CUDA onl
 PEAK_GPU_RESERVED_GB = "peak_gpu_reserved_gb"  # torch.cuda.max_memory_reserved, CUDA only
 PEAK_GPU_N_MEM_GB = "peak_gpu{}_mem_gb"  # per device, when several are visible
 PEAK_GPU_N_RESERVED_GB = "peak_gpu{}_reserved_gb"
+# An out-of-memory trial: the memory it asked for (held + requested, at least the device's
+# capacity). The search gives it to Ax as the trial's memory peaks: a measured infeasible point.
+OOM_MEMORY_GB = "oom_memory_gb"
+MEMORY_METRICS = (PEAK_GPU_MEM_GB, PEAK_GPU_RESERVED_GB, PEAK_RSS_GB)  # what an OOM trial reports
 EPOCH = "epoch"
 # logged once, at the end of a trial
 TRAIN_RUNTIME_S = "train_runtime_s"
@@ -130,6 +134,8 @@ TRIAL_FAILURE_REASON = "trial.failure_reason"
 # from, and how many times it was continued.
 TRIAL_RESUMED_FROM_STEP = "trial.resumed_from_step"
 TRIAL_RESUMES = "trial.resumes"
+# A trial run again after it ran out of memory, with half the micro-batch (train.oom_retry): how.
+TRIAL_OOM_RETRY = "trial.oom_retry"
 # Parallel searches (search.executor: ray): which worker ran a trial. A worker loads the base model
 # once; `trial.worker_base_loads` counts its loads so far (1 on every run of a healthy worker).
 TRIAL_WORKER = "trial.worker"  # w1, w2, ... (a replaced worker keeps its slot's id)

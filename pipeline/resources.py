@@ -9,27 +9,31 @@ numerics versions): a baseline is reused only under the same one.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from typing import Any
 
 from pipeline import names
 from pipeline.config import PipelineConfig, config_fingerprint, fingerprint
 from pipeline.data import PreparedData, prepare_data
 from pipeline.device import DevicePlan, plan_device
-from pipeline.model import BaseModel, load_base_model, load_tokenizer
+from pipeline.model import BaseModel, free_memory, load_base_model, load_tokenizer
 from pipeline.provenance import package_versions
 
 
 class Resources:
-    """What consecutive trials can share: tokenizer, prepared data and the loaded base model.
+    """What consecutive trials can share: tokenizer, prepared data and the loaded base models.
 
-    The search keeps one of these for all its trials, so the (possibly 4-bit) base model is loaded
-    once and only the LoRA adapter changes between trials.
+    The search keeps one of these for all its trials, so each (possibly 4-bit) base is loaded
+    once and only the LoRA adapter changes between trials. A search over `model.load_in_4bit`
+    (or another base setting) needs one base per distinct setting: up to `max_bases` stay loaded
+    (default: 2 on CPU, 1 on a GPU), the least recently used goes first.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_bases: int | None = None) -> None:
         self._tokenizers: dict[str, Any] = {}
         self._data: dict[str, PreparedData] = {}
-        self._base: tuple[str, BaseModel] | None = None
+        self._bases: OrderedDict[str, BaseModel] = OrderedDict()  # least recently used first
+        self.max_bases = max_bases
         self.base_loads = 0  # how often a base model was loaded (a parallel worker tags it)
 
     def tokenizer(self, config: PipelineConfig) -> Any:
@@ -47,11 +51,17 @@ class Resources:
     def base_model(self, config: PipelineConfig, plan: DevicePlan) -> tuple[BaseModel, bool]:
         """The base model and whether it was reused from an earlier trial."""
         key = fingerprint([config.model.model_dump(), plan.dtype, config.train.gradient_checkpointing])
-        if self._base is not None and self._base[0] == key:
-            return self._base[1], True
-        self._base = None  # free the old base before loading another
+        if key in self._bases:
+            self._bases.move_to_end(key)
+            return self._bases[key], True
+        # On a GPU one base at a time: another kept there would count in every trial's
+        # peak_gpu_mem_gb (what the search learns memory from) and take its room.
+        limit = self.max_bases or (1 if plan.device == "cuda" else 2)
+        while len(self._bases) >= limit:  # free the oldest before loading another
+            self._bases.popitem(last=False)
+            free_memory()
         base = load_base_model(config.model, plan, config.train.gradient_checkpointing)
-        self._base, self.base_loads = (key, base), self.base_loads + 1
+        self._bases[key], self.base_loads = base, self.base_loads + 1
         return base, False
 
 

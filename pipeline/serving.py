@@ -24,7 +24,8 @@ from pipeline.model import load_base_model
 def save_adapter(model: Any, tokenizer: Any, model_cfg: ModelConfig, plan: DevicePlan, folder: Path) -> None:
     """The adapter weights, the tokenizer and the base reference, in one folder (what serving and
     the registry load)."""
-    model.save_pretrained(folder)
+    variant = getattr(model, "pipeline_variant", None)  # PiSSA/OLoRA: saved as plain LoRA
+    model.save_pretrained(folder, **(variant.save_kwargs() if variant is not None else {}))
     tokenizer.save_pretrained(folder)
     (folder / names.BASE_REFERENCE_FILE).write_text(json.dumps(base_reference(model_cfg, plan), indent=2))
 

@@ -37,6 +37,7 @@ from pipeline.data import PreparedData
 from pipeline.device import DevicePlan
 from pipeline.events import EvalHook
 from pipeline.metrics import EvalLosses, MemoryMonitor, eval_losses
+from pipeline.variants import EVA_BATCHES, loraplus_optimizer
 
 
 def build_training_args(
@@ -216,6 +217,14 @@ def train(
     return trainer, _report(model, trainer, float(result.training_loss), callbacks, per_step)
 
 
+def init_batches(job: TrainInputs, n: int = EVA_BATCHES) -> list[dict[str, Any]]:
+    """The first `n` training batches (input ids and attention mask, padded), for the adapter
+    inits that read data (EVA)."""
+    tokenizer, size = job.tokenizer, job.config.train.batch_size
+    rows = [{"input_ids": e["input_ids"]} for e in job.data.train[: n * size]]
+    return [dict(tokenizer.pad(rows[i : i + size], return_tensors="pt")) for i in range(0, len(rows), size)]
+
+
 def _training_args(model: Any, job: TrainInputs, checkpoints: Plan | None) -> TrainingArguments:
     train_cfg, plan = job.config.train, job.plan
     # The Trainer writes its checkpoints into output_dir: the run's own checkpoint folder.
@@ -241,9 +250,11 @@ def _trainer(model: Any, job: TrainInputs, args: TrainingArguments, callbacks: l
     # Logits only where the loss reads them (the response): not with Liger, whose fused
     # linear + cross-entropy never materializes logits in the first place.
     response_only = not (train_cfg.prompt_logits or train_cfg.use_liger_kernel) and takes_position_mask(model)
+    ratio = train_cfg.loraplus_lr_ratio
     trainer = ResumableTrainer(
         model=model,
         args=args,
+        optimizers=(loraplus_optimizer(model, args, ratio) if ratio is not None else None, None),
         train_dataset=TokenDataset(job.data.train),
         data_collator=LabelPositions(collate) if response_only else collate,
         compute_loss_func=completion_loss if response_only else None,

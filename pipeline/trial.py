@@ -50,7 +50,7 @@ from pipeline.resume import checkpoint_plan, discard_checkpoints, once_per_step
 from pipeline.serving import save_adapter
 from pipeline.stats import ExampleScores
 from pipeline.timing import PhaseTimer
-from pipeline.train import TrainInputs, TrainReport, train
+from pipeline.train import TrainInputs, TrainReport, init_batches, train
 
 log = logging.getLogger("pipeline")
 
@@ -155,7 +155,7 @@ def fit(
     tags = _run_tags(trial, spec)
     name = spec.name or config.tracking.run_name or default_run_name(config, spec.role)
     run_id: str | None = None
-    failure: tuple[str, str] | None = None  # (status, reason) of a failure inside the run
+    failure: tuple[str, str, float | None] | None = None  # (status, reason, OOM GiB) inside the run
     try:
         with (
             timer.phase("tracking"),
@@ -193,7 +193,9 @@ def fit(
         if isinstance(e, TrialFailed):  # raised inside the run (divergence): it has its reason
             e.run_id, e.status = run_id, failure[0]
             raise
-        raise TrialFailed(failure[1], run_id, failure[0], traceback_file=names.ERROR_FILE) from e
+        raise TrialFailed(
+            failure[1], run_id, failure[0], traceback_file=names.ERROR_FILE, memory_gb=failure[2]
+        ) from e
     return result
 
 
@@ -259,7 +261,7 @@ def _train_in_run(
             run, config, job.data, resume=spec.resume is not None, to_store=spec.checkpoint_store
         )
     with timer.phase("lora"):
-        model = attach_lora(base.model, config.lora, config.train.seed)
+        model = attach_lora(base.model, config.lora, config.train.seed, lambda: init_batches(job))
     try:
         trainable, total = count_parameters(model)
         stats = job.data.stats

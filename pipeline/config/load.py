@@ -224,9 +224,25 @@ def fingerprint(payload: Any) -> str:
 def config_fingerprint(config: PipelineConfig) -> str:
     """Fingerprint of what decides a trial's result: model, data, lora, train and eval settings."""
     d = to_dict(config)
-    for scratch in ("output_dir", "checkpoints", "keep_checkpoints"):  # where, not what, it trains
+    # Where it trains and what happens on failure, not what it trains.
+    for scratch in ("output_dir", "checkpoints", "keep_checkpoints", "oom_retry"):
         d["train"].pop(scratch, None)
+    for key, default in ADDED_AT_DEFAULT.items():
+        section, name = key.split(".")
+        if d[section].get(name, default) == default:
+            d[section].pop(name, None)
     return fingerprint({k: d[k] for k in RESULT_SECTIONS})
+
+
+# Keys added after fingerprints were first recorded: at these values a config trains exactly as
+# before they existed, so they stay out of its fingerprint (an earlier baseline is still reused).
+ADDED_AT_DEFAULT: dict[str, Any] = {
+    "lora.use_dora": False,
+    "lora.init": "default",
+    "lora.pissa_iterations": None,
+    "lora.eva_rho": 2.0,
+    "train.loraplus_lr_ratio": None,
+}
 
 
 def values_at(config: PipelineConfig, keys: Iterable[str]) -> dict[str, Any]:

@@ -6,10 +6,14 @@ loader can point at that key's line in the YAML file.
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from pipeline.config.search import SearchConfig
 from pipeline.config.sections import (
+    BASE_REWRITING_INITS,
     PROBLEM_SEPARATOR,
     DataConfig,
     EvalConfig,
@@ -68,10 +72,37 @@ class PipelineConfig(Section):
             problems.append(
                 "search.early_stopping.enabled: needs train.eval_steps (trials must evaluate while they train)"
             )
+        problems += self.variant_problems()
         problems += self.unavailable_metrics()
         if problems:
             raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
+
+    def variant_problems(self) -> list[str]:
+        """LoRA variants PEFT refuses with this base, for the config and for every combination of
+        values a search may give them, so that `config check` finds them, not trial 7."""
+        searched = self.search.parameters if self.search is not None else {}
+        keys = ("lora.init", "model.load_in_4bit")
+
+        def values(key: str) -> list[Any]:
+            section, name = key.split(".")
+            spec = searched.get(key)
+            return spec.choices() if spec is not None else [getattr(getattr(self, section), name)]
+
+        problems = []
+        for init, four_bit in itertools.product(*(values(k) for k in keys)):
+            where = " (a combination search.parameters allows)" if any(k in searched for k in keys) else ""
+            if init in BASE_REWRITING_INITS and four_bit:
+                problems.append(
+                    f"lora.init: {init} rewrites the base weights, which PEFT does only on an unquantized "
+                    f"base, and model.load_in_4bit is true{where} (4-bit: use init loftq)"
+                )
+            elif init == "loftq" and not four_bit:
+                problems.append(
+                    f"lora.init: loftq fits the adapter to a 4-bit base's quantization error, and "
+                    f"model.load_in_4bit is false{where}"
+                )
+        return list(dict.fromkeys(problems))
 
     def unavailable_metrics(self, cuda: bool | None = None) -> list[str]:
         """Objectives and outcome constraints on a metric no trial of this config would log, each

@@ -9,54 +9,9 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from pipeline.config.parameters import ParameterSpec, dependency_problems
 from pipeline.config.sections import PROBLEM_SEPARATOR, Section, config_field, value_kind
-from pipeline.names import is_trial_metric
-
-
-class ParameterSpec(Section):
-    """One search dimension, mapped one-to-one onto an Ax parameter config."""
-
-    type: Literal["range", "choice", "fixed"] = Field(description="`range`, `choice` or `fixed`.")
-    bounds: list[float] | None = Field(None, description="range: [low, high], low < high.")
-    log: bool = Field(False, description="range: search on a log scale (low > 0).")
-    values: list[int | float | str | bool] | None = Field(None, description="choice: the values.")
-    ordered: bool | None = Field(
-        None, description="choice: values have an order (default: true for numbers and booleans)."
-    )
-    value: int | float | str | bool | None = Field(None, description="fixed: the value.")
-
-    @model_validator(mode="after")
-    def _shape(self) -> ParameterSpec:
-        if self.type == "range":
-            if self.bounds is None or len(self.bounds) != 2:
-                raise ValueError("a range needs bounds: [low, high]")
-            low, high = self.bounds
-            if not low < high:
-                raise ValueError(f"bounds are inverted or empty: [{low}, {high}] (need low < high)")
-            if self.log and low <= 0:
-                raise ValueError(f"log scale needs a positive lower bound, got {low}")
-        elif self.type == "choice":
-            if not self.values:
-                raise ValueError("a choice needs a non-empty list of values")
-            if len(set(map(str, self.values))) != len(self.values):
-                raise ValueError(f"choice values repeat: {self.values}")
-        elif self.value is None:
-            raise ValueError("a fixed parameter needs a value")
-        extra = {
-            "range": ("values", "value", "ordered"),
-            "choice": ("bounds", "value", "log"),
-            "fixed": ("bounds", "values", "log", "ordered"),
-        }[self.type]
-        set_fields = [k for k in extra if getattr(self, k) not in (None, False)]
-        if set_fields:
-            raise ValueError(f"{', '.join(set_fields)} does not apply to a {self.type} parameter")
-        return self
-
-    def choices(self) -> list[int | float | str | bool]:
-        """The values of a choice, or the one value of a fixed parameter ([] for a range)."""
-        if self.type == "range":
-            return []
-        return list(self.values) if self.type == "choice" else [self.value]
+from pipeline.names import MEMORY_METRICS, is_trial_metric
 
 
 class ObjectiveSpec(Section):
@@ -94,6 +49,8 @@ class OutcomeConstraint(Section):
             raise ValueError(f"{data!r} must read `metric <= number` or `metric >= number`")
         if not is_trial_metric(m.group(1)):
             raise ValueError(f"{data!r}: {m.group(1)!r} is not a metric that trials log")
+        if m.group(1) in MEMORY_METRICS and bound <= 0:
+            raise ValueError(f"{data!r}: a memory bound must be positive")
         return {"metric": m.group(1), "op": m.group(2), "bound": bound}
 
     @model_serializer
@@ -309,6 +266,7 @@ class SearchConfig(Section):
                     f"{name}: the key is an integer; "
                     + ("bounds must be integers" if spec.type == "range" else f"values {values} are not")
                 )
+        problems += dependency_problems(v)
         if problems:
             raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return v
@@ -339,6 +297,28 @@ class SearchConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return v
+
+    def parents(self) -> dict[str, tuple[str, Any]]:
+        """Each conditional parameter's (parent parameter, the parent's value it exists under)."""
+        return {
+            child: (name, value)
+            for name, spec in self.parameters.items()
+            for value, children in spec.dependents_by_value().items()
+            for child in children
+        }
+
+    def active(self, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` without the conditional parameters whose parent (or its parent) does not hold
+        the value they exist under: what Ax expects of a trial with these values."""
+        parents = self.parents()
+
+        def on(name: str) -> bool:
+            if name not in parents:
+                return True
+            parent, value = parents[name]
+            return on(parent) and values.get(parent) == value
+
+        return {k: v for k, v in values.items() if on(k)}
 
     def all_outcome_constraints(self) -> list[OutcomeConstraint]:
         """What Ax is told: the outcome constraints, and with several objectives their thresholds."""

@@ -13,6 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+ModuleSet = Literal["all-linear", "attention", "mlp"]
+LoraInit = Literal["default", "gaussian", "pissa", "olora", "eva", "loftq"]
+# Inits that rewrite the base weights (the base keeps W - BA): PEFT refuses a 4-bit base for them.
+BASE_REWRITING_INITS = ("pissa", "olora")
 # Separates problems in one validator's error, each led by the key at fault (the loader splits
 # them again and points at that key's line).
 PROBLEM_SEPARATOR = "\n"
@@ -97,12 +101,37 @@ class LoraConfig(Section):
         "Null: alpha is used as given.",
     )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
-    target_modules: Literal["all-linear"] | list[str] = Field(
+    target_modules: ModuleSet | list[str] = Field(
         "all-linear",
-        description="`all-linear` (every linear layer but the output head) or module names, "
-        "e.g. [q_proj, v_proj].",
+        description="A named set or module names (e.g. [q_proj, v_proj]). Sets, resolved on the loaded "
+        "model by the block each linear layer sits in: `all-linear` (every linear layer but the output "
+        "head), `attention` (q/k/v/o of Llama, Qwen, Mistral; GPT-2's attn.c_attn/c_proj), `mlp` "
+        "(gate/up/down; GPT-2's mlp.c_fc/c_proj). A set is a valid search choice value.",
     )
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    use_dora: bool = Field(
+        False, description="DoRA (PEFT `use_dora`; arXiv 2402.09353): magnitude apart from direction."
+    )
+    init: LoraInit = Field(
+        "default",
+        description="Adapter initialisation (PEFT `init_lora_weights`). `default`: PEFT's (Kaiming-uniform "
+        "A, zero B). `gaussian`: Gaussian A. `pissa` / `olora`: from the base weights' SVD / QR (the base "
+        "keeps the residual, so the saved adapter is converted to plain LoRA, rank 2r, that loads on the "
+        "original base; unquantized bases only). `eva`: from the SVD of the layers' inputs on training "
+        "batches, ranks redistributed (`eva_rho`). `loftq`: 4-bit bases only, A and B fitted to the "
+        "quantization error (needs the base's safetensors weights).",
+    )
+    pissa_iterations: int | None = Field(
+        None,
+        gt=0,
+        description="`init: pissa` only: fast SVD with this many subspace iterations (PEFT `pissa_niter_N`); "
+        "null: exact SVD.",
+    )
+    eva_rho: float = Field(
+        2.0,
+        ge=1,
+        description="`init: eva` only: a layer may get up to rho x r ranks (1: every layer keeps r).",
+    )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
 
     @field_validator("target_modules")
@@ -111,6 +140,12 @@ class LoraConfig(Section):
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one module (or be 'all-linear')")
         return v
+
+    @model_validator(mode="after")
+    def _init_options(self) -> LoraConfig:
+        if self.pissa_iterations is not None and self.init != "pissa":
+            raise ValueError(f"pissa_iterations applies to init: pissa (init is {self.init!r})")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -133,6 +168,13 @@ class TrainConfig(Section):
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        ge=1,
+        description="LoRA+: the B matrices learn this many times faster than A (PEFT "
+        "`create_loraplus_optimizer` around `optimizer`; arXiv 2402.12354 suggests 16). 1 trains like "
+        "plain LoRA; null: off.",
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
     optimizer: str = Field(
         "adamw_torch", description="A transformers optimizer name (`paged_adamw_8bit` for QLoRA)."
@@ -183,6 +225,12 @@ class TrainConfig(Section):
         False,
         description="At the end, put back the adapter weights of the best evaluation (not the last); "
         "the run's final eval_loss is then the best one.",
+    )
+    oom_retry: Literal["none", "split_batch"] = Field(
+        "none",
+        description="A search trial that runs out of memory: `none` gives up on it (Ax learns where memory "
+        "runs out); `split_batch` first retries it once with half the batch_size and twice the "
+        "gradient_accumulation_steps (the same effective batch; the run is tagged `trial.oom_retry`).",
     )
     output_dir: str = Field(
         "outputs", description="Scratch folder: checkpoints of running trials, the best trial's adapter."

@@ -22,8 +22,9 @@ from pipeline.trial import RunSpec
 
 
 def baseline_parameters(config: PipelineConfig) -> dict[str, Any]:
-    """The base config's value of every search dimension."""
-    return values_at(config, config.search.parameters)
+    """The base config's value of every search dimension (of the conditional ones, those its
+    values switch on)."""
+    return config.search.active(values_at(config, config.search.parameters))
 
 
 def require_metrics(metrics: dict[str, float], search: SearchConfig, what: str) -> None:

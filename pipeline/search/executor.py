@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from pipeline import names
+from pipeline import console, names
 from pipeline.config import PipelineConfig, values_at, with_overrides
 from pipeline.errors import PipelineError, TrialFailed, TrialInterrupted, one_line
 from pipeline.events import EvalEvent, EvalHook
@@ -54,6 +54,7 @@ class JobOutcome:
     error: BaseException | None = None  # the error itself (the baseline's caller re-raises it)
     wall_seconds: float = 0.0
     where: str = ""  # where a failure's full traceback is (TrialFailed.where), for progress lines
+    memory_gb: float | None = None  # out of memory: what the trial asked for (model.oom_memory_gb)
 
 
 class Executor(Protocol):
@@ -86,23 +87,51 @@ def run_job(
     def stamped(event: EvalEvent) -> bool:  # the trainer does not know which Ax trial it trains
         return on_eval(event.of_trial(job.index))
 
-    try:
-        config = with_overrides(job.base, job.parameters) if job.parameters else job.base
-        _check_trains_what_was_asked(config, job.parameters)
-        result = run_trial(
-            config, job.spec, resources=resources, on_eval=stamped if on_eval else None, quiet=quiet
-        )
-        ended = outcome(result.status, result=result, run_id=result.run_id)
-    except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM while training: the run ended KILLED
-        run_id = e.run_id if isinstance(e, TrialInterrupted) else None
-        return outcome(names.KILLED, run_id=run_id, reason="interrupted", error=e)
-    except TrialFailed as e:
-        ended = outcome(e.status, run_id=e.run_id, reason=e.reason, error=e, where=e.where())
-    except Exception as e:  # failed before its run started (this config's data or model)
-        ended = outcome(names.FAILED, reason=one_line(f"{type(e).__name__}: {e}"), error=e)
-    if ended.error is not None:  # out of the except block: its frames can go now
-        release(ended.error)
+    config, spec = job.base, job.spec
+    for attempt in range(2):  # a second only to retry out of memory with a split batch
+        try:
+            if attempt == 0:
+                config = with_overrides(job.base, job.parameters) if job.parameters else job.base
+                _check_trains_what_was_asked(config, job.parameters)
+            result = run_trial(
+                config, spec, resources=resources, on_eval=stamped if on_eval else None, quiet=quiet
+            )
+            ended = outcome(result.status, result=result, run_id=result.run_id)
+        except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM while training: the run ended KILLED
+            run_id = e.run_id if isinstance(e, TrialInterrupted) else None
+            return outcome(names.KILLED, run_id=run_id, reason="interrupted", error=e)
+        except TrialFailed as e:
+            ended = outcome(
+                e.status, run_id=e.run_id, reason=e.reason, error=e, where=e.where(), memory_gb=e.memory_gb
+            )
+        except Exception as e:  # failed before its run started (this config's data or model)
+            ended = outcome(names.FAILED, reason=one_line(f"{type(e).__name__}: {e}"), error=e)
+        if ended.error is not None:  # out of the except block: its frames can go now
+            release(ended.error)
+        retry = split_batch(config) if ended.status == names.ABANDONED and attempt == 0 else None
+        if retry is None:
+            return ended
+        config, how = retry
+        console.say(f"trial {job.index} ran out of memory; once more with {how} (train.oom_retry)")
+        spec = replace(spec, tags={**spec.tags, names.TRIAL_OOM_RETRY: f"{how} (after run {ended.run_id})"})
     return ended
+
+
+def split_batch(config: PipelineConfig) -> tuple[PipelineConfig, str] | None:
+    """`train.oom_retry: split_batch`: the config with half the micro-batch and twice the
+    accumulation (the same effective batch), and how it changed; None when off or at batch 1."""
+    train = config.train
+    if train.oom_retry != "split_batch" or train.batch_size < 2:
+        return None
+    half, accumulate = train.batch_size // 2, train.gradient_accumulation_steps * 2
+    how = (
+        f"batch_size {train.batch_size} -> {half}, gradient_accumulation_steps "
+        f"{train.gradient_accumulation_steps} -> {accumulate}"
+    )
+    split = with_overrides(
+        config, {"train.batch_size": half, "train.gradient_accumulation_steps": accumulate}
+    )
+    return split, how
 
 
 def _check_trains_what_was_asked(config: PipelineConfig, parameters: dict[str, Any]) -> None:

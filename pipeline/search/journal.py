@@ -341,6 +341,8 @@ def _from_run(rec: TrialRecord, run: tracking.RunRecord, optimizer: Optimizer | 
     else:
         rec.failure_reason = run.tags.get(names.TRIAL_FAILURE_REASON, rec.status)
         if optimizer is not None and rec.status == ABANDONED:
-            optimizer.abandon(rec.index)
+            memory = run.metrics.get(names.OOM_MEMORY_GB)
+            rec.metrics = {names.OOM_MEMORY_GB: memory} if memory is not None else {}
+            optimizer.out_of_memory(rec.index, memory)
         elif optimizer is not None:
             optimizer.fail(rec.index, rec.failure_reason)

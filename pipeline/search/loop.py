@@ -298,8 +298,9 @@ class Search:
             records.retry.remove(record.parameters)
         if outcome.status in (FAILED, ABANDONED):
             record.status, record.failure_reason = outcome.status, outcome.reason
-            if outcome.status == ABANDONED:
-                self.optimizer.abandon(index)  # the same config would run out of memory again
+            if outcome.status == ABANDONED:  # Ax learns where memory runs out (or skips the point)
+                record.metrics = {names.OOM_MEMORY_GB: outcome.memory_gb} if outcome.memory_gb else {}
+                self.optimizer.out_of_memory(index, outcome.memory_gb)
             else:
                 self.optimizer.fail(index, outcome.reason or "failed")
             return

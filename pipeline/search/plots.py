@@ -110,10 +110,10 @@ def plot_slices(
     search: SearchConfig, state: SearchState, best: TrialRecord | None, params: list[str], path: Path
 ) -> None:
     """eval_loss against each of `params`, the best trial starred, the baseline dashed."""
-    scored = state.scored()
     fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.8), squeeze=False)
     for ax, name in zip(axes[0], params, strict=True):
         spec = search.parameters[name]
+        scored = [t for t in state.scored() if name in t.parameters]  # conditional: where it exists
         xs = [t.parameters[name] for t in scored]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
         if not numeric:

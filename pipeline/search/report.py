@@ -196,6 +196,12 @@ def _summary(ctx: ReportContext) -> list[str]:
         f"| **Early stopping** | saved {steps_saved_pct(s):.1f}% of planned training steps (trials "
         f"compared at equal {UNITS[progression_unit(ctx.config)]}) |",
     ]
+    loads = [t for t in s.scored() if (t.metrics or {}).get(names.MODEL_LOAD_S, 0) > 0]
+    if loads:  # what searching a base setting (model.load_in_4bit) costs
+        md.append(
+            f"| **Base model loads** | {len(loads)} over {len(s.scored())} scored trials "
+            f"({sum(t.metrics[names.MODEL_LOAD_S] for t in loads):.1f} s); the others reused a loaded base |"
+        )
     if s.stop_reason:
         md.append(f"| **Stopped** | {s.stop_reason} |")
     return [*md, ""]

@@ -23,6 +23,8 @@ from ax.utils.common.logger import set_ax_logger_levels
 from pipeline import console, names
 from pipeline.config import PipelineConfig, SearchConfig, value_kind
 from pipeline.errors import ConfigError, SearchAborted
+from pipeline.search.memory import dominated
+from pipeline.search.outcomes import from_ax, objective_string, outcome_constraints, to_ax
 from pipeline.search.stopping import stopping_plan
 
 set_ax_logger_levels(logging.WARNING)
@@ -42,27 +44,9 @@ class Proposal(NamedTuple):
     method: str
 
 
-class _AxWarnings(logging.Handler):
-    """Collects the warnings one Ax logger emits inside a `with` block."""
-
-    def __init__(self, logger: str) -> None:
-        super().__init__(logging.WARNING)
-        self.logger = logging.getLogger(logger)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def __enter__(self) -> list[str]:
-        self.logger.addHandler(self)
-        return self.messages
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.removeHandler(self)
-
-
 def build_parameters(search: SearchConfig) -> list[Any]:
-    """Ax parameter configs, one per search dimension (fixed values are one-value choices).
+    """Ax parameter configs, one per search dimension (fixed values are one-value choices; a
+    choice's `dependents` become Ax's `dependent_parameters`, a hierarchical search space).
 
     The config validated the value types already; here they only become Ax's."""
     params: list[Any] = []
@@ -78,24 +62,17 @@ def build_parameters(search: SearchConfig) -> list[Any]:
             values = spec.choices()
             kind = value_kind(name, values)
             ordered = spec.ordered if spec.ordered is not None else kind != "str"
+            dependents = {CASTS[kind](v): list(c) for v, c in spec.dependents_by_value().items()}
             params.append(
                 ChoiceParameterConfig(
                     name=name,
                     values=[CASTS[kind](v) for v in values],
                     parameter_type=kind,
                     is_ordered=ordered if len(values) > 1 else None,
+                    dependent_parameters=dependents or None,
                 )
             )
     return params
-
-
-def objective_string(search: SearchConfig) -> str:
-    return ", ".join(("-" if o.minimize else "") + o.metric for o in search.objectives)
-
-
-def outcome_constraints(search: SearchConfig) -> list[str]:
-    """Ax's outcome constraint strings: the constraints, and multi-objective thresholds."""
-    return [str(c) for c in search.all_outcome_constraints()]
 
 
 def build_client(search: SearchConfig, name: str = "lora-search") -> Client:
@@ -186,17 +163,14 @@ class Optimizer:
 
         A proposal whose parameters were measured already (Ax deduplicates against every arm but
         those of failed trials) is abandoned and Ax asked again: a second trial of one arm would
-        make Ax's early stopping give up for the rest of the search."""
+        make Ax's early stopping give up for the rest of the search. A proposal that would run out
+        of memory as a smaller trial did (`memory.dominated`) is told to Ax as that, not run."""
         out: list[Proposal] = []
         for _ in range(MAX_DUPLICATE_PROPOSALS):
             proposed = self.client.get_next_trials(max_trials=n - len(out))
             for index, params in proposed.items():
-                twin = self._measured_twin(index)
-                if twin is None:
+                if not self._skip(index, params):
                     out.append(Proposal(index, dict(params), self.generation_method(index)))
-                    continue
-                self.note(f"Ax proposed trial {twin}'s parameters again as trial {index}; not run")
-                self.client.mark_trial_abandoned(index)
             if len(out) == n or not proposed:
                 return out
         if out:
@@ -234,15 +208,16 @@ class Optimizer:
         for k in self.ax_metric_names():
             if k not in metrics:
                 continue
-            sem = self.noise_sd.get(k, metrics.get(f"{k}_stderr"))
-            out[k] = (float(metrics[k]), float(sem)) if sem is not None else float(metrics[k])
+            value, sem = to_ax(k, metrics[k], self.noise_sd.get(k, metrics.get(f"{k}_stderr")))
+            out[k] = (value, float(sem)) if sem is not None else value
         return out
 
     def attach_observation(
         self, index: int, metrics: dict[str, tuple[float, float]], progression: int | None
     ) -> None:
         """Replace a finished trial's final observation (its replicates' mean and sem)."""
-        self.client.attach_data(index, metrics, progression=progression)
+        data = {m: to_ax(m, mean, sem) for m, (mean, sem) in metrics.items()}
+        self.client.attach_data(index, data, progression=progression)
 
     def predicted_best(self) -> int | None:
         """The trial whose arm Ax's model predicts best (single objective), or None when the
@@ -292,7 +267,7 @@ class Optimizer:
         self.client.attach_data(index, {names.EVAL_LOSS: eval_loss}, progression=progression)
         if self.early_stopping is None or self.broken:
             return False
-        with _AxWarnings(ES_LOGGER) as warnings:
+        with console.Captured(ES_LOGGER) as warnings:
             try:
                 stop = bool(self.client.should_stop_trial_early(index))
             except Exception as e:  # a rule that cannot decide must not fail the trial
@@ -317,9 +292,48 @@ class Optimizer:
         self._drop_data(index)
 
     def abandon(self, index: int) -> None:
-        """Ax will not propose this configuration again (it ran out of memory)."""
+        """Ax will not propose this configuration again."""
         self.client.mark_trial_abandoned(index)
         self._drop_data(index)
+
+    def out_of_memory(self, index: int, memory_gb: float | None) -> bool:
+        """The trial ran out of memory. With a memory metric among the outcome constraints and the
+        memory it asked for known, Ax gets that as the trial's memory peaks: a measured
+        infeasible point, from which its constraint model learns where memory runs out (and avoids
+        the neighbours too). Otherwise the trial is abandoned: Ax only skips that one point.
+        True when Ax learned from it."""
+        constrained = [m for m in self.ax_metric_names() if m in names.MEMORY_METRICS]
+        if memory_gb is None or not constrained:
+            self.abandon(index)
+            return False
+        self._drop_data(index)  # evaluations before it ran out are not a result
+        self.client.complete_trial(index, self.ax_metrics(dict.fromkeys(constrained, memory_gb)))
+        return True
+
+    def out_of_memory_trials(self) -> dict[int, tuple[dict[str, Any], float]]:
+        """Trials Ax knows ran out of memory (memory data, no objective): parameters, GiB."""
+        experiment = self.client._experiment
+        df = experiment.lookup_data().df
+        scored = set(df[df.metric_name.isin([o.metric for o in self.config.search.objectives])].trial_index)
+        rows = df[df.metric_name.isin(names.MEMORY_METRICS) & ~df.trial_index.isin(scored)].itertuples()
+        trials = experiment.trials
+        return {
+            int(r.trial_index): (trials[int(r.trial_index)].arm.parameters, from_ax(r.metric_name, r.mean))
+            for r in rows
+        }
+
+    def _skip(self, index: int, params: Mapping[str, Any]) -> bool:
+        """A proposal not to run: measured already (abandoned), or bound to run out of memory as
+        a smaller trial did (`memory.dominated`; told to Ax as that trial's memory)."""
+        twin = self._measured_twin(index)
+        oom = dominated(params, self.out_of_memory_trials()) if twin is None else None
+        if twin is not None:
+            self.note(f"Ax proposed trial {twin}'s parameters again as trial {index}; not run")
+            self.client.mark_trial_abandoned(index)
+        elif oom is not None:
+            self.note(f"trial {index} not run: it would run out of memory as trial {oom[0]} did ({oom[2]})")
+            self.out_of_memory(index, oom[1])
+        return twin is not None or oom is not None
 
     def note(self, message: str) -> None:
         console.say(message)

@@ -1,9 +1,6 @@
-"""What a search found, computed from its trial records: pure functions, no MLflow, no Ax.
-
-The best trial (feasible, completed, on the Pareto frontier when there is one), the summary
-metrics of the search run, best-so-far, per-parameter effects, recommendations. The report
-renders these; tests check them on hand-made records.
-"""
+"""What a search found, from its trial records (pure functions, no MLflow, no Ax): the best
+trial (feasible, completed, on the Pareto frontier when there is one), the search run's summary
+metrics, best-so-far, per-parameter effects, recommendations. The report renders these."""
 
 from __future__ import annotations
 
@@ -198,11 +195,19 @@ def parameter_effects(search: SearchConfig, state: SearchState) -> list[str]:
         return [f"- Too few completed trials ({len(scored)}) for per-parameter insights."]
     lines = [f"Over the {len(scored)} completed trials (early-stopped ones trained for fewer steps):", ""]
     top = sorted(scored, key=lambda t: t.eval_loss)[:5]
+    parents = search.parents()
     for name, spec in search.parameters.items():
+        # A conditional parameter is compared only among the trials where it exists.
+        having = [t for t in scored if name in t.parameters]
         if spec.type == "choice":
-            lines.append(_choice_effect(name, scored))
+            line = _choice_effect(name, having)
         elif spec.type != "fixed":
-            lines.append(_range_effect(name, spec.log, scored, top))
+            line = _range_effect(name, spec.log, having, [t for t in top if name in t.parameters])
+        else:
+            continue
+        if name in parents:
+            line += f" Conditional: only when {parents[name][0]} = {fmt(parents[name][1])} ({len(having)} of {len(scored)} trials)."
+        lines.append(line)
     params = search.parameters
     if "lora.r" in params and ("lora.alpha" in params or "lora.alpha_ratio" in params) and top:
         ratios, all_ratios = _alpha_ratios(top), _alpha_ratios(scored)
@@ -234,7 +239,7 @@ def _choice_effect(name: str, scored: list[TrialRecord]) -> str:
 
 def _range_effect(name: str, log: bool, scored: list[TrialRecord], top: list[TrialRecord]) -> str:
     """Where the top trials' values lie, and the rank correlation of the value with eval_loss."""
-    xs = [float(t.parameters.get(name)) for t in scored]
+    xs = [float(t.parameters[name]) for t in scored]
     rho = spearman([math.log(x) if log and x > 0 else x for x in xs], [t.eval_loss for t in scored])
     top_vals = [float(t.parameters[name]) for t in top]
     text = (
@@ -279,6 +284,8 @@ def recommendations(
             )
         for name, spec in search.parameters.items():
             value = best.parameters.get(name)
+            if value is None:  # a conditional parameter the best trial does not have
+                continue
             if spec.type == "range":
                 low, high = spec.bounds
                 span = (math.log(high) - math.log(low)) if spec.log else (high - low)
@@ -339,11 +346,12 @@ def important_parameters(
     scored = state.scored()
 
     def strength(name: str) -> float:
+        having = [t for t in scored if name in t.parameters]
         try:
-            xs = [float(t.parameters[name]) for t in scored]
+            xs = [float(t.parameters[name]) for t in having]
         except (TypeError, ValueError):
             return 0.0
-        rho = spearman(xs, [t.eval_loss for t in scored])
+        rho = spearman(xs, [t.eval_loss for t in having])
         return abs(rho) if rho is not None else 0.0
 
     return sorted(varied, key=lambda n: -strength(n))[:k]
