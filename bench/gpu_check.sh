@@ -9,6 +9,7 @@
 # Per model: tokens/s of the pipeline vs every peer and with Liger / FlashAttention-2. Per model and
 # precision (bf16, 4-bit NF4): tokens/s of the pipeline vs its peers, and a real trial's peak allocated / reserved GPU memory; per-trial memory checks (peaks
 # reset per trial, a real out-of-memory trial giving its memory back: bench/gpu_memory_check.py);
+# every LoRA variant's invariant and serving test on CUDA; a real OOM's memory as the search reads it;
 # then the pipeline overhead of a demo search. Paste the output and `nvidia-smi -L` into docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +65,19 @@ echo "== a trial killed at random steps and continued from its checkpoint (CUDA 
 for quant in "model.dtype=bfloat16" "model.load_in_4bit=true"; do
   $PY bench/checkpoints.py --part kills --kills 3 --steps 60 --every 20 --set "$quant"
 done
+
+echo "== every LoRA variant on CUDA: base kept, adapter trained, served as trained (DoRA/LoftQ on 4-bit too)"
+$PY -m pytest tests/test_variants.py -q -m "slow or not slow" -p no:cacheprovider
+echo "== a real CUDA OOM read as the memory it asked for (oom_memory_gb >= the device's capacity)"
+$PY - <<'PYEOF'
+import torch
+from pipeline.model import oom_memory_gb
+try:
+    torch.empty(int(torch.cuda.get_device_properties(0).total_memory * 2), dtype=torch.uint8, device="cuda")
+except torch.cuda.OutOfMemoryError as e:
+    cap = torch.cuda.get_device_properties(0).total_memory / 2**30
+    print(f"oom_memory_gb {oom_memory_gb(e):.2f} GiB, capacity {cap:.2f} GiB")
+PYEOF
 
 echo "== pipeline overhead of the demo search (10 trials) on this GPU"
 $PY bench/overhead.py --trials 10

@@ -112,6 +112,8 @@ def silence_library_noise(quiet: bool = False) -> None:
     # Deprecations inside libraries are theirs to fix, not the user's to read.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # PEFT advising to convert a PiSSA/OLoRA adapter, which the pipeline does when it saves one.
+    warnings.filterwarnings("ignore", message=r"(PiSSA|OLoRA) changes the base weights", module="peft")
     # BoTorch retrying its acquisition optimizer with other starting points: Ax's business.
     warnings.filterwarnings("ignore", message="Optimization failed", module="botorch")
     # MLflow and Ax configure their own loggers when first imported (after this): ask by env.

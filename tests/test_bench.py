@@ -195,3 +195,27 @@ def test_noise_benchmark_smoke(tmp_path):
     }
     assert set(rows) == {"none", "none+1", "1x1"} and float(rows["1x1"][-1].rstrip("x")) > 1.0
     assert lines[-1].startswith("ratio exact 1x1 / none: ")
+
+
+def test_variants_benchmark_smoke(tmp_path):
+    """Both spaces search, each winner is replicated on three seeds, the difference has an interval."""
+    lines = _bench(
+        [
+            "bench/variants.py",
+            *("--seeds", "0", "--trials", "2", "--init", "2", "--out", str(tmp_path / "v.json")),
+            *("--set", "train.max_steps=6", "train.eval_steps=3", "eval.generation_samples=0"),
+        ],
+        tmp_path,
+    )
+    winners = [line for line in lines if line.startswith("seed 0 ") and "| seeds " in line]
+    assert len(winners) == 2 and all(
+        len(w.split("| seeds ")[1].split("|")[0].split(",")) == 3 for w in winners
+    )
+    assert any(line.startswith("seed 0: variants - plain = ") and "95 % CI" in line for line in lines)
+    assert (tmp_path / "v.json").is_file()
+
+
+def test_oom_benchmark_smoke(tmp_path):
+    lines = _bench(["bench/oom.py", "--seeds", "1", "--trials", "5"], tmp_path)
+    assert sum(line.startswith("seed 0 ") and "trials out of memory" in line for line in lines) == 2
+    assert lines[-2].lstrip().startswith("learns  : ") and lines[-1].lstrip().startswith("abandons: ")

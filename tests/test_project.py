@@ -149,33 +149,24 @@ STAGES = [
 ]
 RANK = {module: i for i, stage in enumerate(STAGES) for module in stage}
 # Third-party imports allowed in a few stages only.
+TENSOR_LAYER = {
+    "batching",
+    "device",
+    "variants",
+    "model",
+    "metrics",
+    "callbacks",
+    "checkpoint",
+    "train",
+    "serving",
+}
 ONLY_IN = {
     "mlflow": {"tracking", "registry"},
     "ax": {"search.space"},
     "ray": {"search.distributed"},
     "lm_eval": {"lmeval"},
-    "torch": {
-        "batching",
-        "device",
-        "variants",
-        "model",
-        "metrics",
-        "callbacks",
-        "checkpoint",
-        "train",
-        "serving",
-    },
-    "transformers": {
-        "batching",
-        "device",
-        "variants",
-        "model",
-        "metrics",
-        "callbacks",
-        "checkpoint",
-        "train",
-        "serving",
-    },
+    "torch": TENSOR_LAYER,
+    "transformers": TENSOR_LAYER,
     "peft": {"batching", "variants", "model", "metrics", "train", "serving"},
     "bitsandbytes": {"batching", "variants", "model", "metrics", "train", "serving"},
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -232,3 +233,25 @@ def test_interrupt_ends_the_run_killed(tiny_config, monkeypatch, stop):
     assert [r.info.status for r in runs] == ["KILLED"]
     assert runs[0].data.tags[names.TRIAL_STATUS] == names.KILLED
     assert runs[0].data.tags[names.TRIAL_FAILURE_REASON] == "interrupted"
+
+
+def test_resources_keep_one_base_per_setting_least_recently_used_out(tiny_config, monkeypatch):
+    """A search over model.load_in_4bit alternates two bases: both stay loaded (2 on CPU, 1 on
+    a GPU), a third setting pushes out the one used longest ago."""
+    import pipeline.resources as resources_mod
+    from pipeline.device import plan_device
+
+    loads = []
+    monkeypatch.setattr(
+        resources_mod, "load_base_model", lambda cfg, plan, gc: loads.append(cfg.load_in_4bit) or object()
+    )
+    res = Resources()
+    plan = plan_device(tiny_config.model, tiny_config.train)
+    full, four = tiny_config, with_overrides(tiny_config, {"model.load_in_4bit": True})
+    other = with_overrides(tiny_config, {"train.gradient_checkpointing": True})
+    reused = [res.base_model(c, plan)[1] for c in (full, four, full, four, other, four, full)]
+    assert reused == [False, False, True, True, False, True, False]
+    assert res.base_loads == 4 and loads == [False, True, False, False]
+    gpu = Resources()
+    cuda = dataclasses.replace(plan, device="cuda")
+    assert [gpu.base_model(c, cuda)[1] for c in (full, four, full)] == [False, False, False]

@@ -44,6 +44,11 @@ def _job(config):
     return TrainInputs(config, plan, tok, prepare_data(config.data, tok), quiet=True)
 
 
+def _on(model) -> torch.Tensor:
+    """The probe prompt on the model's device."""
+    return PROMPT.to(next(model.parameters()).device)
+
+
 def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -71,7 +76,7 @@ def test_every_variant_keeps_the_base_trains_the_adapter_and_serves_what_it_trai
     assert len(moved) == len(adapter), f"adapter weights that never moved: {set(adapter) - set(moved)}"
     model.eval()
     with torch.no_grad():
-        trained = model(PROMPT).logits
+        trained = model(_on(model)).logits.float().cpu()
     folder = tmp_path / "adapter"
     serving.save_adapter(model, job.tokenizer, config.model, job.plan, folder)
 
@@ -82,18 +87,20 @@ def test_every_variant_keeps_the_base_trains_the_adapter_and_serves_what_it_trai
 
     served, _ = serving.load_adapter(folder)
     with torch.no_grad():
-        answer = served(PROMPT).logits
-    # PiSSA/OLoRA adapters are converted to plain LoRA of rank 2r: float rounding, not a change.
-    assert torch.allclose(answer, trained, atol=2e-4, rtol=0), (answer - trained).abs().max()
+        answer = served(_on(served)).logits.float().cpu()
+    # PiSSA/OLoRA adapters are converted to plain LoRA of rank 2r: float rounding, not a change
+    # (in float32; bf16 on a GPU rounds at 1e-2).
+    tolerance = 2e-4 if job.plan.torch_dtype == torch.float32 else 5e-2
+    assert torch.allclose(answer, trained, atol=tolerance, rtol=0), (answer - trained).abs().max()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["pissa", "eva", "dora", "loftq (4-bit)"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_a_registered_variant_adapter_loads_as_the_champion_and_generates(variant, tiny_config):
     config = with_overrides(tiny_config, VARIANTS[variant])
     result = run_trial(config, quiet=True)
     mlflow.set_experiment("tests")
-    name = "variant-" + variant.split()[0]
+    name = "variant-" + variant.split()[0].replace("+", "-")
     with mlflow.start_run():
         offer = registry.Candidate(
             result.run_id, result.eval_loss, result.eval_fingerprint, result.adapter_dir
@@ -130,17 +137,17 @@ def test_loftq_fits_each_layer_to_its_quantization_error(tiny_config):
         if not hasattr(base, "quant_state"):
             continue
         q = bnb.functional.dequantize_4bit(base.data, base.quant_state).float()
-        w = original[name.removeprefix("base_model.model.")]
+        w = original[name.removeprefix("base_model.model.")].to(q.device, torch.float32)
         delta = layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
         assert torch.linalg.norm(w - q - delta) < torch.linalg.norm(w - q), name
         checked += 1
     assert checked == len([n for n in original if not n.endswith("lm_head")])
     model.eval()
     with torch.no_grad():
-        reference = full(PROMPT).logits
-        with_loftq = (model(PROMPT).logits - reference).abs().mean()
+        reference = full(_on(full)).logits.float().cpu()
+        with_loftq = (model(_on(model)).logits.float().cpu() - reference).abs().mean()
         with model.disable_adapter():
-            without = (model(PROMPT).logits - reference).abs().mean()
+            without = (model(_on(model)).logits.float().cpu() - reference).abs().mean()
     assert with_loftq < without
 
 

@@ -113,7 +113,8 @@ def run_job(
             return ended
         config, how = retry
         console.say(f"trial {job.index} ran out of memory; once more with {how} (train.oom_retry)")
-        spec = replace(spec, tags={**spec.tags, names.TRIAL_OOM_RETRY: f"{how} (after run {ended.run_id})"})
+        tags = {**spec.tags, names.TRIAL_OOM_RETRY: f"{how} (after run {ended.run_id})"}
+        spec = replace(spec, tags=tags, resume=None)  # a new run: the OOM run stays as it ended
     return ended
 
 

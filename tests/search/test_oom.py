@@ -5,29 +5,19 @@ outcome constraint steers BoTorch away from the region, not only from the one po
 from __future__ import annotations
 
 import math
-import shlex
 
 import pytest
 import torch
 
+from bench import oom
+from bench.oom import abandoning, model_ooms_after_the_second, simulated_gpu
 from pipeline import names
 from pipeline.config import with_overrides
 from pipeline.model import oom_memory_gb
-from pipeline.search import run_search, search_config
 from pipeline.search.executor import split_batch
 from pipeline.search.space import Optimizer
 
-from ..conftest import DEMO_CONFIG
-from .common import demo, search_overrides
-
-# A simulated GPU: memory grows with rank x batch; past CAPACITY_GB the trial runs out of it.
-GB_PER_RANK_EXAMPLE = 0.1
-CAPACITY_GB = 10.0  # rank x batch >= 128 does not fit
-BOUND_GB = 9  # the user's constraint, a margin below the capacity (as `peak_gpu_mem_gb <= 15` on a T4)
-SPACE = (
-    "{lora.r: {type: choice, values: [2, 4, 8, 16, 32]}, train.batch_size: {type: choice, values: [2, 4, 8, 16]},"
-    " train.learning_rate: {type: range, bounds: [3.0e-4, 1.0e-2], log: true}}"
-)
+from .common import demo
 
 
 def test_the_memory_an_oom_asked_for_is_read_from_the_error():
@@ -72,78 +62,56 @@ def test_an_oom_trial_is_an_infeasible_point_for_ax_only_with_a_memory_constrain
     assert unconstrained.client._experiment.trials[index].status.is_abandoned
 
 
-def _simulate_gpu(monkeypatch) -> None:
-    """Trials use rank x batch x 0.1 GiB of a 10 GiB device (reported as peak_rss_gb, the memory
-    metric a CPU run has); past it they raise CUDA's out-of-memory error, having allocated 8 GiB."""
-    import pipeline.metrics as metrics
+@pytest.mark.slow
+def test_the_search_stops_proposing_what_does_not_fit_after_two_ooms(tmp_path):
+    """On a simulated 10 GiB device (bench/oom.py: rank x batch x 0.1 GiB), with OOMs as
+    infeasible points (and the rule that a larger config runs out as a smaller one did), BoTorch
+    proposes nothing past the memory threshold after the search's second OOM; the same search that
+    only abandons an OOM point (the behaviour before) keeps proposing such points. Sobol proposals
+    (the first trials, and Ax's fallback when BoTorch repeats a measured point) use no model, so
+    they are not counted."""
+    with simulated_gpu():
+        learned = oom.run(tmp_path / "learns", seed=3, trials=12)
+        with abandoning():
+            abandoned = oom.run(tmp_path / "abandons", seed=3, trials=12)
+    assert sum(out for _, _, out, _ in learned) >= 2, learned  # the search met OOMs to learn from
+    assert model_ooms_after_the_second(learned) == [], learned
+    assert model_ooms_after_the_second(abandoned), f"the abandoning search stopped running out: {abandoned}"
+
+
+def test_split_batch_retries_an_oom_trial_once_at_the_same_effective_batch(tiny_config, monkeypatch):
+    """`train.oom_retry: split_batch`: the trial that ran out at batch 8 trains again at batch 4
+    with twice the accumulation, in a new run tagged `trial.oom_retry`; the OOM run stays."""
     import pipeline.trial as trial_mod
+    from pipeline import tracking
+    from pipeline.resources import Resources
+    from pipeline.search.executor import TrialJob, run_job
+    from pipeline.trial import RunSpec
 
-    real_train = trial_mod.train
+    real_train, batches = trial_mod.train, []
 
-    def train(model, job, *args, memory=None, **kwargs):
-        need = GB_PER_RANK_EXAMPLE * job.config.lora.r * job.config.train.batch_size
-        if need > CAPACITY_GB:
-            raise torch.cuda.OutOfMemoryError(
-                f"CUDA out of memory. Tried to allocate {need - 8:.2f} GiB. GPU 0 has a total capacity of "
-                f"{CAPACITY_GB:.2f} GiB of which 0.10 GiB is free. Of the allocated memory 8.00 GiB is allocated by PyTorch"
-            )
-        memory.simulated = need
-        return real_train(model, job, *args, memory=memory, **kwargs)
+    def train(model, job, *args, **kwargs):
+        batches.append((job.config.train.batch_size, job.config.train.gradient_accumulation_steps))
+        if job.config.train.batch_size > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real_train(model, job, *args, **kwargs)
 
     monkeypatch.setattr(trial_mod, "train", train)
-    monkeypatch.setattr(
-        metrics.MemoryMonitor, "peaks", lambda self: {names.PEAK_RSS_GB: getattr(self, "simulated", 0.0)}
+    config = with_overrides(tiny_config, {"train.oom_retry": "split_batch"})
+    job = TrialJob(3, config, {"train.batch_size": 8}, RunSpec(names.ROLE_TRIAL, "t3"))
+    outcome = run_job(job, Resources())
+    assert batches == [(8, 1), (4, 2)]
+    assert outcome.status == names.COMPLETED
+    retried = tracking.get_run(outcome.run_id)
+    assert retried.tags[names.TRIAL_OOM_RETRY].startswith(
+        "batch_size 8 -> 4, gradient_accumulation_steps 1 -> 2"
     )
-
-
-def _search(tmp_path, name: str) -> list[tuple[int, int, bool, str]]:
-    """(rank, batch, ran out of memory, how Ax proposed it) of every trial of a 12-trial search."""
-    sets = search_overrides(
-        tmp_path / name,
-        **{
-            "search.initialization_trials": 4,
-            "train.max_steps": 10,
-            "eval.generation_samples": 0,
-            "search.max_failure_rate": 1.0,
-            "search.seed": 3,
-            "tracking.experiment_name": f"oom-{name}",
-        },
+    assert retried.params["train.batch_size"] == "4"
+    first = retried.tags[names.TRIAL_OOM_RETRY].split("after run ")[1].rstrip(")")
+    assert tracking.get_run(first).tags[names.TRIAL_STATUS] == names.ABANDONED
+    # Off (the default): the OOM ends the trial, with the memory it asked for.
+    batches.clear()
+    outcome = run_job(
+        TrialJob(4, tiny_config, {"train.batch_size": 8}, RunSpec(names.ROLE_TRIAL, "t4")), Resources()
     )
-    sets += [
-        shlex.quote(f"search.parameters={SPACE}"),
-        shlex.quote(f"search.outcome_constraints=[peak_rss_gb <= {BOUND_GB}]"),
-    ]
-    state = run_search(search_config(DEMO_CONFIG, sets, n_trials=12), quiet=True).state
-    return [
-        (
-            t.parameters["lora.r"],
-            t.parameters["train.batch_size"],
-            t.status == names.ABANDONED,
-            t.generation_method,
-        )
-        for t in state.trials
-    ]
-
-
-def _model_ooms_after_the_second(trials: list[tuple[int, int, bool, str]]) -> list[tuple[int, int]]:
-    """The trials BoTorch proposed after the search's second OOM that ran out of memory too."""
-    ooms = [i for i, (_, _, out, _) in enumerate(trials) if out]
-    later = trials[ooms[1] + 1 :] if len(ooms) >= 2 else []
-    return [(r, b) for r, b, out, method in later if out and method == "BoTorch"]
-
-
-@pytest.mark.slow
-def test_the_search_stops_proposing_what_does_not_fit_after_two_ooms(tmp_path, monkeypatch):
-    """With OOMs as infeasible points (and the rule that a larger config runs out as a smaller
-    one did), BoTorch proposes nothing past the memory threshold after the second OOM; the same
-    search that only abandons an OOM point (the behaviour before) keeps proposing such points.
-    Sobol proposals (the first trials, and Ax's fallback when BoTorch repeats a measured point)
-    use no model, so they are not counted."""
-    _simulate_gpu(monkeypatch)
-    learned = _search(tmp_path, "learns")
-    monkeypatch.setattr(Optimizer, "out_of_memory", lambda self, i, gb: self.abandon(i) or False)
-    monkeypatch.setattr(Optimizer, "out_of_memory_trials", lambda self: {})  # no rule either
-    abandoned = _search(tmp_path, "abandons")
-    assert sum(out for _, _, out, _ in learned) >= 2, learned  # the test saw OOMs to learn from
-    assert _model_ooms_after_the_second(learned) == [], learned
-    assert _model_ooms_after_the_second(abandoned), f"the abandoning search stopped running out: {abandoned}"
+    assert batches == [(8, 1)] and outcome.status == names.ABANDONED and outcome.memory_gb >= 2.0

@@ -48,20 +48,28 @@ def test_parameters_map_one_to_one_onto_ax():
     assert params["lora.dropout"].values == [0.1]
 
 
-def test_qwen_space_is_the_seeds_and_its_next_steps():
+def test_qwen_space_is_research_informed_and_the_seeds_is_one_override_away():
+    """The GPU config's space: lr on a log scale around 10x a full fine-tune's, rank as an
+    ordered choice (the seed's next step 48 included) with alpha = 2r, the variants as choices;
+    the seed's alpha choice is the override its header gives."""
     config = load_config(ROOT / "configs" / "qwen2.5-7b-qlora.yaml")
     p = config.search.parameters
-    assert p["lora.r"].values == [8, 16, 32, 48, 64]
-    assert p["lora.alpha"].values == [16, 32, 64, 96, 128]
-    assert (p["train.learning_rate"].bounds, p["train.learning_rate"].log) == ([5e-5, 5e-4], True)
+    assert p["lora.r"].values == [8, 16, 32, 48, 64] and config.lora.alpha_ratio == 2
+    assert (p["train.learning_rate"].bounds, p["train.learning_rate"].log) == ([5e-5, 1e-3], True)
     assert p["train.batch_size"].values == [1, 2, 4]
-    client = build_client(config.search)
-    assert set(client._experiment.search_space.parameters) >= {
-        "lora.r",
-        "lora.alpha",
-        "train.learning_rate",
-        "train.batch_size",
+    assert p["train.loraplus_lr_ratio"].values == [1, 4, 16]
+    assert {k: p[k].values for k in ("lora.use_rslora", "lora.use_dora", "lora.init")} == {
+        "lora.use_rslora": [False, True],
+        "lora.use_dora": [False, True],
+        "lora.init": ["default", "loftq"],
     }
+    client = build_client(config.search)
+    assert set(client._experiment.search_space.parameters) == set(p)
+    header = (ROOT / "configs" / "qwen2.5-7b-qlora.yaml").read_text()
+    line = next(x for x in header.splitlines() if "search.parameters.lora.alpha" in x)
+    seed_space = line.split('-P set="')[1].split('"')[0]  # the documented override
+    seed = load_config(ROOT / "configs" / "qwen2.5-7b-qlora.yaml", [seed_space])
+    assert seed.search.parameters["lora.alpha"].values == [16, 32, 64, 96, 128]
 
 
 def test_objectives_and_constraints_strings():
