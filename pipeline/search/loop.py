@@ -175,16 +175,14 @@ class Search:
             self.optimizer.note(f"warning: early stopping cannot act in this search: {why}")
 
     def _baseline(self) -> None:
-        """Run (or reuse) the baseline and give it to Ax as the status-quo arm."""
+        """Run (or reuse) the baseline; give it to Ax as the status-quo arm when Ax takes it."""
         record = baseline.find_or_train(self.config, self.parent_run, self.executor, self.resources)
         record.in_search_space = self.optimizer.in_search_space(record.parameters)
         if record.in_search_space:
-            last = (
-                progression(self.config, int(record.evals[-1][0]), record.examples_per_step)
-                if record.evals
-                else None
-            )
-            self.optimizer.attach_baseline(record.parameters, self.optimizer.ax_metrics(record.metrics), last)
+            evals = record.evals
+            last = progression(self.config, int(evals[-1][0]), record.examples_per_step) if evals else None
+            ax = self.optimizer.ax_metrics(record.metrics)
+            record.in_search_space = self.optimizer.attach_baseline(record.parameters, ax, last)
         self.records.baseline = record
         self.parent_run.set_tags({names.SEARCH_BASELINE_RUN: record.run_id})
         self.parent_run.log_metrics({names.BASELINE_EVAL_LOSS: record.eval_loss}, step=0, flush=True)

@@ -1,11 +1,7 @@
-"""Config -> Ax, and the one place that talks to Ax (ax-platform 1.3, `ax.api.Client`).
-
-`Optimizer` wraps the Ax Client in the verbs the search loop uses (ask for a trial, report an
-evaluation, complete, fail, abandon, save, load); nothing else in the pipeline imports ax. The
-few reads of Ax's private state (`Client._experiment`, `Client._random_seed`) are all in this
-file, because ax.api 1.3 offers no public way to read a trial's status, generation method or arm,
-nor to set the seed of a client loaded from JSON.
-"""
+"""Config -> Ax, and the one place that talks to Ax (ax-platform 1.3, `ax.api.Client`): the
+`Optimizer` wraps the Client in the verbs the search loop uses. The reads of Ax's private state
+(`Client._experiment`, `Client._random_seed`) are all here: ax.api 1.3 has no public way to read
+a trial's status, generation method or arm, nor to seed a client loaded from JSON."""
 
 from __future__ import annotations
 
@@ -190,11 +186,17 @@ class Optimizer:
 
     def attach_baseline(
         self, parameters: dict[str, Any], metrics: dict[str, float], progression: int | None
-    ) -> None:
-        """The baseline as Ax's status-quo arm, with its results (when it is in the space)."""
+    ) -> bool:
+        """The baseline as Ax's status-quo arm, with its results; False when Ax cannot take it."""
+        if self.config.search.parents():
+            self.note(
+                "baseline not given to Ax: Ax 1.3 takes no status quo in a space with conditional parameters"
+            )
+            return False
         index = self.client.attach_baseline(parameters=parameters)
         self.client.attach_data(index, metrics, progression=progression)
         self.client.complete_trial(index)
+        return True
 
     def ax_metric_names(self) -> list[str]:
         """The metrics Ax is given: those it optimizes or constrains, and eval_loss."""
