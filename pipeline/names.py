@@ -136,6 +136,8 @@ TRIAL_RESUMED_FROM_STEP = "trial.resumed_from_step"
 TRIAL_RESUMES = "trial.resumes"
 # A trial run again after it ran out of memory, with half the micro-batch (train.oom_retry): how.
 TRIAL_OOM_RETRY = "trial.oom_retry"
+TRIAL_PACK = "trial.pack"  # search.pack > 1: which pack the trial trained in (1, 2, ... per search session)
+TRIAL_PACK_SLOT = "trial.pack_slot"  # and its place in it (0 .. pack-1)
 # Parallel searches (search.executor: ray): which worker ran a trial. A worker loads the base model
 # once; `trial.worker_base_loads` counts its loads so far (1 on every run of a healthy worker).
 TRIAL_WORKER = "trial.worker"  # w1, w2, ... (a replaced worker keeps its slot's id)

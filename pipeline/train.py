@@ -8,12 +8,14 @@ as an `EvalEvent` and answers whether to stop.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from pipeline import packing
 from pipeline.batching import (
     LabelPositions,
     TokenDataset,
@@ -213,7 +215,9 @@ def train(
     per_step = examples_per_optimizer_step(args)
     callbacks = Callbacks.build(job, sink, on_eval, memory or MemoryMonitor(), per_step, checkpoints)
     trainer = _trainer(model, job, args, callbacks.for_trainer())
-    result = trainer.train(resume_from_checkpoint=callbacks.resume(trainer))
+    slot = packing.current()  # in a pack: forwards and backwards shared with the other trials
+    with slot.training_with(trainer) if slot is not None else contextlib.nullcontext():
+        result = trainer.train(resume_from_checkpoint=callbacks.resume(trainer))
     return trainer, _report(model, trainer, float(result.training_loss), callbacks, per_step)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, console, lmeval, names, tracking
+from pipeline import __version__, console, lmeval, names, packing, tracking
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_dict, to_yaml
 from pipeline.data import example_ids
 from pipeline.device import plan_device
@@ -260,8 +260,10 @@ def _train_in_run(
         plan = checkpoint_plan(
             run, config, job.data, resume=spec.resume is not None, to_store=spec.checkpoint_store
         )
+    slot = packing.current()  # in a pack: the adapter goes on this trial's copy of the base
     with timer.phase("lora"):
-        model = attach_lora(base.model, config.lora, config.train.seed, lambda: init_batches(job))
+        tree = slot.tree(base.model) if slot is not None else base.model
+        model = attach_lora(tree, config.lora, config.train.seed, lambda: init_batches(job))
     try:
         trainable, total = count_parameters(model)
         stats = job.data.stats
@@ -296,7 +298,8 @@ def _train_in_run(
             run.log_metrics({k: v for k, v in final.items() if k not in streamed}, outcome.steps, flush=True)
         adapter_dir = _save_adapter(run, trial, model)
     finally:
-        base.model = detach_lora(model)
+        if slot is None:  # a pack trial's copy of the base just goes
+            base.model = detach_lora(model)
     return outcome, final, adapter_dir
 
 

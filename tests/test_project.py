@@ -110,6 +110,8 @@ STAGES = [
     {"device"},
     {"variants"},
     {"model"},
+    {"router"},
+    {"packing"},
     {"metrics"},
     {"callbacks"},
     {"checkpoint"},
@@ -125,6 +127,7 @@ STAGES = [
     {"trial"},
     {"search.stopping"},
     {"search.executor"},
+    {"search.packed"},
     {"search.outcomes", "search.memory"},
     {"search.space"},
     {"search.journal"},
@@ -151,6 +154,8 @@ RANK = {module: i for i, stage in enumerate(STAGES) for module in stage}
 # Third-party imports allowed in a few stages only.
 TENSOR_LAYER = {
     "batching",
+    "packing",
+    "router",
     "device",
     "variants",
     "model",
@@ -167,7 +172,7 @@ ONLY_IN = {
     "lm_eval": {"lmeval"},
     "torch": TENSOR_LAYER,
     "transformers": TENSOR_LAYER,
-    "peft": {"batching", "variants", "model", "metrics", "train", "serving"},
+    "peft": {"batching", "variants", "model", "router", "packing", "metrics", "train", "serving"},
     "bitsandbytes": {"batching", "variants", "model", "metrics", "train", "serving"},
 }
 MAX_LINES = 400

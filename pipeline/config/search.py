@@ -213,6 +213,15 @@ class SearchConfig(Section):
         "Null and no RAY_ADDRESS: a local Ray cluster is started and shut down by the search.",
     )
 
+    pack: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Trials trained together in one forward and backward over the shared frozen base "
+        "(local executor; 1: one at a time). A trial the pack cannot hold (DoRA, PiSSA/OLoRA/LoftQ, "
+        "other target modules or base, gradient checkpointing) runs alone. See docs/search.md#packed-trials.",
+    )
+
     @field_validator("warm_start", mode="before")
     @classmethod
     def _run_ids(cls, value: Any) -> Any:
@@ -228,6 +237,19 @@ class SearchConfig(Section):
         if len(set(ids)) != len(ids):
             raise ValueError(f"a run id repeats: {ids}")
         return ids
+
+    @model_validator(mode="after")
+    def _pack_alone(self) -> SearchConfig:
+        if self.pack == 1:
+            return self
+        if self.executor == "ray":
+            raise ValueError("pack: packed trials run under search.executor: local (not yet on Ray workers)")
+        memory = [c.metric for c in self.outcome_constraints if c.metric in MEMORY_METRICS]
+        if memory:
+            raise ValueError(
+                f"pack: a packed trial's {memory[0]} is its pack's, so outcome constraints on memory need pack: 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ray_settings_need_ray(self) -> SearchConfig:

@@ -11,6 +11,7 @@ One job per module, in the order data flows:
 - `replicates.py`, `evidence.py`, `noise_report.py`: seed replicates, the recommendation and its
   interval, and what the report says of them;
 - `executor.py`: where trials run (`LocalExecutor`: one at a time, in this process);
+- `packed.py`: `PackedExecutor` (`search.pack`): several trials at once over one base (`packing`);
 - `mailbox.py`: the Ray driver's mailbox (workers' evaluations in, stop decisions out);
 - `distributed.py`: `RayExecutor`: trials in parallel on Ray workers, Ax stays in the driver;
 - `baseline.py`: the baseline, reused or trained;

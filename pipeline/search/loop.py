@@ -22,7 +22,7 @@ from pipeline.events import EvalEvent
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
 from pipeline.search import baseline, budget, interrupted, journal, replicates, warm
-from pipeline.search.executor import Executor, JobOutcome, LocalExecutor, TrialJob
+from pipeline.search.executor import Executor, JobOutcome, TrialJob
 from pipeline.search.finish import SearchResult, finish
 from pipeline.search.journal import (
     ABANDONED,
@@ -33,6 +33,7 @@ from pipeline.search.journal import (
     SearchState,
     TrialRecord,
 )
+from pipeline.search.packed import local_executor
 from pipeline.search.preflight import check_before_run
 from pipeline.search.space import Optimizer, Proposal
 from pipeline.search.stopping import progression, progression_unit, unreachable
@@ -46,15 +47,16 @@ def run_search(
     config: PipelineConfig, resume: str | None = None, quiet: bool = False, executor: Executor | None = None
 ) -> SearchResult:
     """Search with a validated config (the CLI builds it): a new search, or `resume` the search
-    run of that id. Trials run one at a time in this process, or in parallel on Ray workers
-    (`search.executor: ray`), unless another executor is given."""
+    run of that id; trials run where `search` says (`local_executor`, Ray) unless given one."""
     check_before_run(config, resume)
     resources = Resources()  # shared by the baseline check and the local executor's trials
     if executor is None and config.search.executor == "ray":
         from pipeline.search.distributed import RayExecutor  # Ray is an optional extra
 
         executor = RayExecutor(config, tracking.resolve_tracking_uri(config.tracking))
-    return Search(config, executor or LocalExecutor(quiet, resources), resources, resume=resume).run()
+    elif executor is None:
+        executor = local_executor(config.search.pack, quiet, resources)
+    return Search(config, executor, resources, resume=resume).run()
 
 
 class Search:
