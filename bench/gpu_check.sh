@@ -10,7 +10,8 @@
 # precision (bf16, 4-bit NF4): tokens/s of the pipeline vs its peers, and a real trial's peak allocated / reserved GPU memory; per-trial memory checks (peaks
 # reset per trial, a real out-of-memory trial giving its memory back: bench/gpu_memory_check.py);
 # every LoRA variant's invariant and serving test on CUDA; a real OOM's memory as the search reads it;
-# then the pipeline overhead of a demo search. Paste the output and `nvidia-smi -L` into docs/benchmarks.md.
+# packed trials (equality on CUDA, search wall time at pack 1 and 4 in the small-batch regime, the
+# per-step fixed vs per-example cost that predicts the ratio); then the pipeline overhead of a demo search. Paste the output and `nvidia-smi -L` into docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -68,6 +69,17 @@ done
 
 echo "== every LoRA variant on CUDA: base kept, adapter trained, served as trained (DoRA/LoftQ on 4-bit too)"
 $PY -m pytest tests/test_variants.py -q -m "slow or not slow" -p no:cacheprovider
+echo "== packed trials on CUDA: equal to alone (the tests, as configured), then search wall time at pack 1 and 4 (bf16, 4-bit)"
+$PY -m pytest tests/test_packing.py -q -p no:cacheprovider
+for quant in "model.dtype=bfloat16" "model.load_in_4bit=true"; do
+  $PY bench/packed.py --packs 1,4 --seeds 0,1,2 --stopping off --set "$quant" \
+    "search.parameters.train.batch_size.values=[1,2]" train.max_steps=60 train.eval_steps=20 --out "$OUT/packed.json"
+done
+$PY bench/packed.py --config configs/smollm2-cpu.yaml --packs 1,4 --seeds 0,1,2 --stopping off --trials 8 --init 4 \
+  --set model.dtype=bfloat16 "search.parameters.train.batch_size.values=[1,2]" train.max_steps=60 train.eval_steps=20 \
+  --out "$OUT/packed-smollm2.json"
+$PY bench/packed.py --part steps --set model.dtype=bfloat16
+$PY bench/packed.py --part steps --config configs/smollm2-cpu.yaml --set model.dtype=bfloat16
 echo "== a real CUDA OOM read as the memory it asked for (oom_memory_gb >= the device's capacity)"
 $PY - <<'PYEOF'
 import torch

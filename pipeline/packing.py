@@ -28,6 +28,7 @@ import itertools
 import logging
 import random
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,7 +186,13 @@ class Pack:
         self.routes: list[tuple[Slot, int, int, int]] = []  # (slot, first row, end row, length)
         self.peaks: dict[int, float] = {}  # trials in a forward -> the highest memory seen (GiB)
         self.shared_steps = 0  # forwards that served more than one trial
-        self._numbers = 0
+        # Admission (`admit`): what the trials in the pack share, whether one runs alone, how
+        # many are in, who waits, and which pack this is (a new one each time it drains).
+        self.key: Any = None
+        self.alone = False
+        self.members = 0
+        self.queue: deque[object] = deque()
+        self.generation = 0
 
     def use(self, base: nn.Module) -> None:
         """The base the pack's trials train on (a new one when the executor changed packs)."""
@@ -194,11 +201,37 @@ class Pack:
 
     # -- turns ---------------------------------------------------------------------------------
 
+    def admit(self, key: Any, alone: bool) -> None:
+        """Block until the pack can take a trial: at once while it trains trials of the same
+        `key`; one that must run `alone`, or of another key, once it has drained. First come,
+        first served (a Ray worker's trials arrive as the driver dispatches them)."""
+        ticket = object()
+
+        def admissible() -> bool:
+            if self.queue[0] is not ticket:
+                return False
+            return self.members == 0 or (not alone and not self.alone and key == self.key)
+
+        with self.cond:
+            self.queue.append(ticket)
+            self.cond.wait_for(admissible)
+            self.queue.popleft()
+            if self.members == 0:
+                self.key, self.alone, self.generation = key, alone, self.generation + 1
+            self.members += 1
+            self.cond.notify_all()
+
+    def discharge(self) -> None:
+        """An admitted trial is over."""
+        with self.cond:
+            self.members -= 1
+            self.cond.notify_all()
+
     def join(self) -> Slot:
         """A slot for the calling thread (which then trains in this pack)."""
         with self.cond:
-            slot = Slot(self, self._numbers)
-            self._numbers += 1
+            taken = {s.number for s in self.slots}
+            slot = Slot(self, next(i for i in range(len(self.slots) + 1) if i not in taken))
             self.slots.append(slot)
         _LOCAL.slot = slot
         return slot

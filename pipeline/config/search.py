@@ -204,7 +204,8 @@ class SearchConfig(Section):
     workers: int | None = Field(
         None,
         gt=0,
-        description="ray: trials running at once, one per worker. Null: the GPUs Ray sees, else 1.",
+        description="ray: workers (trials at once: one per worker, or `pack` per worker). Null: the GPUs "
+        "Ray sees, else 1.",
     )
     worker_resources: WorkerResources = Field(default_factory=WorkerResources)
     ray_address: str | None = Field(
@@ -218,7 +219,7 @@ class SearchConfig(Section):
         ge=1,
         le=64,
         description="Trials trained together in one forward and backward over the shared frozen base "
-        "(local executor; 1: one at a time). A trial the pack cannot hold (DoRA, PiSSA/OLoRA/LoftQ, "
+        "(in this process, or in each Ray worker; 1: one at a time). A trial the pack cannot hold (DoRA, PiSSA/OLoRA/LoftQ, "
         "other target modules or base, gradient checkpointing) runs alone. See docs/search.md#packed-trials.",
     )
 
@@ -242,8 +243,6 @@ class SearchConfig(Section):
     def _pack_alone(self) -> SearchConfig:
         if self.pack == 1:
             return self
-        if self.executor == "ray":
-            raise ValueError("pack: packed trials run under search.executor: local (not yet on Ray workers)")
         memory = [c.metric for c in self.outcome_constraints if c.metric in MEMORY_METRICS]
         if memory:
             raise ValueError(

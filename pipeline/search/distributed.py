@@ -45,10 +45,12 @@ from pipeline.config import PipelineConfig
 from pipeline.device import quiet_libraries, use_cpu_threads
 from pipeline.errors import PipelineError, one_line
 from pipeline.events import EvalEvent, EvalHook
+from pipeline.packing import Pack
 from pipeline.resources import Resources
 from pipeline.resume import in_store
 from pipeline.search.executor import JobOutcome, TrialJob, run_job
 from pipeline.search.mailbox import Reports
+from pipeline.search.packed import run_in_pack
 
 INSTALL = "search.executor: ray needs Ray: pip install -e '.[distributed]'"
 POLL_S = 1.0  # how often the driver looks up from waiting (Ctrl-C, a spent budget)
@@ -76,7 +78,7 @@ def absolute_store_uri(uri: str) -> str:
 class _Worker:
     """One Ray actor: trial after trial, sharing its tokenizer, data and base model."""
 
-    def __init__(self, worker_id: str, env: dict[str, str], cwd: str, threads: int) -> None:
+    def __init__(self, worker_id: str, env: dict[str, str], cwd: str, threads: int, pack: int = 1) -> None:
         outer_run.hide_driver_env()
         os.environ.update(env)
         if os.path.isdir(cwd):  # relative paths in the config mean what they mean to the driver
@@ -85,6 +87,8 @@ class _Worker:
         quiet_libraries()  # several workers share one console
         self.worker_id = worker_id
         self.resources = Resources()
+        # search.pack > 1: up to `pack` calls at once (a threaded actor), trained as one pack.
+        self.pack = Pack(pack) if pack > 1 else None
 
     def where(self) -> tuple[int, str]:
         return os.getpid(), socket.gethostname()
@@ -101,7 +105,11 @@ class _Worker:
             names.TRIAL_WORKER_HOST: socket.gethostname(),
         }
         job = replace(job, spec=replace(job.spec, tags={**job.spec.tags, **me}))
-        outcome = run_job(job, self.resources, on_eval if streams else None, quiet=True)
+        if self.pack is not None:
+            ask = on_eval if streams else None
+            outcome = run_in_pack(self.pack, job, self.resources, ask, name=f"{self.worker_id}.")
+        else:
+            outcome = run_job(job, self.resources, on_eval if streams else None, quiet=True)
         if outcome.run_id:
             with contextlib.suppress(Exception):  # a tag must not cost the trial
                 tracking.tag_run(outcome.run_id, {names.TRIAL_WORKER_BASE_LOADS: self.resources.base_loads})
@@ -145,6 +153,7 @@ class _Flight:
     on_eval: EvalHook | None
     started: float
     handoffs: int = 0  # times its trial was continued on a new worker after its worker died
+    actor: Any = None  # the worker it was sent to
 
 
 class RayExecutor:
@@ -175,15 +184,17 @@ class RayExecutor:
                 "MLFLOW_TRACKING_URI (or tracking.tracking_uri) at it"
             )
         self.workers, self.gpus, self.cpus = _plan(search, ray.cluster_resources(), self.close)
+        self.pack = search.pack
         # search.budget_gpu_hours counts a trial's time on each GPU it holds (a CPU trial: one device).
-        self.devices_per_trial = max(1, math.ceil(self.gpus))
+        # Packed trials share their worker's devices.
+        self.devices_per_trial = max(1, math.ceil(self.gpus)) / search.pack
         self.env = {"MLFLOW_TRACKING_URI": uri}
         self.env.update({k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_"))})
         self.reports = ray.remote(num_cpus=0)(Reports).remote()
         # Workers start now: their imports overlap the driver's set-up and the parent run. They
         # touch the store only when their first job comes, after the parent run made the schema.
         self.slots = [self._start_worker(i) for i in range(self.workers)]
-        self.free = list(range(self.workers))
+        self.free = [w for w in range(self.workers) for _ in range(search.pack)]  # a place per trial
         self.flights = itertools.count()
         self._take: Any = None
         console.say(
@@ -203,8 +214,9 @@ class RayExecutor:
         flight = next(self.flights)
         # A worker's disk may not outlive it: its checkpoints go to the tracking store too.
         job = replace(job, spec=replace(job.spec, checkpoint_store=True))
-        ref = self.slots[slot].run.remote(job, self.reports, flight, on_eval is not None)
-        self.running[ref] = _Flight(flight, slot, job, on_eval, time.perf_counter(), handoffs)
+        actor = self.slots[slot]
+        ref = actor.run.remote(job, self.reports, flight, on_eval is not None)
+        self.running[ref] = _Flight(flight, slot, job, on_eval, time.perf_counter(), handoffs, actor)
 
     def wait_any(self) -> JobOutcome:
         """The next job to end; meanwhile answer the workers' evaluations (the driver's thread is
@@ -247,9 +259,11 @@ class RayExecutor:
 
     def _start_worker(self, slot: int) -> Any:
         options: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_restarts": 0}
+        if self.pack > 1:
+            options["max_concurrency"] = self.pack
         actor = self.ray.remote(**options)(_Worker)
         threads = max(1, int(self.cpus))
-        return actor.remote(f"w{slot + 1}", self.env, os.getcwd(), threads)
+        return actor.remote(f"w{slot + 1}", self.env, os.getcwd(), threads, self.pack)
 
     def _answer(self, items: list[tuple[Any, EvalEvent]]) -> None:
         for key, event in items:
@@ -266,7 +280,8 @@ class RayExecutor:
             outcome = ray.get(ref)
         except ray.exceptions.RayActorError as e:
             # The worker process died mid-trial: nobody else will end its run.
-            self.slots[flight.slot] = None  # the next job in this slot starts a new worker
+            if self.slots[flight.slot] is flight.actor:  # (its pack's other trials die with it)
+                self.slots[flight.slot] = None  # the next job in this slot starts a new worker
             cause = one_line(str(e).splitlines()[0] if str(e) else type(e).__name__, 200)
             reason = f"worker w{flight.slot + 1} died mid-trial ({type(e).__name__}: {cause})"
             if self._hand_over(flight, reason):
@@ -301,6 +316,8 @@ class RayExecutor:
         """The run the flight's worker left RUNNING, if any (at most one per worker)."""
         parent, worker = flight.job.spec.parent_run_id, f"w{flight.slot + 1}"
         left = [r for r in tracking.running_children(parent) if r.tags.get(names.TRIAL_WORKER) == worker]
+        if self.pack > 1:  # a packed worker runs several: this flight's is the one of its name
+            left = [r for r in left if r.name == flight.job.spec.name]
         return left[0].run_id if left else None
 
     def _end_runs(self, flight: _Flight, status: str, reason: str) -> str | None:

@@ -48,7 +48,6 @@ class PackedExecutor:
         self.running: dict[int, threading.Thread] = {}
         self.key: tuple | None = None  # what the running trials share
         self.alone = False  # the running trial is one the pack cannot hold
-        self.packs = 0  # pack ids, for the runs' trial.pack tags
         self.driver = object()  # this thread's place in the turns
         self.limit_gb = packing.memory_limit_gb()
         self.pack.enter(self.driver)
@@ -72,12 +71,14 @@ class PackedExecutor:
             message = self.messages.get()
             self.pack.enter(self.driver)
             if message[0] == "eval":
-                _, event, on_eval, answer = message
+                _, event, on_eval, answer, answered = message
                 try:
                     answer.append(bool(on_eval(event)) if on_eval is not None else False)
                 except BaseException:
                     answer.append(True)  # the search is going down: the trial stops
                     raise
+                finally:
+                    answered.set()
                 continue
             _, index, outcome = message
             self.running.pop(index).join()
@@ -98,6 +99,7 @@ class PackedExecutor:
             self.pack.enter(self.driver)
             if message[0] == "eval":
                 message[3].append(True)
+                message[4].set()
             else:
                 self.running.pop(message[1]).join()
         self.alone = False
@@ -106,58 +108,85 @@ class PackedExecutor:
         """Start the waiting jobs the pack can take now (an unpackable one when it is empty)."""
         while self.waiting and len(self.running) < max(1, min(self.size, self.pack.size)):
             job, on_eval = self.waiting[0]
-            try:
-                config = with_overrides(job.base, job.parameters) if job.parameters else job.base
-                reason, key = packing.unpackable(config), packing.pack_key(config)
-            except Exception:  # run_job reports the bad parameters as the trial's failure
-                reason, key = None, None
+            reason, key = _packing(job)
             if self.running and (reason is not None or self.alone or key != self.key):
                 return  # runs once the pack has drained
             if not self.running:
-                self.packs += 1
                 self.key = key
             self.waiting.popleft()
-            if reason is not None:
-                console.say(f"trial {job.index} runs alone, not packed: {reason}")
-                self.alone = True
+            self.alone = reason is not None
             thread = threading.Thread(
                 target=self._trial,
-                args=(job, on_eval, reason is None),
+                args=(job, on_eval),
                 name=f"trial-{job.index}",
                 daemon=True,
             )
             self.running[job.index] = thread
             thread.start()
 
-    def _trial(self, job: TrialJob, on_eval: EvalHook | None, packed: bool) -> None:
-        """A trial's thread: its turn, its run, its outcome to the search's thread."""
-        owner: Any = self.pack.join() if packed else object()
-        self.pack.enter(owner)
+    def _trial(self, job: TrialJob, on_eval: EvalHook | None) -> None:
+        """A trial's thread: its run in the pack, its outcome to the search's thread."""
         outcome: JobOutcome | None = None
         try:
-            tags = {names.TRIAL_PACK: self.packs}
-            if packed:
-                tags[names.TRIAL_PACK_SLOT] = owner.number
-            job = replace(job, spec=replace(job.spec, tags={**job.spec.tags, **tags}))
-            # No progress bars: several trials step at once (the loop prints a line per trial).
-            relay = self._relay(owner, on_eval) if on_eval else None
-            outcome = run_job(job, self.resources, relay, quiet=True)
+            outcome = run_in_pack(self.pack, job, self.resources, self._relay(on_eval) if on_eval else None)
         except BaseException as e:  # run_job reports a trial's own failures; this is ours
             outcome = JobOutcome(job, names.FAILED, reason=f"{type(e).__name__}: {e}", error=e)
         finally:
-            if packed:
-                self.pack.leave(owner)
-            else:
-                self.pack.release(owner)
             self.messages.put(("done", job.index, outcome))
 
-    def _relay(self, owner: Any, on_eval: EvalHook) -> EvalHook:
+    def _relay(self, on_eval: EvalHook) -> EvalHook:
         """An evaluation asks the search's thread (the one owner of Ax) and waits for the answer."""
 
         def ask(event: EvalEvent) -> bool:
             answer: list[bool] = []
-            self.messages.put(("eval", event, on_eval, answer))
-            self.pack.wait(owner, lambda: bool(answer))
+            answered = threading.Event()
+            self.messages.put(("eval", event, on_eval, answer, answered))
+            answered.wait()
             return answer[0]
 
         return ask
+
+
+def run_in_pack(
+    pack: packing.Pack, job: TrialJob, resources: Any, ask: EvalHook | None, name: str = ""
+) -> JobOutcome:
+    """Run a job in this thread as one of the pack's trials (a `PackedExecutor` thread, a Ray
+    worker's call): admitted when the pack can take it, trained with its turn, its runs tagged
+    with the pack (`name` + the pack's number) and its place. An evaluation's question (`ask`,
+    which blocks) waits without the turn."""
+    reason, key = _packing(job)
+    if reason is not None:
+        console.say(f"trial {job.index} runs alone, not packed: {reason}")
+    pack.admit(key, alone=reason is not None)
+    owner: Any = pack.join() if reason is None else object()
+    pack.enter(owner)
+    try:
+        tags: dict[str, Any] = {names.TRIAL_PACK: f"{name}{pack.generation}"}
+        if reason is None:
+            tags[names.TRIAL_PACK_SLOT] = owner.number
+        job = replace(job, spec=replace(job.spec, tags={**job.spec.tags, **tags}))
+
+        def hook(event: EvalEvent) -> bool:
+            pack.release(owner)
+            try:
+                return bool(ask(event)) if ask is not None else False
+            finally:
+                pack.enter(owner)
+
+        # No progress bars: several trials step at once (the loop prints a line per trial).
+        return run_job(job, resources, hook if ask is not None else None, quiet=True)
+    finally:
+        if reason is None:
+            pack.leave(owner)
+        else:
+            pack.release(owner)
+        pack.discharge()
+
+
+def _packing(job: TrialJob) -> tuple[str | None, tuple | None]:
+    """Why the job cannot share a pack (None: it can), and what its pack shares."""
+    try:
+        config = with_overrides(job.base, job.parameters) if job.parameters else job.base
+    except Exception:  # run_job reports the bad parameters as the trial's failure
+        return None, None
+    return packing.unpackable(config), packing.pack_key(config)

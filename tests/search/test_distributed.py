@@ -468,3 +468,29 @@ def test_mlflow_run_search_with_two_ray_workers_on_sqlite(tmp_path):
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
     assert {r.data.tags[names.TRIAL_WORKER] for r in trials} == {"w1", "w2"}
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.distributed
+def test_a_ray_worker_packs_its_trials(tmp_path):
+    """`search.pack: 2` with one worker: the worker runs two trials at once as one pack; each
+    is its own nested run, tagged with the worker's pack and its place in it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = _overrides(
+        tmp_path,
+        **{
+            "search.workers": 1,
+            "search.pack": 2,
+            "search.early_stopping.enabled": False,
+            "train.max_steps": 8,
+        },
+    )
+    cmd = [*(sys.executable, "-m", "pipeline", "search", "--config", str(DEMO_CONFIG)), "--n-trials", "4"]
+    p = subprocess.run(
+        [*cmd, "--set", sets], cwd=ROOT, env=_env(tmp_path, uri), capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    trials = _trials(_runs(MlflowClient(tracking_uri=uri)))
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    assert {r.data.tags[names.TRIAL_WORKER] for r in trials} == {"w1"}
+    assert {r.data.tags[names.TRIAL_PACK_SLOT] for r in trials} == {"0", "1"}
+    assert all(r.data.tags[names.TRIAL_PACK].startswith("w1.") for r in trials)

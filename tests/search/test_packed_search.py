@@ -1,0 +1,76 @@
+"""`mlflow run . -e search -P set="search.pack=4"`: the demo search with four trials per training
+step. Every trial is still its own nested run (tagged with its pack and slot), the report has the
+same shape as an unpacked search's, and the quasi-random trials, which Ax chooses before it sees
+any data, are the same trials with the same eval losses as in the unpacked search of that seed.
+(From the first BoTorch trial on, Ax sees the packed search's results at other times, with other
+trials pending, so its later candidates differ: docs/search.md#packed-trials.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import names
+from pipeline.search import run_search, search_config
+
+from ..conftest import DEMO_CONFIG, mlflow_run_command, tiny_overrides, venv_env
+
+SOBOL = 4
+
+
+def _values(tmp_path: Path, where: str) -> dict:
+    return {
+        "search.output_dir": str(tmp_path / where),
+        "search.early_stopping.enabled": False,
+        "search.initialization_trials": SOBOL,
+        "registry.model_name": f"packed-{where}",
+        "eval.generation_samples": 2,
+    }
+
+
+def _headings(report: str) -> list[str]:
+    return [line for line in report.splitlines() if re.match(r"#+ ", line)]
+
+
+@pytest.mark.e2e
+def test_a_packed_search_through_mlflow_run(tmp_path):
+    env = venv_env(tmp_path)
+    sets = " ".join(tiny_overrides(tmp_path, **_values(tmp_path, "packed"))) + " search.pack=4"
+    cmd = mlflow_run_command("search", "packed", "n_trials=6", "set=" + sets)
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("packed").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH]
+    trials = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_TRIAL]
+    assert len(trials) == 6
+    for r in trials:
+        assert r.data.tags[names.PARENT_RUN_ID] == parent.info.run_id
+        assert r.info.status == "FINISHED" and r.data.tags[names.TRIAL_PACK] == "1"
+        assert r.data.tags[names.TRIAL_PACK_SLOT] in {"0", "1", "2", "3"}
+        assert client.list_artifacts(r.info.run_id, names.ADAPTER_DIR)
+    report = Path(
+        client.download_artifacts(
+            parent.info.run_id, f"{names.REPORT_DIR}/{names.REPORT_FILE}", str(tmp_path)
+        )
+    ).read_text()
+
+    # The same search unpacked, in this process, into the test's own store.
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    alone = run_search(
+        search_config(str(DEMO_CONFIG), tiny_overrides(tmp_path, **_values(tmp_path, "alone")), n_trials=6),
+        quiet=True,
+    )
+    assert _headings((alone.report_dir / names.REPORT_FILE).read_text()) == _headings(report)
+    by_index = {int(r.data.tags[names.AX_TRIAL_INDEX]): r for r in trials}
+    for record in alone.state.trials[:SOBOL]:
+        packed = by_index[record.index]
+        for key, value in record.parameters.items():
+            assert packed.data.params[key] == str(value), key
+        assert float(packed.data.metrics[names.EVAL_LOSS]) == pytest.approx(record.eval_loss, rel=1e-5)
