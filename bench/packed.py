@@ -78,7 +78,7 @@ def steps(config_path: str, sets: list[str], batches: list[int], pack: int, repe
     resources = Resources()
     base = resources.base_model(config, plan)[0].model
     data, tokenizer = resources.data(config), resources.tokenizer(config)
-    collate = LabelPositions(build_collator("padded", tokenizer, config.data.max_seq_len))
+    collate = LabelPositions(build_collator(config.train.batching, tokenizer, config.data.max_seq_len))
     device = next(base.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

@@ -370,6 +370,10 @@ class Pack:
         return self.peaks[top] + (n - top) * per_trial <= limit_gb
 
 
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
 def memory_in_use_gb() -> float:
     """Memory in use now: allocated on the GPU, else this process's resident set."""
     if torch.cuda.is_available():

@@ -219,3 +219,36 @@ def test_oom_benchmark_smoke(tmp_path):
     lines = _bench(["bench/oom.py", "--seeds", "1", "--trials", "5"], tmp_path)
     assert sum(line.startswith("seed 0 ") and "trials out of memory" in line for line in lines) == 2
     assert lines[-2].lstrip().startswith("learns  : ") and lines[-1].lstrip().startswith("abandons: ")
+
+
+def test_packed_benchmark_smoke(tmp_path):
+    """Both pack sizes search the same trials, to the same best eval loss; the ratio is printed."""
+    lines = _bench(
+        [
+            "bench/packed.py",
+            *(
+                "--packs",
+                "1,2",
+                "--seeds",
+                "0",
+                "--stopping",
+                "off",
+                "--trials",
+                "2",
+                "--out",
+                str(tmp_path / "p.json"),
+            ),
+            *(
+                "--set",
+                "train.max_steps=6",
+                "train.eval_steps=3",
+                "eval.generation_samples=0",
+                "search.method=random",
+            ),
+        ],
+        tmp_path,
+    )
+    rows = [line for line in lines if line.startswith("| off | ")]
+    assert len(rows) == 2 and rows[1].split(" | ")[3].endswith(")")
+    assert rows[0].split(" | ")[4] == rows[1].split(" | ")[4]  # the same best eval loss
+    assert (tmp_path / "p.json").is_file()

@@ -203,3 +203,55 @@ def test_share_weights_shares_tensors_not_modules():
     assert copy[0].weight is layer[0].weight and copy[0] is not layer[0]
     copy._modules["1"] = torch.nn.Identity()
     assert isinstance(layer[1], torch.nn.ReLU)
+
+
+@pytest.mark.slow
+def test_a_packed_search_interrupted_mid_pack_resumes_every_trial(tmp_path, monkeypatch):
+    """Ctrl-C while three trials train in one pack: each run ends KILLED at its checkpoint, and
+    --resume continues all three, packed again, to the eval losses of the uninterrupted search."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import interrupt
+    from pipeline.search import loop, run_search, search_config
+
+    from .search.common import search_overrides
+
+    sets = search_overrides(tmp_path, **{"train.eval_steps": 3, "lora.dropout": 0.1, "search.pack": 3})
+    whole = run_search(search_config(DEMO_CONFIG, sets, n_trials=3), quiet=True)
+    real = loop.Search._on_eval
+
+    def on_eval(self, event):
+        if event.trial == 2 and event.step == 6:
+            interrupt.request_stop()
+        return real(self, event)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(loop.Search, "_on_eval", on_eval)
+        loop.Search(search_config(DEMO_CONFIG, sets, n_trials=3), PackedExecutor(3)).run()
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tests").experiment_id
+    (parent,) = client.search_runs([exp], f"tags.`{names.ROLE}` = 'search' and attributes.status = 'KILLED'")
+    killed = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(killed) == 3 and {r.info.status for r in killed} == {"KILLED"}
+
+    pid = parent.info.run_id
+    resumed = run_search(search_config(DEMO_CONFIG, sets, n_trials=3, resume=pid), resume=pid, quiet=True)
+    assert [t.status for t in resumed.state.trials] == [names.COMPLETED] * 3
+    for a, b in zip(resumed.state.trials, whole.state.trials, strict=True):
+        assert a.index == b.index and a.parameters == b.parameters
+        assert a.eval_loss == pytest.approx(b.eval_loss, rel=LOSS_RTOL)
+    again = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{pid}'")
+    assert {r.info.run_id for r in again} == {r.info.run_id for r in killed}  # each continued in its run
+    assert all(r.data.tags.get(names.TRIAL_RESUMED_FROM_STEP) for r in again)
+
+
+def test_the_executor_admits_no_more_trials_than_the_measured_memory_holds():
+    executor = PackedExecutor(8)
+    executor.limit_gb = 8.0
+    assert executor.idle() == 8  # nothing measured yet
+    executor.pack.peaks = {1: 4.0, 2: 5.5}  # 1.5 GiB per trial on top of the base
+    executor.running = {0: None, 1: None}
+    assert executor.idle() == 1  # a third fits (7.0), a fourth would not (8.5)
+    executor.running = {}
+    executor.limit_gb = 1.0
+    assert executor.idle() == 1  # one trial always runs

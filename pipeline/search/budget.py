@@ -17,7 +17,7 @@ def spent(
     now: float,
     accounted_at: float,
     running: Mapping[int, float],
-    devices_per_trial: int,
+    devices_per_trial: float,
 ) -> str | None:
     """Why the search must stop now (a spent budget), or None. `records.wall_seconds` holds the
     wall time up to the clock value `accounted_at`; `running`: when each job still running

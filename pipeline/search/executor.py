@@ -60,7 +60,7 @@ class JobOutcome:
 class Executor(Protocol):
     """What the search loop needs from wherever trials run."""
 
-    devices_per_trial: int  # what search.budget_gpu_hours counts per trial-second
+    devices_per_trial: float  # what search.budget_gpu_hours counts per trial-second (a packed trial: a share)
 
     def idle(self) -> int:
         """How many more jobs it takes now."""

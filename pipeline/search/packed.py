@@ -51,14 +51,21 @@ class PackedExecutor:
         self.driver = object()  # this thread's place in the turns
         self.limit_gb = packing.memory_limit_gb()
         self.pack.enter(self.driver)
+        if not packing.on_gpu():
+            console.say(
+                f"search.pack {size}: on a CPU the shared steps are arithmetic-bound; packed searches were "
+                "slower than one trial at a time on the demo (docs/benchmarks.md#packed-trials)"
+            )
 
     def idle(self) -> int:
         if self.waiting or self.alone:
             return 0
-        room = min(self.size, self.pack.size)
-        while room > len(self.running) and not self.pack.fits(len(self.running) + 1, self.limit_gb):
-            room -= 1
-        return max(0, room - len(self.running))
+        # As many more as the pack holds and, by the memory measured so far, fits (one at least
+        # when none runs).
+        cap, n = min(self.size, self.pack.size), len(self.running)
+        while n < cap and (n == 0 or self.pack.fits(n + 1, self.limit_gb)):
+            n += 1
+        return n - len(self.running)
 
     def submit(self, job: TrialJob, on_eval: EvalHook | None) -> None:
         self.waiting.append((job, on_eval))
