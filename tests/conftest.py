@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,6 +212,39 @@ def mlflow_run_command(entry_point: str, experiment: str, *params: str) -> list[
     for p in params:
         cmd += ["-P", p]
     return cmd
+
+
+@dataclass
+class SearchRuns:
+    """What `mlflow run . -e search` left in its store: the search run, its trials, its report."""
+
+    client: Any
+    tracking_uri: str
+    parent: Any
+    trials: list
+    report: str  # the search report's markdown
+
+
+def mlflow_search(
+    tmp_path: Path, experiment: str, n_trials: int, sets: str, timeout: int = 1500
+) -> SearchRuns:
+    """`mlflow run . -e search -P n_trials=.. -P set=..` into a fresh store; asserts it succeeds."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import names
+
+    env = venv_env(tmp_path)
+    cmd = mlflow_run_command("search", experiment, f"n_trials={n_trials}", "set=" + sets)
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH]
+    trials = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_TRIAL]
+    path = client.download_artifacts(
+        parent.info.run_id, f"{names.REPORT_DIR}/{names.REPORT_FILE}", str(tmp_path)
+    )
+    return SearchRuns(client, env["MLFLOW_TRACKING_URI"], parent, trials, Path(path).read_text())
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.data import read_records, split_records, to_messages
 from pipeline.errors import PipelineError
 
-from .conftest import DEMO_CONFIG, ROOT, run_cli, tiny_overrides
+from .conftest import DEMO_CONFIG, ROOT, mlflow_search, run_cli, tiny_overrides
 
 TASKS = ROOT / "tasks"
 TASK_FILE = TASKS / "pydoc_mc" / "pydoc_mc.jsonl"
@@ -149,7 +148,6 @@ def test_without_the_harness_a_config_asking_for_it_is_one_line_and_exit_2(tmp_p
 def test_a_search_through_mlflow_run_maximizes_a_task_metric(tmp_path):
     """`mlflow run . -e search` with `lmeval_pydoc_mc_acc` as the objective: every trial scored
     by the harness, the report shows the score of each, the best trial is the highest score."""
-    from .conftest import mlflow_run_command, venv_env
 
     values = {
         "eval.lm_eval.tasks": "[pydoc_mc]",
@@ -160,22 +158,9 @@ def test_a_search_through_mlflow_run_maximizes_a_task_metric(tmp_path):
         "search.early_stopping.enabled": False,
         "registry.model_name": "lmeval-lora",
     }
-    env = venv_env(tmp_path)
-    cmd = mlflow_run_command(
-        "search", "lmeval", "n_trials=3", "set=" + " ".join(tiny_overrides(tmp_path, **values))
-    )
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("lmeval").experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH]
-    trials = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_TRIAL]
+    found = mlflow_search(tmp_path, "lmeval", 3, " ".join(tiny_overrides(tmp_path, **values)), timeout=1200)
+    client, trials, text = found.client, found.trials, found.report
     assert len(trials) == 3 and all("lmeval_pydoc_mc_acc" in r.data.metrics for r in trials)
-    report = client.download_artifacts(
-        parent.info.run_id, f"{names.REPORT_DIR}/{names.REPORT_FILE}", str(tmp_path)
-    )
-    text = Path(report).read_text()
     assert "maximizing `lmeval_pydoc_mc_acc`" in text
     head = next(line for line in text.splitlines() if line.startswith("| Trial |"))
     column = [c.strip() for c in head.strip("|").split("|")].index("lmeval_pydoc_mc_acc")

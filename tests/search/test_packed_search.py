@@ -8,17 +8,15 @@ trials pending, so its later candidates differ: docs/search.md#packed-trials.)""
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline import names
 from pipeline.search import run_search, search_config
 
-from ..conftest import DEMO_CONFIG, mlflow_run_command, tiny_overrides, venv_env
+from ..conftest import DEMO_CONFIG, mlflow_search, tiny_overrides
 
 SOBOL = 4
 
@@ -39,16 +37,9 @@ def _headings(report: str) -> list[str]:
 
 @pytest.mark.e2e
 def test_a_packed_search_through_mlflow_run(tmp_path):
-    env = venv_env(tmp_path)
     sets = " ".join(tiny_overrides(tmp_path, **_values(tmp_path, "packed"))) + " search.pack=4"
-    cmd = mlflow_run_command("search", "packed", "n_trials=6", "set=" + sets)
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("packed").experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH]
-    trials = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_TRIAL]
+    found = mlflow_search(tmp_path, "packed", 6, sets)
+    client, parent, trials, report = found.client, found.parent, found.trials, found.report
     assert len(trials) == 6
     for r in trials:
         assert r.data.tags[names.PARENT_RUN_ID] == parent.info.run_id
@@ -66,7 +57,7 @@ def test_a_packed_search_through_mlflow_run(tmp_path):
     ).read_text()
 
     # The same search unpacked, in this process, into the test's own store.
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(found.tracking_uri)
     alone = run_search(
         search_config(str(DEMO_CONFIG), tiny_overrides(tmp_path, **_values(tmp_path, "alone")), n_trials=6),
         quiet=True,
