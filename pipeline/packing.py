@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
+from accelerate.state import GradientState
 from torch import nn
 
 from pipeline.router import Router, lora_layers_by_path, share_weights
@@ -44,6 +46,7 @@ log = logging.getLogger("pipeline")
 # The LoRA variants whose forward is plain `B(A(dropout(x))) * scaling` on an unchanged base.
 PACKABLE_INITS = ("default", "gaussian", "eva")
 _LOCAL = threading.local()
+_PROCESS = psutil.Process()  # this process, for its resident set after each shared forward
 
 
 def unpackable(config: Any) -> str | None:
@@ -92,16 +95,12 @@ class ThreadState:
     gradient_state: dict[str, Any] | None = None
 
     def capture(self) -> None:
-        from accelerate.state import GradientState
-
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         self.py_rng, self.np_rng = random.getstate(), np.random.get_state()
         self.gradient_state = dict(GradientState._shared_state)
 
     def install(self) -> None:
-        from accelerate.state import GradientState
-
         if self.cpu_rng is None:  # a new thread: its code seeds what it uses
             return
         self.set_torch_rng()
@@ -183,7 +182,6 @@ class Pack:
         self.holder: object | None = None
         self.slots: list[Slot] = []
         self.router: Router | None = None
-        self.routes: list[tuple[Slot, int, int, int]] = []  # (slot, first row, end row, length)
         self.peaks: dict[int, float] = {}  # trials in a forward -> the highest memory seen (GiB)
         self.shared_steps = 0  # forwards that served more than one trial
         # Admission (`admit`): what the trials in the pack share, whether one runs alone, how
@@ -378,17 +376,13 @@ def memory_in_use_gb() -> float:
     """Memory in use now: allocated on the GPU, else this process's resident set."""
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**30
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
+    return _PROCESS.memory_info().rss / 2**30
 
 
 def memory_limit_gb() -> float:
     """What a pack may fill: 90 % of the GPU, else what is in use plus 90 % of what is free."""
     if torch.cuda.is_available():
         return 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
-    import psutil
-
     return memory_in_use_gb() + 0.9 * psutil.virtual_memory().available / 2**30
 
 

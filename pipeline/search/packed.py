@@ -74,9 +74,7 @@ class PackedExecutor:
     def wait_any(self) -> JobOutcome:
         """Serve the trials' evaluations (Ax's early stopping) until one ends; its outcome."""
         while True:
-            self.pack.release(self.driver)
-            message = self.messages.get()
-            self.pack.enter(self.driver)
+            message = self._message()
             if message[0] == "eval":
                 _, event, on_eval, answer, answered = message
                 try:
@@ -101,15 +99,20 @@ class PackedExecutor:
         if self.running:
             interrupt.request_stop()
         while self.running:
-            self.pack.release(self.driver)
-            message = self.messages.get()
-            self.pack.enter(self.driver)
+            message = self._message()
             if message[0] == "eval":
                 message[3].append(True)
                 message[4].set()
             else:
                 self.running.pop(message[1]).join()
         self.alone = False
+
+    def _message(self) -> tuple[Any, ...]:
+        """The next word from a trial's thread, waited for without the turn (taken back after)."""
+        self.pack.release(self.driver)
+        message = self.messages.get()
+        self.pack.enter(self.driver)
+        return message
 
     def _start(self) -> None:
         """Start the waiting jobs the pack can take now (an unpackable one when it is empty)."""
