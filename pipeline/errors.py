@@ -17,7 +17,9 @@ class ConfigError(PipelineError):
         self.source = source
         self.problems = problems
         n = len(problems)
-        head = f"invalid config {source}" + (f" ({n} problems)" if n > 1 else "")
+        # The file is named once: in the head, unless every problem leads with its line.
+        named = all(p.startswith(f"{source}:") for p in problems)
+        head = "invalid config" + ("" if named else f" {source}") + (f" ({n} problems)" if n > 1 else "")
         super().__init__(f"{head}: " + "; ".join(problems))
 
 

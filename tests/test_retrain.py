@@ -283,7 +283,7 @@ def test_bad_retrain_and_generate_input(tmp_path, capsys):
         "model:\n  name_or_path: models/pydoc-llama\ndata:\n  path: data/pydoc_qa.jsonl\nlora:\n  r: -1\n"
     )
     code, _, err = run_cli(["retrain", "--quiet", *sets, "--best-config", str(bad)], capsys)
-    assert code == 2 and f"error: invalid config {bad}: {bad}:6: lora.r" in err
+    assert code == 2 and f"error: invalid config: {bad}:6: lora.r" in err
     assert not MlflowClient().search_registered_models()
 
     code, _, err = run_cli(["generate", "--model", "models:/nobody@champion", "--prompt", "x"], capsys)

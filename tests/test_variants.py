@@ -202,9 +202,10 @@ def test_variant_combinations_peft_refuses_are_config_errors_naming_the_keys(tmp
         "model.load_in_4bit={type: choice, values: [false, true]}",
     )
     assert "lora.init: olora rewrites the base weights" in text and "model.load_in_4bit is true" in text
-    assert "lora.init: loftq fits the adapter to a 4-bit base's quantization error" in text
+    assert "search.parameters.lora.init: value 'loftq': loftq fits the adapter to a 4-bit base" in text
     assert "(a combination search.parameters allows)" in text
-    with pytest.raises(ConfigError, match="pissa_iterations applies to init: pissa"):
+    assert "dependents:" not in text  # lora.init has values that run anywhere: no parent to suggest
+    with pytest.raises(ConfigError, match="lora.pissa_iterations: needs init: pissa"):
         load_config(DEMO_CONFIG, [*tiny_overrides(tmp_path), "lora.pissa_iterations=4"])
     with pytest.raises(ConfigError, match=r"train\.loraplus_lr_ratio"):
         load_config(DEMO_CONFIG, [*tiny_overrides(tmp_path), "train.loraplus_lr_ratio=0.5"])

@@ -10,6 +10,7 @@ key paths, ``train.learning_rate=1e-4``, with values parsed as YAML scalars.
 - ``reference.py``: docs/configuration.md, generated from the fields' descriptions.
 """
 
+from pipeline.config.keys import config_field, value_kind
 from pipeline.config.load import (
     apply_overrides,
     config_fingerprint,
@@ -43,8 +44,6 @@ from pipeline.config.sections import (
     RetrainConfig,
     TrackingConfig,
     TrainConfig,
-    config_field,
-    value_kind,
 )
 
 __all__ = [

@@ -14,29 +14,51 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config.schema import PROBLEM_SEPARATOR, RESULT_SECTIONS, PipelineConfig
-from pipeline.config.sections import config_field
+from pipeline.config import messages
+from pipeline.config.keys import config_field
+from pipeline.config.schema import RESULT_SECTIONS, PipelineConfig
 from pipeline.errors import ConfigError
 
 
-def _line_map(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path of a YAML mapping to its 1-based line, for error messages."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                p = (*path, str(key.value))
-                lines[p] = key.start_mark.line + 1
-                walk(value, p)
-
+def _compose(text: str) -> yaml.Node | None:
     try:
-        root = yaml.compose(text)
+        return yaml.compose(text)
     except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
+        return None
+
+
+def _line_map(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML mapping to its 1-based line (the first, if it repeats)."""
+    lines: dict[tuple[str, ...], int] = {}
+    for path, line in _keys(root, ()):
+        lines.setdefault(path, line)
     return lines
+
+
+def _keys(node: yaml.Node | None, path: tuple[str, ...]) -> Iterable[tuple[tuple[str, ...], int]]:
+    """(key path, 1-based line) of every key of a YAML mapping, at any depth, in file order."""
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            p = (*path, str(key.value))
+            yield p, key.start_mark.line + 1
+            yield from _keys(value, p)
+
+
+def _duplicate_keys(node: yaml.Node | None, source: str, path: tuple[str, ...] = ()) -> list[str]:
+    """`file:line: key.path: defined twice (first at line N)` for every key a mapping repeats:
+    PyYAML keeps the last one silently, so a second `train:` would replace the first."""
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    first: dict[str, int] = {}
+    problems = []
+    for key, value in node.value:
+        name, line = str(key.value), key.start_mark.line + 1
+        if name in first:
+            where = ".".join((*path, name))
+            problems.append(f"{source}:{line}: {where}: defined twice (first at line {first[name]})")
+        first.setdefault(name, line)
+        problems += _duplicate_keys(value, source, (*path, name))
+    return problems
 
 
 def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
@@ -104,49 +126,6 @@ def _override_search_parameter(data: dict, rest: list[str], value: Any) -> None:
         raise ConfigError("--set", [f"search.parameters.{'.'.join(rest)}: a parameter has no nested keys"])
 
 
-def _format_problem(err: Mapping[str, Any], lines: dict, labels: Mapping[str, str], source: str) -> list[str]:
-    """One error of pydantic's as lines `file:line: key.path: message` (or `--set key: message`)."""
-    loc = tuple(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "missing":
-        msg = "required key is missing"
-    else:
-        msg = err["msg"].removeprefix("Value error, ")
-        given = err.get("input")
-        quoted = isinstance(given, str) and repr(given) in msg  # the message names it already
-        if "input" in err and not isinstance(given, dict) and not quoted:
-            msg += f" (got {given!r})"
-    if not loc:
-        # A check across sections: each of its problems is led by the key at fault.
-        out = []
-        for problem in msg.split(PROBLEM_SEPARATOR):
-            key, sep, text = problem.partition(": ")
-            out.append(_place(tuple(key.split(".")), text, lines, labels, source) if sep else problem)
-        return out
-    out = []
-    for problem in msg.split(PROBLEM_SEPARATOR):
-        # A check of a mapping (search.parameters) leads each problem with the entry at fault,
-        # a key of its own in the YAML (`lora.r`, dots and all): point at that entry's line.
-        key, sep, text = problem.partition(": ")
-        if sep and (*loc, key) in lines:
-            out.append(_place((*loc, key), text, lines, labels, source))
-        else:
-            out.append(_place(loc, problem, lines, labels, source))
-    return out
-
-
-def _place(loc: tuple[str, ...], msg: str, lines: dict, labels: Mapping[str, str], source: str) -> str:
-    path = ".".join(loc)
-    if path in labels:
-        return f"{labels[path]}: {msg}"
-    # The line of the deepest key present in the file.
-    for depth in range(len(loc), 0, -1):
-        if loc[:depth] in lines:
-            return f"{source}:{lines[loc[:depth]]}: {path}: {msg}"
-    return f"{path}: {msg}"
-
-
 def validate(
     data: Any, source: str = "<config>", text: str = "", labels: Mapping[str, str] | None = None
 ) -> PipelineConfig:
@@ -159,9 +138,10 @@ def validate(
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        lines = _line_map(text)
-        problems = [p for err in e.errors() for p in _format_problem(err, lines, labels or {}, source)]
-        raise ConfigError(source, problems) from None
+        lines = _line_map(_compose(text))
+        raise ConfigError(
+            source, messages.problems(PipelineConfig, e.errors(), lines, labels or {}, source)
+        ) from None
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = (), search: bool = True) -> PipelineConfig:
@@ -181,6 +161,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), search: bool = 
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(where, [f"not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    repeated = _duplicate_keys(_compose(text), str(path))
+    if repeated:
+        raise ConfigError(str(path), repeated)
     if not search:
         overrides = select_overrides(overrides, "search.", keep=False)
         if isinstance(data, dict):

@@ -6,11 +6,9 @@ loader can point at that key's line in the YAML file.
 
 from __future__ import annotations
 
-import itertools
-from typing import Any
+from pydantic import Field, ValidationError, model_validator
 
-from pydantic import Field, model_validator
-
+from pipeline.config import messages, points
 from pipeline.config.search import SearchConfig
 from pipeline.config.sections import (
     BASE_REWRITING_INITS,
@@ -74,35 +72,34 @@ class PipelineConfig(Section):
             )
         problems += self.variant_problems()
         problems += self.unavailable_metrics()
+        if not problems and self.search is not None:
+            problems += self.space_problems(_validation_problems)
         if problems:
             raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
 
     def variant_problems(self) -> list[str]:
-        """LoRA variants PEFT refuses with this base, for the config and for every combination of
-        values a search may give them, so that `config check` finds them, not trial 7."""
-        searched = self.search.parameters if self.search is not None else {}
-        keys = ("lora.init", "model.load_in_4bit")
+        """LoRA variants PEFT refuses with this base (the values a search allows are checked the
+        same way, as trial configs: `space_problems`), so that `config check` finds them, not trial 7."""
+        init, four_bit = self.lora.init, self.model.load_in_4bit
+        if init in BASE_REWRITING_INITS and four_bit:
+            return [
+                f"lora.init: {init} rewrites the base weights, which PEFT does only on an unquantized "
+                "base, and model.load_in_4bit is true (4-bit: use init loftq)"
+            ]
+        if init == "loftq" and not four_bit:
+            return [
+                "lora.init: loftq fits the adapter to a 4-bit base's quantization error, and "
+                "model.load_in_4bit is false"
+            ]
+        return []
 
-        def values(key: str) -> list[Any]:
-            section, name = key.split(".")
-            spec = searched.get(key)
-            return spec.choices() if spec is not None else [getattr(getattr(self, section), name)]
-
-        problems = []
-        for init, four_bit in itertools.product(*(values(k) for k in keys)):
-            where = " (a combination search.parameters allows)" if any(k in searched for k in keys) else ""
-            if init in BASE_REWRITING_INITS and four_bit:
-                problems.append(
-                    f"lora.init: {init} rewrites the base weights, which PEFT does only on an unquantized "
-                    f"base, and model.load_in_4bit is true{where} (4-bit: use init loftq)"
-                )
-            elif init == "loftq" and not four_bit:
-                problems.append(
-                    f"lora.init: loftq fits the adapter to a 4-bit base's quantization error, and "
-                    f"model.load_in_4bit is false{where}"
-                )
-        return list(dict.fromkeys(problems))
+    def space_problems(self, check: points.Check) -> list[str]:
+        """What `check` (a trial config's dict -> its problems) finds at the points of the search
+        space (`points.py`): every value it allows, and every pair, as a trial would get them."""
+        search = self.search
+        base = self.model_dump(mode="json", exclude={"search"})
+        return points.problems(base, search.parameters, search.parents(), search.constraints, check)
 
     def unavailable_metrics(self, cuda: bool | None = None) -> list[str]:
         """Objectives and outcome constraints on a metric no trial of this config would log, each
@@ -148,3 +145,12 @@ class PipelineConfig(Section):
                     "here would log it (drop it, or run the search on a GPU)"
                 )
         return problems
+
+
+def _validation_problems(data: dict) -> list[str]:
+    """A trial config's problems as plain lines (`lora.init: must be one of ...`)."""
+    try:
+        PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        return messages.problems(PipelineConfig, e.errors(), {}, {}, "")
+    return []

@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from pipeline.config.keys import config_field, value_kind
 from pipeline.config.parameters import ParameterSpec, dependency_problems
-from pipeline.config.sections import PROBLEM_SEPARATOR, Section, config_field, value_kind
+from pipeline.config.sections import PROBLEM_SEPARATOR, Section
 from pipeline.names import MEMORY_METRICS, is_trial_metric
 
 
@@ -41,6 +42,12 @@ class OutcomeConstraint(Section):
     @model_validator(mode="before")
     @classmethod
     def _parse(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not set(data) <= set(cls.model_fields):
+            # `{peak_rss_gb: 8}`: a bound written as a mapping; say how it is written instead.
+            metric, bound = next(iter(data.items()))
+            raise ValueError(
+                f"write a constraint as text, e.g. '{metric} <= {bound}' (`metric <= number` or `metric >= number`), not a mapping"
+            )
         if not isinstance(data, str):
             return data
         m = CONSTRAINT.fullmatch(data)
@@ -163,7 +170,12 @@ class SearchConfig(Section):
     )
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     max_failure_rate: float = Field(
-        0.5, gt=0, le=1, description="Stop the search when this share of at least 3 trials failed."
+        0.5,
+        gt=0,
+        le=1,
+        description="Stop the search (exit 1, nothing registered) when this share of its trials failed: "
+        "from 3 trials on, or from the first while no trial has a score (out-of-memory trials alone: "
+        "from 3 on). A search whose every trial failed fails too.",
     )
     budget_minutes: float | None = Field(
         None,

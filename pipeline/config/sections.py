@@ -8,6 +8,7 @@ from these classes by `python -m pipeline config docs`).
 from __future__ import annotations
 
 import contextlib
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -107,6 +108,9 @@ class LoraConfig(Section):
         "model by the block each linear layer sits in: `all-linear` (every linear layer but the output "
         "head), `attention` (q/k/v/o of Llama, Qwen, Mistral; GPT-2's attn.c_attn/c_proj), `mlp` "
         "(gate/up/down; GPT-2's mlp.c_fc/c_proj). A set is a valid search choice value.",
+        json_schema_extra={
+            "accepts": "all-linear, attention or mlp (a named set), or a list of module names"
+        },
     )
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = Field(
@@ -139,12 +143,17 @@ class LoraConfig(Section):
     def _non_empty(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one module (or be 'all-linear')")
+        sets = [m for m in v if m in typing.get_args(ModuleSet)] if isinstance(v, list) else []
+        if sets:
+            raise ValueError(
+                f"{v!r} puts the named set {sets[0]} in a list: write `target_modules: {sets[0]}`"
+            )
         return v
 
     @model_validator(mode="after")
     def _init_options(self) -> LoraConfig:
         if self.pissa_iterations is not None and self.init != "pissa":
-            raise ValueError(f"pissa_iterations applies to init: pissa (init is {self.init!r})")
+            raise ValueError(f"pissa_iterations: needs init: pissa (init is {self.init!r})")
         return self
 
     @model_validator(mode="before")
@@ -356,45 +365,3 @@ SECTIONS: dict[str, type[Section]] = {
     "registry": RegistryConfig,
     "retrain": RetrainConfig,
 }
-
-
-def config_field(path: str) -> Any | None:
-    """The pydantic field at a dotted key path of the config (leaf values, not of the search
-    section), or None. What a search dimension may vary."""
-    parts = path.split(".")
-    model: Any = SECTIONS.get(parts[0])
-    if model is None or len(parts) < 2:
-        return None
-    for i, part in enumerate(parts[1:], 1):
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return None
-        field = fields[part]
-        if i == len(parts) - 1:
-            return (
-                None
-                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-                else field
-            )
-        model = field.annotation
-    return None
-
-
-def value_kind(path: str, values: list[Any]) -> Literal["int", "float", "bool", "str"]:
-    """The type of the config key at `path` (int, float, bool or str), from its field's
-    annotation, else from the values a search gives it."""
-    field = config_field(path)
-    annotation = field.annotation if field is not None else None
-    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-    if args and all(isinstance(a, type) for a in args):
-        annotation = args[0]
-    for kind, name in ((bool, "bool"), (int, "int"), (float, "float")):
-        if annotation is kind:
-            return name  # type: ignore[return-value]
-    if all(isinstance(v, bool) for v in values):
-        return "bool"
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return "int"
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return "float"
-    return "str"
