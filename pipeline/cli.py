@@ -288,7 +288,7 @@ def config_check(paths: tuple[str, ...]) -> None:
             continue
         from pipeline.device import cannot_run_here  # torch: only once a file is valid
 
-        for problem in cannot_run_here(config):
+        for problem in cannot_run_here(config, space=True):
             click.echo(f"warning: {path}: on this machine: {problem}", err=True)
     if failed:
         raise SystemExit(USER_ERROR_EXIT_CODE)

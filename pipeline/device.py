@@ -229,13 +229,26 @@ def hardware() -> dict[str, str]:
     return info
 
 
-def cannot_run_here(config: PipelineConfig) -> list[str]:
+def cannot_run_here(config: PipelineConfig, space: bool = False) -> list[str]:
     """What of a valid config this machine cannot do, each led by its key: a GPU-only setting
-    without CUDA, an objective or constraint on a metric no trial here would log. `config check`
-    prints these as warnings (the file may be meant for another machine); the search refuses
-    the metrics before its run exists, the device plan the settings before a trial loads."""
+    without CUDA, an objective or constraint on a metric no trial here would log; with `space`,
+    also at every point of its search space (`search.parameters.train.precision: value 'fp16':
+    ...`). `config check` prints these as warnings (the file may be meant for another machine);
+    a local search refuses them before its run exists, the device plan before a trial loads."""
     try:
         plan = plan_device(config.model, config.train)
     except ModelError as e:
         return [str(e)]
-    return config.unavailable_metrics(cuda=plan.device == "cuda")
+    problems = config.unavailable_metrics(cuda=plan.device == "cuda")
+    if space and not problems and config.search is not None:
+        problems = config.space_problems(_trial_cannot_run_here)
+    return problems
+
+
+def _trial_cannot_run_here(data: dict) -> list[str]:
+    """What this machine cannot do of a trial's config (its values were validated at load)."""
+    try:
+        trial = PipelineConfig.model_validate(data)
+    except ValueError:
+        return []  # the config's own problems: reported when it was loaded
+    return cannot_run_here(trial)

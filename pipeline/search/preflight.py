@@ -55,6 +55,7 @@ def check_before_run(config: PipelineConfig, resume: str | None = None) -> None:
         warm.check_sources(config)
     if config.search.executor == "local":
         # Ray workers may have the GPU a driver lacks: their trials are checked as they finish.
-        problems = cannot_run_here(config)
+        # Here, every value the space allows is checked too (fp16 on a CPU would fail its trials).
+        problems = cannot_run_here(config, space=True)
         if problems:
             raise PipelineError("; ".join(problems))
