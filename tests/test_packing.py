@@ -24,7 +24,7 @@ from pipeline.search.executor import TrialJob, run_job
 from pipeline.search.packed import PackedExecutor
 from pipeline.trial import RunSpec
 
-from .conftest import DEMO_CONFIG, tiny_overrides
+from .conftest import DEMO_CONFIG, ROOT, tiny_overrides
 
 # Rank, alpha, learning rate and batch size each differ; the demo's LoRA dropout (0.05) is on, so
 # each trial's masks must come from its own RNG state.
@@ -255,3 +255,17 @@ def test_the_executor_admits_no_more_trials_than_the_measured_memory_holds():
     executor.running = {}
     executor.limit_gb = 1.0
     assert executor.idle() == 1  # one trial always runs
+
+
+def test_the_docs_say_where_packs_run_as_the_key_does():
+    """`search.pack`'s description is the one home of where packs run (this process, each Ray
+    worker); docs/search.md links to it and says nothing else. (It once said packing inside a Ray
+    worker was not built, while the key's description and the code had it.)"""
+    from pipeline.config.search import SearchConfig
+
+    assert "each Ray worker" in SearchConfig.model_fields["pack"].description
+    section = (ROOT / "docs" / "search.md").read_text().split("## Packed trials", 1)[1].split("\n## ", 1)[0]
+    assert "[`search.pack`](configuration.md)" in section
+    for sentence in section.replace("\n", " ").split(". "):
+        if "Ray" in sentence:
+            assert "not built" not in sentence and "one trial each" not in sentence, sentence

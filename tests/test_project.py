@@ -131,6 +131,7 @@ STAGES = [
     {"search.outcomes", "search.memory"},
     {"search.space"},
     {"search.journal"},
+    {"search.failure_rate"},
     {"search.interrupted"},
     {"search.budget"},
     {"search.summary"},

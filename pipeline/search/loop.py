@@ -21,7 +21,7 @@ from pipeline.errors import SearchAborted
 from pipeline.events import EvalEvent
 from pipeline.provenance import git_commit, package_versions
 from pipeline.resources import Resources
-from pipeline.search import baseline, budget, interrupted, journal, replicates, warm
+from pipeline.search import baseline, budget, failure_rate, interrupted, journal, replicates, warm
 from pipeline.search.executor import Executor, JobOutcome, TrialJob
 from pipeline.search.finish import SearchResult, finish
 from pipeline.search.journal import (
@@ -124,6 +124,7 @@ class Search:
             self._open(run)
             try:
                 self._steps()
+                failure_rate.require_a_score(self.records.finished())
             except (KeyboardInterrupt, SearchAborted) as e:
                 self.records.stop_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
                 self._kill_pending()
@@ -213,7 +214,7 @@ class Search:
             # between loses nothing: the trial's run has ended with its status and metrics, and
             # resume takes it from there (journal.reconcile).
             self._progress(record, outcome.where)
-            self._check_failure_rate()
+            failure_rate.check(self.records.finished(), self.search.max_failure_rate)
             if self.optimizer.broken:
                 raise SearchAborted(f"search stopped: {self.optimizer.broken}")
 
@@ -359,15 +360,6 @@ class Search:
 
     def _mark_killed(self, record: TrialRecord) -> None:
         interrupted.mark_killed(self.config, self.records, self.optimizer, record)
-
-    def _check_failure_rate(self) -> None:
-        done = self.records.finished()
-        bad = [t for t in done if t.status in (FAILED, ABANDONED)]
-        if len(done) >= 3 and len(bad) / len(done) >= self.search.max_failure_rate:
-            raise SearchAborted(
-                f"search stopped: {len(bad)} of {len(done)} trials failed (search.max_failure_rate "
-                f"{self.search.max_failure_rate:g}); last failure: {bad[-1].failure_reason}"
-            )
 
     def _finish(self) -> SearchResult:
         """The end: best trial, summary metrics, best_config.yaml, registry, report."""

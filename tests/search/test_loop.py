@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -129,8 +131,7 @@ def test_failed_nan_and_oom_trials_are_recorded_and_the_search_goes_on(tmp_path,
     assert "Trials without a score" in (result.report_dir / names.REPORT_FILE).read_text()
 
 
-def test_a_search_that_fails_everything_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
-    _poison(monkeypatch, {n: "raise" for n in range(2, 20)})
+def _search_exit(tmp_path, capsys, n_trials: int, *sets: str) -> tuple[int, str]:
     with pytest.raises(SystemExit) as e:
         main(
             [
@@ -138,23 +139,51 @@ def test_a_search_that_fails_everything_stops_with_a_clear_message(tmp_path, mon
                 "--config",
                 str(DEMO_CONFIG),
                 "--n-trials",
-                "8",
+                str(n_trials),
                 "--quiet",
-                *[f"--set={o}" for o in overrides(tmp_path)],
+                *[f"--set={o}" for o in [*overrides(tmp_path), *sets]],
             ]
         )
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert (
-        "error: search stopped: 3 of 3 trials failed (search.max_failure_rate 0.5); last failure: RuntimeError: injected failure"
-        in err
-    )
-    parent = next(
-        r
-        for r in MlflowClient().search_runs([MlflowClient().get_experiment_by_name("tests").experiment_id])
-        if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH
-    )
-    assert parent.info.status == "FAILED"
+    return e.value.code, capsys.readouterr().err
+
+
+def _search_parent():
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    return next(r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_SEARCH)
+
+
+def test_a_search_whose_first_trial_fails_with_no_score_stops_there(tmp_path, monkeypatch, capsys):
+    # Before: the rate applied from 3 trials on, so a space that cannot run spent 3 trials first
+    # (and with max_failure_rate 1.0, all of them, then exited 0 with "best none").
+    _poison(monkeypatch, {n: "raise" for n in range(2, 20)})
+    code, err = _search_exit(tmp_path, capsys, 8)
+    assert code == 1
+    line = next(x for x in err.splitlines() if x.startswith("error:"))
+    assert re.fullmatch(
+        r"error: search stopped: 1 of 1 trials failed \(search.max_failure_rate 0.5\); nothing registered; "
+        r"first failure, trial \d+: RuntimeError: injected failure \(traceback: error.txt of run (\w+), or rerun with -v\)",
+        line,
+    ), line
+    run_id = line.rsplit("of run ", 1)[1].split(",")[0]
+    traceback = Path(MlflowClient().download_artifacts(run_id, names.ERROR_FILE, str(tmp_path))).read_text()
+    assert "RuntimeError: injected failure" in traceback
+    assert _search_parent().info.status == "FAILED"
+    assert not MlflowClient().search_registered_models()
+
+
+def test_a_search_whose_every_trial_failed_exits_non_zero_with_nothing_registered(
+    tmp_path, monkeypatch, capsys
+):
+    # Before: exit 0 and "best none", which a scheduler reads as success. Out-of-memory trials
+    # alone count toward max_failure_rate from 3 trials on (Ax learns from them): the end catches it.
+    _poison(monkeypatch, {2: "oom", 3: "oom"})
+    code, err = _search_exit(tmp_path, capsys, 2)
+    assert code == 1
+    line = next(x for x in err.splitlines() if x.startswith("error:"))
+    assert "error: search stopped: 2 of 2 trials failed and none has a score; nothing registered; " in line
+    assert "first failure, trial" in line and "out of memory" in line, line
+    assert _search_parent().info.status == "FAILED"
     assert not MlflowClient().search_registered_models()
 
 
