@@ -275,7 +275,8 @@ def test_a_value_this_machine_cannot_run_is_refused_before_the_search_run_exists
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
     space = "search.parameters.train.precision={type: choice, values: [fp32, fp16]}"
     code, _, err = run_cli(
-        ["search", "--quiet", *[f"--set={o}" for o in [*tiny_overrides(tmp_path), shlex.quote(space)]]], capsys
+        ["search", "--quiet", *[f"--set={o}" for o in [*tiny_overrides(tmp_path), shlex.quote(space)]]],
+        capsys,
     )
     (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
     assert code == 2
