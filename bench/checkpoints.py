@@ -30,11 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import checkpoint, console, interrupt, names, tracking
+from pipeline import tracking
 from pipeline.config import PipelineConfig, load_config, with_overrides
-from pipeline.errors import TrialInterrupted
-from pipeline.resources import Resources
-from pipeline.trial import RunSpec, run_trial
+from pipeline.core import console, interrupt, names
+from pipeline.core.errors import TrialInterrupted
+from pipeline.training import checkpoint
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import RunSpec, run_trial
 
 SMOL = "configs/smollm2-cpu.yaml"
 
@@ -96,7 +98,7 @@ def cost(tmp: str, seeds: list[int]) -> None:
 
 
 def kills(tmp: str, n: int, seed: int, retrain: bool, steps: int | None, every: int) -> None:
-    from pipeline.callbacks import StreamMetrics
+    from pipeline.training.callbacks import StreamMetrics
 
     rng = random.Random(seed)
     res = Resources()
@@ -151,8 +153,8 @@ def search_kills(tmp: str, n: int, seed: int, trials: int) -> None:
     """The demo search (early stopping on, no replicates) killed `n` times, each time at a random
     optimizer step of whatever trains then (the baseline or a trial), and resumed after each kill
     until it finishes; against the same search never interrupted."""
-    from pipeline.callbacks import StreamMetrics
     from pipeline.search import run_search, search_config
+    from pipeline.training.callbacks import StreamMetrics
 
     # All Sobol: a resumed search's BoTorch proposals differ slightly from an uninterrupted one's
     # whatever happened to its trials (Ax's model fit after reloading its JSON), so only Sobol

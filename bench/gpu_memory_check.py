@@ -33,12 +33,12 @@ def main() -> int:
     import psutil
     import torch
 
-    import pipeline.trial as trial_mod
-    from pipeline import names
+    import pipeline.trial.run as trial_mod
     from pipeline.config import load_config
-    from pipeline.resources import Resources
-    from pipeline.search.executor import TrialJob, run_job
-    from pipeline.trial import setup
+    from pipeline.core import names
+    from pipeline.search.executors.local import TrialJob, run_job
+    from pipeline.trial.resources import Resources
+    from pipeline.trial.run import setup
 
     cuda = torch.cuda.is_available()
     base = load_config(args.config, ["tracking.experiment_name=bench-memory", *common])

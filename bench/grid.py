@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config, with_overrides
-from pipeline.resources import Resources
-from pipeline.serving import discard_local_adapter
-from pipeline.trial import run_trial
+from pipeline.model.adapter import discard_local_adapter
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo search space (configs/demo-cpu.yaml); the learning rate, a log range there, on 5

@@ -17,8 +17,8 @@ import tempfile
 import time
 
 from pipeline.config import load_config, with_overrides
-from pipeline.resources import Resources
-from pipeline.trial import run_trial
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import run_trial
 
 
 def main() -> None:

@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline import console  # noqa: E402
 from pipeline.config import load_config, with_overrides  # noqa: E402
+from pipeline.core import console  # noqa: E402
 
 KEYS = ["lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"]
 
@@ -61,9 +61,9 @@ def seeds_part(args: argparse.Namespace) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-noise-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-    from pipeline.resources import Resources
-    from pipeline.serving import discard_local_adapter
-    from pipeline.trial import run_trial
+    from pipeline.model.adapter import discard_local_adapter
+    from pipeline.trial.resources import Resources
+    from pipeline.trial.run import run_trial
 
     base = with_overrides(
         load_config(args.config),
@@ -149,9 +149,9 @@ class NoisyTable:
 
 
 def replay_part(args: argparse.Namespace) -> None:
+    from pipeline.search.ax.space import Optimizer, build_client
     from pipeline.search.journal import COMPLETED, BaselineRecord, SearchState, TrialRecord
-    from pipeline.search.replicates import choose
-    from pipeline.search.space import Optimizer, build_client
+    from pipeline.search.steps.replicates import choose
 
     noisy = NoisyTable(Path(args.table), Path(args.seeds_table))
     config = load_config(args.config)

@@ -30,7 +30,7 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import console, names  # noqa: E402
+from pipeline.core import console, names  # noqa: E402
 
 GB_PER_RANK_EXAMPLE = 0.1
 CAPACITY_GB = 10.0  # rank x batch > 100 does not fit
@@ -48,8 +48,8 @@ def simulated_gpu() -> Iterator[None]:
     """Trials in this process run on the simulated device described above."""
     import torch
 
-    import pipeline.metrics as metrics
-    import pipeline.trial as trial_mod
+    import pipeline.training.metrics as metrics
+    import pipeline.trial.run as trial_mod
 
     real_train = trial_mod.train
 
@@ -77,7 +77,7 @@ def simulated_gpu() -> Iterator[None]:
 @contextlib.contextmanager
 def abandoning() -> Iterator[None]:
     """The search as before: an OOM trial only abandoned, no rule for larger configurations."""
-    from pipeline.search.space import Optimizer
+    from pipeline.search.ax.space import Optimizer
 
     with (
         mock.patch.object(Optimizer, "out_of_memory", lambda self, i, gb: self.abandon(i) or False),

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 def child(spec: dict) -> dict:
     """One search in this process; what the parent prints."""
-    from pipeline import console
+    from pipeline.core import console
     from pipeline.search import run_search, search_config
 
     console.silence_library_noise(quiet=True)
@@ -65,13 +65,13 @@ def steps(config_path: str, sets: list[str], batches: list[int], pack: int, repe
     no tracking: the arithmetic and per-operation cost only)."""
     import torch
 
-    from pipeline.batching import LabelPositions, build_collator, completion_loss
     from pipeline.config import load_config
-    from pipeline.device import plan_device
-    from pipeline.model import attach_lora
-    from pipeline.packing import ThreadState
-    from pipeline.resources import Resources
-    from pipeline.router import Router, lora_layers_by_path, share_weights
+    from pipeline.data.collate import LabelPositions, build_collator, completion_loss
+    from pipeline.model.device import plan_device
+    from pipeline.model.load import attach_lora
+    from pipeline.training.packing import ThreadState
+    from pipeline.training.router import Router, lora_layers_by_path, share_weights
+    from pipeline.trial.resources import Resources
 
     config = load_config(config_path, sets)
     plan = plan_device(config.model, config.train)

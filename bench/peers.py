@@ -24,11 +24,11 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from pipeline.config import PipelineConfig
-from pipeline.data import IGNORE_INDEX, PreparedData
-from pipeline.device import DevicePlan
-from pipeline.metrics import eval_loss
-from pipeline.model import BaseModel, attach_lora
-from pipeline.train import TrainInputs, train
+from pipeline.data.prepare import IGNORE_INDEX, PreparedData
+from pipeline.model.device import DevicePlan
+from pipeline.model.load import BaseModel, attach_lora
+from pipeline.training.metrics import eval_loss
+from pipeline.training.train import TrainInputs, train
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _eval(model: Any, config: PipelineConfig, plan: DevicePlan, tok: Any, data: 
 
 
 def common_args(config: PipelineConfig, plan: DevicePlan, out: str) -> dict[str, Any]:
-    """TrainingArguments every peer shares with the pipeline (pipeline.train.build_training_args)."""
+    """TrainingArguments every peer shares with the pipeline (pipeline.training.train.build_training_args)."""
     t = config.train
     return dict(
         output_dir=out,

@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import console  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.core import console  # noqa: E402
 
 KEYS = ["lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"]
 Params = dict[str, float]
@@ -76,7 +76,7 @@ class Table:
 
 
 def run_ax(table: Table, config, baseline: Params, seed: int, budget: int, target: float) -> list[float]:
-    from pipeline.search.space import build_client
+    from pipeline.search.ax.space import build_client
 
     search = config.search.model_copy(update={"seed": seed})
     client = build_client(search, name=f"replay-{seed}")
@@ -98,7 +98,7 @@ def run_ax_pending(
     order they started (equal durations). Losses in order of completion; pending=1 is `run_ax`."""
     from collections import deque
 
-    from pipeline.search.space import build_client
+    from pipeline.search.ax.space import build_client
 
     search = config.search.model_copy(update={"seed": seed})
     client = build_client(search, name=f"replay-p{pending}-{seed}")
@@ -123,7 +123,7 @@ def run_ax_warm(
     over the full space with `Optimizer.attach_measured` (the pipeline's own call) before its
     first trial. Returns (the new search's losses, baseline first; the earlier search's losses)."""
     from pipeline.config import with_overrides
-    from pipeline.search.space import Optimizer, build_client
+    from pipeline.search.ax.space import Optimizer, build_client
 
     def search(cfg) -> Optimizer:
         opt = Optimizer(build_client(cfg.search, name=f"replay-warm-{seed}"), cfg)
@@ -167,7 +167,7 @@ def run_ax_early_stopping(
     fixed-step trials) or "examples" (step x batch size: trials of different batch sizes compared
     on the same data seen); `min_progression` is the pipeline's default in that unit."""
     from pipeline.config import with_overrides
-    from pipeline.search.space import build_client, early_stopping_strategy
+    from pipeline.search.ax.space import build_client, early_stopping_strategy
 
     cfg = with_overrides(
         config, {"search.seed": seed, "train.eval_steps": table.curves[table.key(baseline)][0][0]}

@@ -17,11 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import lmeval  # noqa: E402
 from pipeline.config import LmEvalConfig, load_config  # noqa: E402
-from pipeline.device import plan_device  # noqa: E402
-from pipeline.resources import Resources  # noqa: E402
-from pipeline.serving import load_adapter  # noqa: E402
+from pipeline.model.adapter import load_adapter  # noqa: E402
+from pipeline.model.device import plan_device  # noqa: E402
+from pipeline.training import lmeval  # noqa: E402
+from pipeline.trial.resources import Resources  # noqa: E402
 
 
 def scores(model, tokenizer, cfg: LmEvalConfig) -> dict[str, float]:

@@ -30,10 +30,10 @@ from functools import partial
 from peers import Measured, hf_trainer, pipeline_run, trl_sft
 
 from pipeline.config import PipelineConfig, load_config, with_overrides
-from pipeline.data import prepare_data
-from pipeline.device import plan_device
-from pipeline.errors import one_line
-from pipeline.model import BaseModel, load_base_model, load_tokenizer
+from pipeline.core.errors import one_line
+from pipeline.data.prepare import prepare_data
+from pipeline.model.device import plan_device
+from pipeline.model.load import BaseModel, load_base_model, load_tokenizer
 
 DEFAULT = "pipeline default (length_grouped)"
 

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import console  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.core import console  # noqa: E402
 
 
 def spaces(lr: float) -> dict[str, str]:

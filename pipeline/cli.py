@@ -12,10 +12,10 @@ from pathlib import Path
 
 import click
 
-from pipeline import console, names, outer_run
 from pipeline.config import load_config, to_yaml
-from pipeline.errors import USER_ERROR_EXIT_CODE, PipelineError, SearchFinished, TrialFailed
-from pipeline.inputs import check_inputs
+from pipeline.core import console, names, outer_run
+from pipeline.core.errors import USER_ERROR_EXIT_CODE, PipelineError, SearchFinished, TrialFailed
+from pipeline.data.inputs import check_inputs
 
 DEFAULT_CONFIG = "configs/demo-cpu.yaml"
 
@@ -86,7 +86,7 @@ def baseline(config_path: str, overrides: tuple[str, ...], quiet: bool) -> None:
     _setup_logging(quiet)
     config = load_config(config_path, overrides, search=False)  # the baseline does not search
     check_inputs(config)  # before the heavy imports: a bad path answers in a second
-    from pipeline.trial import RunSpec, run_trial
+    from pipeline.trial.run import RunSpec, run_trial
 
     result = run_trial(config, RunSpec(names.ROLE_BASELINE), quiet=quiet)
     parts = [f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("eval_")]
@@ -228,13 +228,13 @@ def generate(model_uri: str, prompts: tuple[str, ...], max_new_tokens: int, conf
 
     tracking.use_store(load_config(config_path).tracking)
     if model_uri.startswith("models:/"):
-        from pipeline import registry
+        from pipeline.registry import versions as registry
 
         answers = registry.load_registered(model_uri).predict(
             list(prompts), params={"max_new_tokens": max_new_tokens}
         )
     else:
-        from pipeline.serving import generate_answers, load_adapter
+        from pipeline.model.adapter import generate_answers, load_adapter
 
         folder = model_uri
         if model_uri.startswith("runs:/"):
@@ -286,7 +286,7 @@ def config_check(paths: tuple[str, ...]) -> None:
             failed += 1
             click.echo(f"error: {e}", err=True)
             continue
-        from pipeline.device import cannot_run_here  # torch: only once a file is valid
+        from pipeline.model.device import cannot_run_here
 
         for problem in cannot_run_here(config, space=True):
             click.echo(f"warning: {path}: on this machine: {problem}", err=True)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import read_records, split_records, to_messages  # noqa: E402
+from pipeline.data.prepare import read_records, split_records, to_messages  # noqa: E402
 
 TASK_DIR = ROOT / "tasks" / "pydoc_mc"
 CHOICES = 4

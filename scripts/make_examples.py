@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.device import cpu_kernels  # noqa: E402
-from pipeline.provenance import package_versions  # noqa: E402
+from pipeline.core.provenance import package_versions  # noqa: E402
+from pipeline.model.device import cpu_kernels  # noqa: E402
 from tests.reproduce import EXAMPLE, summarize  # noqa: E402
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import names, tracking  # noqa: E402
+from pipeline import tracking  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.core import names  # noqa: E402
 from tests import browser  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import outer_run
+from pipeline.core import outer_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "models" / "pydoc-llama"
@@ -30,7 +30,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # (two trainings with a thread per core each slow each other ~10x). Subprocesses keep theirs.
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    torch.set_num_threads(
+        max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    )
 
 
 def in_ci() -> bool:
@@ -237,7 +239,7 @@ def mlflow_search(
     """`mlflow run . -e search -P n_trials=.. -P set=..` into a fresh store; asserts it succeeds."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import names
+    from pipeline.core import names
 
     env = venv_env(tmp_path)
     cmd = mlflow_run_command("search", experiment, f"n_trials={n_trials}", "set=" + sets)
@@ -274,7 +276,7 @@ def trained_logits(monkeypatch):
     """Logits on PROBE of the trained model as it is when run_trial detaches its adapter."""
     import torch
 
-    from pipeline import trial
+    from pipeline.trial import run as trial
 
     captured: dict[str, object] = {}
     real_detach = trial.detach_lora

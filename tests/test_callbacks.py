@@ -1,4 +1,4 @@
-"""Each trainer callback alone (`pipeline/callbacks.py`), driven with the Trainer's own state
+"""Each trainer callback alone (`pipeline/training/callbacks.py`), driven with the Trainer's own state
 objects and no model: what it streams, when it evaluates, when it stops and why."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
-from pipeline import interrupt, names
-from pipeline.callbacks import (
+from pipeline.core import interrupt, names
+from pipeline.core.events import EvalEvent, progression
+from pipeline.training.callbacks import (
     AskToStop,
     EvalResult,
     KeepBest,
@@ -19,8 +20,7 @@ from pipeline.callbacks import (
     StopOnRequest,
     StreamMetrics,
 )
-from pipeline.events import EvalEvent, progression
-from pipeline.metrics import EvalLosses, MemoryMonitor
+from pipeline.training.metrics import EvalLosses, MemoryMonitor
 
 
 def _state(step: int = 0, max_steps: int = 100) -> TrainerState:

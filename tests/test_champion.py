@@ -1,5 +1,5 @@
 """The promotion rule: a champion moves only when the challenger is better beyond doubt
-(`pipeline/champion.py`)."""
+(`pipeline/registry/gate.py`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import statistics
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, registry, tracking
+from pipeline import tracking
 from pipeline.config import with_overrides
-from pipeline.resources import Resources
-from pipeline.trial import run_trial
+from pipeline.core import names
+from pipeline.registry import versions as registry
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import run_trial
 
 
 def _train(config, res, **values):

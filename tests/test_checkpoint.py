@@ -11,11 +11,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, interrupt, names
 from pipeline.config import with_overrides
-from pipeline.errors import TrialInterrupted
-from pipeline.resources import Resources
-from pipeline.trial import RunSpec, run_trial
+from pipeline.core import interrupt, names
+from pipeline.core.errors import TrialInterrupted
+from pipeline.training import checkpoint
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import RunSpec, run_trial
 
 
 def _adapter(result) -> dict[str, torch.Tensor]:

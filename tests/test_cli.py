@@ -174,7 +174,7 @@ def test_bad_input_answers_before_the_heavy_imports(tmp_path):
 def test_a_failed_trial_keeps_its_traceback(tmp_path, capsys, monkeypatch):
     """A failure while training: one line that says where the traceback is, the traceback as
     the run's error.txt, and on stderr with -v."""
-    from pipeline import trial
+    from pipeline.trial import run as trial
 
     def broken_train(*args, **kwargs):
         raise RuntimeError("a view of a leaf Variable that requires grad is used in an in-place op")

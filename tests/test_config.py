@@ -21,7 +21,7 @@ from pipeline.config import (
     validate,
     with_overrides,
 )
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 from .conftest import DEMO_CONFIG, ROOT, tiny_overrides
 

@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from pipeline.batching import build_collator
 from pipeline.config import DataConfig
-from pipeline.data import (
+from pipeline.core.errors import DataError
+from pipeline.data.collate import build_collator
+from pipeline.data.prepare import (
     FALLBACK_CHAT_TEMPLATE,
     IGNORE_INDEX,
     prepare_data,
@@ -18,7 +19,6 @@ from pipeline.data import (
     split_records,
     tokenize_example,
 )
-from pipeline.errors import DataError
 
 from .conftest import DEMO_DATA
 
@@ -68,7 +68,7 @@ def test_alpaca_masks_the_prompt(tok, tmp_path):
 
 
 def test_alpaca_input_field_goes_into_the_prompt(tok):
-    from pipeline.data import Record, to_messages
+    from pipeline.data.prepare import Record, to_messages
 
     msgs = to_messages(Record(ALPACA[0], "x:1"), DataConfig(path="x"))
     assert msgs[0] == {"role": "user", "content": "What does `mod.f0` do?\n\ncontext"}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
 from pipeline.config import load_config
-from pipeline.data import prepare_data
+from pipeline.core import names
+from pipeline.data.prepare import prepare_data
 
 from .conftest import DEMO_CONFIG, mlflow_run_command, tiny_overrides, venv_env
 

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 from .conftest import DEMO_CONFIG, ROOT, run_cli, tiny_overrides, venv_env
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import lmeval, names
 from pipeline.config import load_config
-from pipeline.data import read_records, split_records, to_messages
-from pipeline.errors import PipelineError
+from pipeline.core import names
+from pipeline.core.errors import PipelineError
+from pipeline.data.prepare import read_records, split_records, to_messages
+from pipeline.training import lmeval
 
 from .conftest import DEMO_CONFIG, ROOT, mlflow_search, run_cli, tiny_overrides
 
@@ -93,7 +94,7 @@ def test_the_shipped_task_is_current_and_built_from_the_eval_split_only():
 @pytest.mark.slow
 @pytest.mark.lmeval
 def test_a_trial_logs_task_metrics_from_its_trained_model(tmp_path):
-    from pipeline.trial import RunSpec, run_trial
+    from pipeline.trial.run import RunSpec, run_trial
 
     lm = {
         "eval.lm_eval.tasks": "[pydoc_mc]",

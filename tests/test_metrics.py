@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from pipeline import names
-from pipeline.errors import PipelineError
-from pipeline.metrics import (
+from pipeline.core import names
+from pipeline.core.errors import PipelineError
+from pipeline.training.metrics import (
     MemoryMonitor,
     eval_losses,
     generation_scores,
@@ -17,7 +17,7 @@ from pipeline.metrics import (
     perplexity,
     process_peak_rss_gb,
 )
-from pipeline.resources import Resources
+from pipeline.trial.resources import Resources
 
 
 class FakeCuda:
@@ -115,7 +115,7 @@ def test_generation_leaves_the_tokenizer_as_it_was(tmp_path):
     """A tokenizer saved after generating must still load right-padded (for training)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.metrics import generate
+    from pipeline.model.adapter import generate
 
     from .conftest import DEMO_MODEL
 
@@ -132,7 +132,7 @@ def test_generation_leaves_the_tokenizer_as_it_was(tmp_path):
 def test_per_example_eval_losses_add_up_to_the_eval_loss(tiny_config):
     res = Resources()
     data, model = res.data(tiny_config), None
-    from pipeline.device import plan_device
+    from pipeline.model.device import plan_device
 
     base, _ = res.base_model(tiny_config, plan_device(tiny_config.model, tiny_config.train))
     model = base.model
@@ -147,8 +147,8 @@ def test_per_example_eval_losses_add_up_to_the_eval_loss(tiny_config):
 def test_memory_peaks_are_the_trials_own_and_every_devices():
     """Peaks are reset per trial after the allocator's cache is emptied (else the reserved peak
     carries earlier trials' cached blocks), for every visible device, each logged and named."""
-    from pipeline import names
-    from pipeline.metrics import MemoryMonitor, device_tags
+    from pipeline.core import names
+    from pipeline.training.metrics import MemoryMonitor, device_tags
 
     from .test_metrics import FakeCuda
 

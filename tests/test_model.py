@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig
-from pipeline.device import plan_device
-from pipeline.errors import ModelError
-from pipeline.inputs import model_source
-from pipeline.model import (
+from pipeline.core.errors import ModelError
+from pipeline.data.inputs import model_source
+from pipeline.model.device import plan_device
+from pipeline.model.load import (
     attach_lora,
     build_lora_config,
     build_quantization_config,

@@ -16,13 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import names, packing, router
 from pipeline.config import load_config, with_overrides
-from pipeline.errors import ConfigError
-from pipeline.resources import Resources
-from pipeline.search.executor import TrialJob, run_job
-from pipeline.search.packed import PackedExecutor
-from pipeline.trial import RunSpec
+from pipeline.core import names
+from pipeline.core.errors import ConfigError
+from pipeline.search.executors.local import TrialJob, run_job
+from pipeline.search.executors.packed import PackedExecutor
+from pipeline.training import packing, router
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import RunSpec
 
 from .conftest import DEMO_CONFIG, ROOT, tiny_overrides
 
@@ -132,7 +133,7 @@ def test_padded_packs_agree_within_tolerance_and_a_failing_trial_loses_only_itse
 
 
 def test_the_shared_base_is_untouched_by_a_pack(tmp_path):
-    from pipeline.device import plan_device
+    from pipeline.model.device import plan_device
 
     base = _config(tmp_path, **{"train.max_steps": 4, "train.eval_steps": 4})
     resources = Resources()
@@ -211,7 +212,7 @@ def test_a_packed_search_interrupted_mid_pack_resumes_every_trial(tmp_path, monk
     --resume continues all three, packed again, to the eval losses of the uninterrupted search."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import interrupt
+    from pipeline.core import interrupt
     from pipeline.search import loop, run_search, search_config
 
     from .search.common import search_overrides

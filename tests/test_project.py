@@ -83,68 +83,34 @@ def test_configuration_reference_is_current():
     assert doc == reference_markdown(), "regenerate: python -m pipeline config docs > docs/configuration.md"
 
 
-# The stages of the data flow (config -> data -> model -> train -> metrics -> tracking -> search
-# -> registry), as modules import one another: a module may import its own stage or an earlier
-# one, never a later one. Packages other than `search` are one stage each; the search package's
-# modules are stages of their own, in the order its loop uses them.
+# The layers of the data flow, as folders (config -> data -> model -> training -> tracking ->
+# trial -> registry -> search -> retrain): a module may import its own layer or an earlier one,
+# never a later one. Inside `search`, its folders and modules are layers of their own, in the
+# order its loop uses them.
 STAGES = [
-    {
-        "",
-        "names",
-        "errors",
-        "timing",
-        "provenance",
-        "interrupt",
-        "plotting",
-        "console",
-        "events",
-        "outer_run",
-        "files",
-    },  # the foundation
+    {"", "core"},  # the foundation
     {"config"},
-    {"records"},
-    {"stats"},
     {"data"},
-    {"inputs"},
-    {"batching"},
-    {"device"},
-    {"variants"},
     {"model"},
-    {"router"},
-    {"packing"},
-    {"metrics"},
-    {"callbacks"},
-    {"checkpoint"},
-    {"train"},
-    {"lmeval"},
-    {"serving"},
+    {"training"},
     {"tracking"},
-    {"champion"},
-    {"registry"},
-    {"resources"},
-    {"resume"},
-    {"failures"},
     {"trial"},
+    {"registry"},
     {"search.stopping"},
-    {"search.executor"},
-    {"search.packed"},
-    {"search.outcomes", "search.memory"},
-    {"search.space"},
-    {"search.journal"},
+    {"search.executors", "search.executors.local"},
+    {"search.executors.packed"},
+    {"search.ax"},
+    {"search.records", "search.journal"},
     {"search.failure_rate"},
-    {"search.interrupted"},
+    {"search.steps.interrupted"},
     {"search.budget"},
-    {"search.summary"},
-    {"search.replicates"},
-    {"search.evidence"},
-    {"search.plots"},
-    {"search.noise_report"},
+    {"search.report.summary"},
+    {"search.steps.replicates"},
     {"search.report"},
     {"search.finish"},
-    {"search.mailbox"},
-    {"search.distributed"},
-    {"search.baseline"},
-    {"search.warm"},
+    {"search.executors.mailbox"},
+    {"search.executors.ray"},
+    {"search.steps"},
     {"search.preflight"},
     {"search.loop"},
     {"search"},
@@ -152,29 +118,17 @@ STAGES = [
     {"cli", "__main__"},
 ]
 RANK = {module: i for i, stage in enumerate(STAGES) for module in stage}
-# Third-party imports allowed in a few stages only.
-TENSOR_LAYER = {
-    "batching",
-    "packing",
-    "router",
-    "device",
-    "variants",
-    "model",
-    "metrics",
-    "callbacks",
-    "checkpoint",
-    "train",
-    "serving",
-}
+# Third-party imports allowed in a few layers only.
+TENSOR_LAYER = {"data", "model", "training"}
 ONLY_IN = {
     "mlflow": {"tracking", "registry"},
-    "ax": {"search.space"},
-    "ray": {"search.distributed"},
-    "lm_eval": {"lmeval"},
+    "ax": {"search.ax"},
+    "ray": {"search.executors.ray"},
+    "lm_eval": {"training"},
     "torch": TENSOR_LAYER,
     "transformers": TENSOR_LAYER,
-    "peft": {"batching", "variants", "model", "router", "packing", "metrics", "train", "serving"},
-    "bitsandbytes": {"batching", "variants", "model", "metrics", "train", "serving"},
+    "peft": TENSOR_LAYER,
+    "bitsandbytes": TENSOR_LAYER,
 }
 MAX_LINES = 400
 # Reading MLflow's run objects or writing its search filters belongs to tracking and registry.
@@ -184,11 +138,16 @@ MLFLOW_READS = re.compile(
 
 
 def _stage(dotted: str) -> str:
-    """`pipeline.search.loop` -> `search.loop`; `pipeline.config.load` -> `config`; `pipeline` -> ``."""
+    """`pipeline.search.loop` -> `search.loop`; `pipeline.search.steps.warm` -> `search.steps.warm`
+    (or `search.steps` when that is its layer); `pipeline.config.load` -> `config`; `pipeline` -> ``."""
     parts = dotted.split(".")[1:]
     if not parts:
         return ""
     if parts[0] == "search" and len(parts) > 1:
+        for depth in (3, 2):
+            name = ".".join(parts[:depth])
+            if len(parts) >= depth and name in RANK:
+                return name
         return f"search.{parts[1]}"
     return parts[0]
 
@@ -251,21 +210,21 @@ def test_layering_of_the_package():
         for p in (ROOT / "pipeline").rglob("*.py")
         if "evaluate_metrics" not in p.parts  # metric scripts that `evaluate.load` runs, not modules
     }
-    assert "pipeline/search/space.py" in files and "pipeline/tracking/runs.py" in files
+    assert "pipeline/search/ax/space.py" in files and "pipeline/tracking/runs.py" in files
     assert layering_violations(files) == []
 
 
 @pytest.mark.parametrize(
     ("path", "source", "expected"),
     [
-        ("pipeline/data.py", "import mlflow\n", "pipeline/data.py:1: imports mlflow"),
+        ("pipeline/data/prepare.py", "import mlflow\n", "pipeline/data/prepare.py:1: imports mlflow"),
         (
             "pipeline/search/loop.py",
             "x = 1\nfrom ax.api import Client\n",
             "pipeline/search/loop.py:2: imports ax",
         ),
-        ("pipeline/trial.py", "import torch\n", "pipeline/trial.py:1: imports torch"),
-        ("pipeline/search/summary.py", "from pipeline import tracking\n", ""),  # earlier: allowed
+        ("pipeline/trial/run.py", "import torch\n", "pipeline/trial/run.py:1: imports torch"),
+        ("pipeline/search/report/summary.py", "from pipeline import tracking\n", ""),  # earlier: allowed
         (
             "pipeline/config/load.py",
             "def f():\n    from pipeline.trial import run_trial\n",
@@ -282,7 +241,7 @@ def test_layering_of_the_package():
             "best = run.data.tags['search.best_run_id']\n",
             "pipeline/retrain/recipe.py:1: reads an MLflow run or filters runs",
         ),
-        ("pipeline/names.py", "x = 1\n" * (MAX_LINES + 1), "pipeline/names.py: 401 lines"),
+        ("pipeline/core/names.py", "x = 1\n" * (MAX_LINES + 1), "pipeline/core/names.py: 401 lines"),
     ],
 )
 def test_layering_check_catches_what_it_forbids(path, source, expected):

@@ -17,14 +17,14 @@ import warnings
 import pytest
 import torch
 
-from pipeline import names
-from pipeline.batching import build_collator
 from pipeline.config import load_config, with_overrides
-from pipeline.data import prepare_data
-from pipeline.device import plan_device
-from pipeline.errors import ModelError
-from pipeline.metrics import eval_loss
-from pipeline.model import attach_lora, load_base_model, load_tokenizer
+from pipeline.core import names
+from pipeline.core.errors import ModelError
+from pipeline.data.collate import build_collator
+from pipeline.data.prepare import prepare_data
+from pipeline.model.device import plan_device
+from pipeline.model.load import attach_lora, load_base_model, load_tokenizer
+from pipeline.training.metrics import eval_loss
 
 from .conftest import DEMO_CONFIG, ROOT, run_cli, tiny_overrides
 

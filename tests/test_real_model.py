@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
 from pipeline.config import load_config
-from pipeline.trial import run_trial
+from pipeline.core import names
+from pipeline.trial.run import run_trial
 
 from .conftest import ROOT
 
@@ -45,7 +45,7 @@ def test_smollm2_lora_steps_lower_held_out_loss(tmp_path):
     # The adapter, registered, loads back onto the GGUF base through the pyfunc and answers.
     import mlflow
 
-    from pipeline import registry
+    from pipeline.registry import versions as registry
 
     with mlflow.start_run(experiment_id=MlflowClient().get_run(result.run_id).info.experiment_id):
         candidate = registry.Candidate(result.run_id, result.eval_loss, result.eval_fingerprint)

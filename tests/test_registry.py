@@ -9,10 +9,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, registry
 from pipeline.config import with_overrides
-from pipeline.resources import Resources
-from pipeline.trial import run_trial
+from pipeline.core import names
+from pipeline.registry import versions as registry
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import run_trial
 
 
 def champion(version: str, loss: float, fp: str = "fp1", **tags: str):
@@ -205,7 +206,7 @@ def test_a_version_has_a_signature_and_an_input_example_and_answers_any_prompt_f
     list, a DataFrame or a dict."""
     import pandas as pd
 
-    from pipeline import serving
+    from pipeline.model import adapter as serving
 
     result = run_trial(tiny_config, quiet=True)
     loads = []

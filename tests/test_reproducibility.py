@@ -20,11 +20,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
 from pipeline.config import load_config
-from pipeline.device import cpu_kernels
-from pipeline.provenance import package_versions
-from pipeline.resources import NUMERICS_PACKAGES
+from pipeline.core import names
+from pipeline.core.provenance import package_versions
+from pipeline.model.device import cpu_kernels
+from pipeline.trial.resources import NUMERICS_PACKAGES
 
 from .conftest import DEMO_CONFIG, in_ci, mlflow_run_command, venv_env
 from .reproduce import (

@@ -9,12 +9,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, trial
 from pipeline.config import load_config, to_yaml, with_overrides
-from pipeline.metrics import eval_loss
+from pipeline.core import names
 from pipeline.retrain import run_retrain
 from pipeline.search import run_search, search_config
-from pipeline.trial import run_trial
+from pipeline.training.metrics import eval_loss
+from pipeline.trial import run as trial
+from pipeline.trial.run import run_trial
 
 from .conftest import DEMO_CONFIG, PROBE, mlflow_run_command, run_cli, tiny_overrides, venv_env
 
@@ -139,7 +140,7 @@ def test_registered_champion_round_trips_and_generates(tmp_path, trained_logits,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline.registry import download_adapter
+    from pipeline.registry.versions import download_adapter
 
     folder = download_adapter(f"models:/{MODEL}@champion", tmp_path / "dl")
     model_dir = folder.parent.parent
@@ -198,8 +199,8 @@ def test_plateau_stops_training_and_the_best_evaluation_is_restored(tiny_config,
     real_detach = trial.detach_lora
 
     def capture(model):
-        from pipeline.data import prepare_data
-        from pipeline.model import load_tokenizer
+        from pipeline.data.prepare import prepare_data
+        from pipeline.model.load import load_tokenizer
 
         tok = load_tokenizer(config.model)
         data = prepare_data(config.data, tok)
@@ -225,8 +226,9 @@ def test_plateau_stops_training_and_the_best_evaluation_is_restored(tiny_config,
 def test_an_interrupted_retrain_continues_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch):
     """A retrain stopped (SIGTERM) after its evaluation at step 10 and continued with --resume ends
     with the eval-loss curve, the plateau state and the eval loss of one never interrupted."""
-    from pipeline import callbacks, interrupt
-    from pipeline.errors import TrialInterrupted
+    from pipeline.core import interrupt
+    from pipeline.core.errors import TrialInterrupted
+    from pipeline.training import callbacks
 
     best = tmp_path / "best_config.yaml"
     best.write_text(to_yaml(load_config(DEMO_CONFIG, overrides(tmp_path), search=False)))
@@ -288,7 +290,7 @@ def test_bad_retrain_and_generate_input(tmp_path, capsys):
 
     code, _, err = run_cli(["generate", "--model", "models:/nobody@champion", "--prompt", "x"], capsys)
     assert code == 2 and "error: --model: no registered model 'nobody'" in err
-    from pipeline.registry import Candidate, promote
+    from pipeline.registry.versions import Candidate, promote
 
     mlflow.set_experiment("tests")
     with mlflow.start_run():

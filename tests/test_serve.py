@@ -14,8 +14,8 @@ import urllib.request
 import mlflow
 import pytest
 
-from pipeline import registry
-from pipeline.trial import run_trial
+from pipeline.registry import versions as registry
+from pipeline.trial.run import run_trial
 
 from .browser import free_port, stop_group
 from .conftest import venv_env
@@ -95,11 +95,11 @@ def test_load_adapter_uses_the_recorded_dtype_and_places_weights_at_load(tiny_co
 
     import torch
 
-    from pipeline import names
-    from pipeline.device import plan_device
-    from pipeline.model import from_pretrained_kwargs
-    from pipeline.serving import load_adapter
-    from pipeline.trial import run_trial
+    from pipeline.core import names
+    from pipeline.model.adapter import load_adapter
+    from pipeline.model.device import plan_device
+    from pipeline.model.load import from_pretrained_kwargs
+    from pipeline.trial.run import run_trial
 
     result = run_trial(tiny_config, quiet=True)
     reference = result.adapter_dir / names.BASE_REFERENCE_FILE

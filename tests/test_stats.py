@@ -1,4 +1,4 @@
-"""Intervals that pair examples and seeds, and the expected best of k trials (`pipeline/stats.py`)."""
+"""Intervals that pair examples and seeds, and the expected best of k trials (`pipeline/core/stats.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 
-from pipeline.stats import ExampleScores, expected_best, improvement
+from pipeline.core.stats import ExampleScores, expected_best, improvement
 
 
 def _runs(

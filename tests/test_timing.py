@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.timing import PhaseTimer
-from pipeline.trial import run_trial
+from pipeline.core.timing import PhaseTimer
+from pipeline.trial.run import run_trial
 
 
 class FakeClock:

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import names
 from pipeline.config import with_overrides
-from pipeline.data import prepare_data
-from pipeline.device import plan_device
-from pipeline.model import attach_lora, count_parameters, load_base_model, load_tokenizer
-from pipeline.train import TrainInputs, build_training_args, train
+from pipeline.core import names
+from pipeline.data.prepare import prepare_data
+from pipeline.model.device import plan_device
+from pipeline.model.load import attach_lora, count_parameters, load_base_model, load_tokenizer
+from pipeline.training.train import TrainInputs, build_training_args, train
 
 
 def _setup(config):
@@ -110,7 +110,7 @@ def test_padding_free_batches_give_the_padded_loss(tiny_config):
     config = with_overrides(tiny_config, {"data.max_train_examples": 16})
     _plan, tok, data, base = _setup(config)
     model = attach_lora(base.model, config.lora, config.train.seed)
-    from pipeline.batching import build_collator
+    from pipeline.data.collate import build_collator
 
     batch = data.train[:6]
     model.eval()
@@ -128,7 +128,7 @@ def test_flash_attention_padding_free_batches_carry_sequence_lengths(tiny_config
     """With FlashAttention-2 (a GPU kernel: only the batch is checked here) a padding-free batch
     carries the cumulative sequence lengths its variable-length kernel takes; without it, only
     position_ids (what SDPA and eager read)."""
-    from pipeline.batching import build_collator
+    from pipeline.data.collate import build_collator
 
     config = with_overrides(tiny_config, {"data.max_train_examples": 16})
     _plan, tok, data, _base = _setup(config)
@@ -145,7 +145,7 @@ def test_flash_attention_padding_free_batches_carry_sequence_lengths(tiny_config
 def test_logits_only_at_response_positions_give_the_model_loss(tiny_config, batching):
     """The LM head runs only where the next token is a label, and the loss is the model's own:
     same value, normalized by the same token count; a batch with no label gives 0, not NaN."""
-    from pipeline.batching import LabelPositions, build_collator, completion_loss
+    from pipeline.data.collate import LabelPositions, build_collator, completion_loss
 
     config = with_overrides(tiny_config, {"data.max_train_examples": 16})
     _plan, tok, data, base = _setup(config)
@@ -195,7 +195,7 @@ def test_response_only_logits_train_the_same_adapter(tiny_config):
 
 def test_eval_loss_is_token_weighted_whatever_the_batching(tiny_config):
     """Batch composition must not change eval_loss (HF's mean of batch means does change)."""
-    from pipeline.metrics import eval_loss
+    from pipeline.training.metrics import eval_loss
 
     _, tok, data, base = _setup(tiny_config)
     model = attach_lora(base.model, tiny_config.lora, 0)
@@ -249,8 +249,8 @@ def test_a_trial_runs_on_one_gpu_unless_the_config_asks_for_more(tiny_config):
     in its device tag, and train.multi_gpu opts out."""
     from types import SimpleNamespace
 
-    from pipeline.device import plan_device
-    from pipeline.train import pin_to_plan
+    from pipeline.model.device import plan_device
+    from pipeline.training.train import pin_to_plan
 
     plan = plan_device(
         tiny_config.model, tiny_config.train, cuda=True, bf16_supported=True, gpu_name="H100", gpu_count=4
@@ -272,7 +272,7 @@ def test_gradient_checkpointing_is_switched_on_once_on_the_4bit_path(tiny_config
     """peft's 4-bit preparation switches checkpointing on; the Trainer must not do it again."""
     from transformers import PreTrainedModel
 
-    from pipeline.trial import run_trial
+    from pipeline.trial.run import run_trial
 
     calls = []
     real = PreTrainedModel.activation_checkpointing_enable

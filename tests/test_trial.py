@@ -10,12 +10,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
 from pipeline.config import with_overrides
-from pipeline.data import prepare_data
-from pipeline.errors import TrialFailed, TrialInterrupted
-from pipeline.resources import Resources
-from pipeline.trial import run_trial
+from pipeline.core import names
+from pipeline.core.errors import TrialFailed, TrialInterrupted
+from pipeline.data.prepare import prepare_data
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import run_trial
 
 from .conftest import DEMO_DATA, PROBE
 
@@ -162,7 +162,7 @@ def test_reused_base_gives_the_fresh_result(tiny_config):
 
 
 def test_nan_loss_fails_the_run_with_its_reason(tiny_config, monkeypatch):
-    import pipeline.callbacks as callbacks
+    import pipeline.training.callbacks as callbacks
 
     def poisoned(real_on_log):
         def on_log(self, args, state, control, logs=None, **kw):
@@ -200,7 +200,7 @@ def test_huge_learning_rate_diverges_for_real(tiny_config):
 
 
 def test_exception_inside_the_run_ends_it_failed(tiny_config, monkeypatch):
-    import pipeline.trial as trial_mod
+    import pipeline.trial.run as trial_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -220,7 +220,7 @@ def test_interrupt_ends_the_run_killed(tiny_config, monkeypatch, stop):
     """Ctrl-C/SIGTERM, or the process told to exit (Ray ends an orphaned worker with SystemExit
     when its driver dies): the trial was interrupted, not failed by its config, so a resumed
     search runs it again instead of counting a failure."""
-    import pipeline.trial as trial_mod
+    import pipeline.trial.run as trial_mod
 
     def interrupted(*a, **k):
         raise stop
@@ -238,8 +238,8 @@ def test_interrupt_ends_the_run_killed(tiny_config, monkeypatch, stop):
 def test_resources_keep_one_base_per_setting_least_recently_used_out(tiny_config, monkeypatch):
     """A search over model.load_in_4bit alternates two bases: both stay loaded (2 on CPU, 1 on
     a GPU), a third setting pushes out the one used longest ago."""
-    import pipeline.resources as resources_mod
-    from pipeline.device import plan_device
+    import pipeline.trial.resources as resources_mod
+    from pipeline.model.device import plan_device
 
     loads = []
     monkeypatch.setattr(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
+from pipeline.core import names
 from pipeline.retrain import run_retrain
 from pipeline.search import run_search, search_config
 

@@ -10,15 +10,16 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import registry, serving
 from pipeline.config import load_config, with_overrides
-from pipeline.data import prepare_data
-from pipeline.device import plan_device
-from pipeline.errors import ConfigError
-from pipeline.model import attach_lora, detach_lora, load_base_model, load_tokenizer
-from pipeline.train import TrainInputs, init_batches, train
-from pipeline.trial import run_trial
-from pipeline.variants import _targeted, lora_layers, resolve_target_modules
+from pipeline.core.errors import ConfigError
+from pipeline.data.prepare import prepare_data
+from pipeline.model import adapter as serving
+from pipeline.model.device import plan_device
+from pipeline.model.load import attach_lora, detach_lora, load_base_model, load_tokenizer
+from pipeline.model.variants import _targeted, lora_layers, resolve_target_modules
+from pipeline.registry import versions as registry
+from pipeline.training.train import TrainInputs, init_batches, train
+from pipeline.trial.run import run_trial
 
 from .conftest import DEMO_CONFIG, tiny_overrides
 
@@ -152,7 +153,7 @@ def test_loftq_fits_each_layer_to_its_quantization_error(tiny_config):
 
 
 def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(tiny_config):
-    from pipeline.train import _trainer, _training_args
+    from pipeline.training.train import _trainer, _training_args
 
     config = with_overrides(tiny_config, {"train.loraplus_lr_ratio": 8.0, "train.learning_rate": 1e-3})
     job = _job(config)

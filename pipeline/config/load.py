@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from pipeline.config import messages
 from pipeline.config.keys import config_field
 from pipeline.config.schema import RESULT_SECTIONS, PipelineConfig
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 def _compose(text: str) -> yaml.Node | None:

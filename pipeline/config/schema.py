@@ -23,7 +23,7 @@ from pipeline.config.sections import (
     TrackingConfig,
     TrainConfig,
 )
-from pipeline.names import (
+from pipeline.core.names import (
     CUDA_ONLY_METRIC_PREFIX,
     EVAL_LOSS,
     EVAL_PERPLEXITY,

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, field_validator, model_serializer, model
 from pipeline.config.keys import config_field, value_kind
 from pipeline.config.parameters import ParameterSpec, dependency_problems
 from pipeline.config.sections import PROBLEM_SEPARATOR, Section
-from pipeline.names import MEMORY_METRICS, is_trial_metric
+from pipeline.core.names import MEMORY_METRICS, is_trial_metric
 
 
 class ObjectiveSpec(Section):

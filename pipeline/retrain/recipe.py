@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import console, interrupt, names, registry, tracking
+from pipeline import tracking
 from pipeline.config import (
     PipelineConfig,
     apply_overrides,
@@ -28,11 +28,13 @@ from pipeline.config import (
     validate,
     with_overrides,
 )
-from pipeline.errors import PipelineError
-from pipeline.resources import Resources
+from pipeline.core import console, interrupt, names
+from pipeline.core.errors import PipelineError
+from pipeline.core.stats import ExampleScores, Interval, NotComparable, improvement
+from pipeline.registry import versions as registry
 from pipeline.retrain.report import RetrainContext, Row, write_retrain_report
-from pipeline.stats import ExampleScores, Interval, NotComparable, improvement
-from pipeline.trial import RunSpec, TrialResult, run_trial
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import RunSpec, TrialResult, run_trial
 
 
 @dataclass

@@ -7,11 +7,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import names
 from pipeline.config import PipelineConfig
-from pipeline.plotting import plt, save
-from pipeline.search.summary import pct
-from pipeline.stats import Interval
+from pipeline.core import names
+from pipeline.core.plotting import plt, save
+from pipeline.core.stats import Interval
+from pipeline.search.report.summary import pct
 
 
 @dataclass(frozen=True)

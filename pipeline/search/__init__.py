@@ -1,23 +1,14 @@
 """The `search` entry point: Bayesian optimization with Ax, every trial a nested MLflow run.
 
-One job per module, in the order data flows:
+Its folders and modules, from the bottom up (docs/architecture.md draws them):
 
-- `space.py`: config -> Ax; the `Optimizer` (the only module that imports ax);
-- `journal.py`: the search's records, saved atomically, loaded and reconciled on resume;
-- `summary.py`: what the records say (best trial, summary metrics, insights); pure functions;
-- `plots.py`, `report.py`: the report, rendered from the records and the summary;
-- `finish.py`: the end of a search: best trial, summary metrics, best_config.yaml, registry;
-- `budget.py`: the wall-clock and device budgets, as a function of the records and a clock;
-- `replicates.py`, `evidence.py`, `noise_report.py`: seed replicates, the recommendation and its
-  interval, and what the report says of them;
-- `executor.py`: where trials run (`LocalExecutor`: one at a time, in this process);
-- `packed.py`: `PackedExecutor` (`search.pack`): several trials at once over one base (`packing`);
-- `mailbox.py`: the Ray driver's mailbox (workers' evaluations in, stop decisions out);
-- `distributed.py`: `RayExecutor`: trials in parallel on Ray workers, Ax stays in the driver;
-- `baseline.py`: the baseline, reused or trained;
-- `stopping.py`: early stopping as the config plans it (progression unit, whether it can act);
-- `preflight.py`: the final config and the checks made before the search's run exists;
-- `loop.py`: the search itself: ask Ax, hand trials to the executor, feed results back.
+- `stopping.py`: early stopping as the config plans it; `ax/`: config -> Ax, the `Optimizer`
+  (the only folder that imports ax); `journal.py`: the records, saved atomically, reconciled;
+- `failure_rate.py`, `budget.py`: when failures or budgets stop a search;
+- `report/`: what the records say (`summary`), the evidence, the markdown, the plots;
+- `executors/`: where trials run (here, packed, on Ray workers); `steps/`: baseline, warm start,
+  replicates, interrupted trials;
+- `preflight.py`, `finish.py`, `loop.py`: before the run exists, the end, and the search itself.
 """
 
 from __future__ import annotations

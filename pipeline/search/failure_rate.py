@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline import names, tracking
-from pipeline.errors import SearchAborted
+from pipeline import tracking
+from pipeline.core import names
+from pipeline.core.errors import SearchAborted
 from pipeline.search.journal import ABANDONED, FAILED, TrialRecord
 
 MIN_TRIALS = 3  # once a trial has a score: failures count from this many trials on

@@ -7,17 +7,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import console, names, registry, tracking
+from pipeline import tracking
 from pipeline.config import PipelineConfig, config_fingerprint, to_yaml, with_overrides
-from pipeline.device import hardware
-from pipeline.files import write_atomic
-from pipeline.provenance import git_commit, package_versions
-from pipeline.search import evidence
+from pipeline.core import console, names
+from pipeline.core.files import write_atomic
+from pipeline.core.provenance import git_commit, package_versions
+from pipeline.core.timing import PhaseTimer
+from pipeline.model.device import hardware
+from pipeline.registry import versions as registry
+from pipeline.search.ax.space import Optimizer
 from pipeline.search.journal import SearchState, TrialRecord
-from pipeline.search.report import ReportContext, description, write_report
-from pipeline.search.space import Optimizer
-from pipeline.search.summary import best_trial, pareto_front, search_metrics
-from pipeline.timing import PhaseTimer
+from pipeline.search.report import evidence
+from pipeline.search.report.markdown import ReportContext, description, write_report
+from pipeline.search.report.summary import best_trial, pareto_front, search_metrics
 
 
 @dataclass

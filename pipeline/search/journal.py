@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import names, tracking
+from pipeline import tracking
 from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, load_config, to_dict
-from pipeline.errors import PipelineError, SearchFinished
-from pipeline.files import write_atomic
-from pipeline.search.space import Optimizer
+from pipeline.core import names
+from pipeline.core.errors import PipelineError, SearchFinished
+from pipeline.core.files import write_atomic
+from pipeline.search.ax.space import Optimizer
 from pipeline.search.stopping import progression
 
 # Trial outcomes (the `trial.status` tag's values). `killed` trials were interrupted: they do not

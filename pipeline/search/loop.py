@@ -15,14 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import console, interrupt, names, tracking
+from pipeline import tracking
 from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_yaml
-from pipeline.errors import SearchAborted
-from pipeline.events import EvalEvent
-from pipeline.provenance import git_commit, package_versions
-from pipeline.resources import Resources
-from pipeline.search import baseline, budget, failure_rate, interrupted, journal, replicates, warm
-from pipeline.search.executor import Executor, JobOutcome, TrialJob
+from pipeline.core import console, interrupt, names
+from pipeline.core.errors import SearchAborted
+from pipeline.core.events import EvalEvent
+from pipeline.core.provenance import git_commit, package_versions
+from pipeline.core.timing import PhaseTimer
+from pipeline.model.adapter import discard_local_adapter
+from pipeline.search import budget, failure_rate, journal
+from pipeline.search.ax.space import Optimizer, Proposal
+from pipeline.search.executors.local import Executor, JobOutcome, TrialJob
+from pipeline.search.executors.packed import local_executor
 from pipeline.search.finish import SearchResult, finish
 from pipeline.search.journal import (
     ABANDONED,
@@ -33,14 +37,12 @@ from pipeline.search.journal import (
     SearchState,
     TrialRecord,
 )
-from pipeline.search.packed import local_executor
 from pipeline.search.preflight import check_before_run
-from pipeline.search.space import Optimizer, Proposal
+from pipeline.search.report.summary import best_trial, duration, trial_name
+from pipeline.search.steps import baseline, interrupted, replicates, warm
 from pipeline.search.stopping import progression, progression_unit, unreachable
-from pipeline.search.summary import best_trial, duration, trial_name
-from pipeline.serving import discard_local_adapter
-from pipeline.timing import PhaseTimer
-from pipeline.trial import RunSpec
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import RunSpec
 
 
 def run_search(
@@ -51,7 +53,7 @@ def run_search(
     check_before_run(config, resume)
     resources = Resources()  # shared by the baseline check and the local executor's trials
     if executor is None and config.search.executor == "ray":
-        from pipeline.search.distributed import RayExecutor  # Ray is an optional extra
+        from pipeline.search.executors.ray import RayExecutor
 
         executor = RayExecutor(config, tracking.resolve_tracking_uri(config.tracking))
     elif executor is None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipeline import lmeval
 from pipeline.config import PipelineConfig, load_config, with_overrides
-from pipeline.device import cannot_run_here
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.search import journal, warm
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.model.device import cannot_run_here
+from pipeline.search import journal
+from pipeline.search.steps import warm
+from pipeline.training import lmeval
 
 
 def search_config(

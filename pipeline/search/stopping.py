@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline import events, names
 from pipeline.config import PipelineConfig
+from pipeline.core import events, names
 
 
 def progression_unit(config: PipelineConfig) -> str:

@@ -16,9 +16,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
-from pipeline.errors import PipelineError
-from pipeline.stats import ExampleScores
+from pipeline.core import names
+from pipeline.core.errors import PipelineError
+from pipeline.core.stats import ExampleScores
 
 
 @dataclass(frozen=True)

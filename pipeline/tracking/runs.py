@@ -18,10 +18,10 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from pipeline import names, outer_run
 from pipeline.config import TrackingConfig
-from pipeline.data import DataSplit
-from pipeline.errors import one_line
+from pipeline.core import names, outer_run
+from pipeline.core.errors import one_line
+from pipeline.data.prepare import DataSplit
 from pipeline.tracking.store import setup, use_store
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value

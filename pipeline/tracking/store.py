@@ -10,8 +10,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import outer_run
 from pipeline.config import TrackingConfig
+from pipeline.core import outer_run
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

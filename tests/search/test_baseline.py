@@ -1,15 +1,12 @@
 """The search's baseline: its parameters, and when an earlier run may stand in for it
-(`pipeline/search/baseline.py`)."""
+(`pipeline/search/steps/baseline.py`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.search.baseline import baseline_parameters
-from pipeline.search.space import (
-    Optimizer,
-    build_client,
-)
+from pipeline.search.ax.space import Optimizer, build_client
+from pipeline.search.steps.baseline import baseline_parameters
 
 from ..conftest import DEMO_CONFIG
 from .common import demo, search_overrides
@@ -31,8 +28,8 @@ def test_baseline_reuse_requires_the_same_data_eval_set_device_precision_and_ver
     changed data file (same path) or a CPU baseline was compared against."""
     import json as _json
 
-    from pipeline import names
-    from pipeline.search.baseline import reusable
+    from pipeline.core import names
+    from pipeline.search.steps.baseline import reusable
     from pipeline.tracking import RunRecord
 
     me = {
@@ -76,7 +73,7 @@ def test_a_changed_data_file_gets_its_own_baseline(tmp_path):
     an unchanged one is reused, and the report says which and why."""
     import json as _json
 
-    from pipeline import names
+    from pipeline.core import names
     from pipeline.search import run_search, search_config
 
     from ..conftest import DEMO_DATA

@@ -28,7 +28,7 @@ def test_budgets_stop_the_running_trial_at_its_next_evaluation(tmp_path, budget,
     is the search's own, driven here: each evaluation takes 40 s (the device-hours budget, 72 s,
     like the wall-clock one, 60 s, is spent at the second evaluation)."""
     from pipeline.search import loop
-    from pipeline.search.executor import LocalExecutor
+    from pipeline.search.executors.local import LocalExecutor
 
     class Clock:
         now = 1000.0
@@ -74,9 +74,9 @@ def test_a_hard_killed_session_keeps_its_wall_time_and_the_budget_counts_it(tmp_
     trial takes 100 s on the search's clock; the budget is 3 minutes."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import names
+    from pipeline.core import names
     from pipeline.search import journal, loop, search_config
-    from pipeline.search.executor import LocalExecutor
+    from pipeline.search.executors.local import LocalExecutor
 
     sets = search_overrides(tmp_path, **{"train.eval_steps": 4, "search.budget_minutes": 3})
     clock, real_record = _Clock(), loop.Search._record

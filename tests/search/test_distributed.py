@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, tracking
-from pipeline.checkpoint import MANIFEST
+from pipeline import tracking
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.search import distributed
+from pipeline.core import names
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.search.executors import ray as distributed
+from pipeline.training.checkpoint import MANIFEST
 
 from .. import servers
 from ..conftest import DEMO_CONFIG, ROOT, mlflow_run_command, run_cli, tiny_overrides, venv_env
@@ -125,7 +126,7 @@ def _check_same_curve_as_uninterrupted(client: MlflowClient, run_id: str, tmp_pa
     one thread, as its worker; up to where Ax stopped it, if it did)."""
     import torch
 
-    from pipeline.trial import run_trial
+    from pipeline.trial.run import run_trial
 
     config_file = client.download_artifacts(run_id, names.CONFIG_FILE, str(tmp_path))
     config = load_config(config_file, [f"train.output_dir={tmp_path / 'ref'}"], search=False)
@@ -205,7 +206,7 @@ def test_store_uris_as_workers_see_them(tmp_path, monkeypatch):
 def test_the_mailbox_actor_imports_nothing_heavy():
     """The driver's mailbox starts as a Ray actor in a moment: importing it loads no torch,
     transformers, mlflow or ax (a worker imports those once, the mailbox never)."""
-    code = "import sys, pipeline.search.mailbox; print(sorted({'torch', 'transformers', 'mlflow', 'ax'} & set(sys.modules)))"
+    code = "import sys, pipeline.search.executors.mailbox; print(sorted({'torch', 'transformers', 'mlflow', 'ax'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -213,9 +214,9 @@ def test_the_mailbox_actor_imports_nothing_heavy():
 def test_a_trial_whose_driver_is_gone_ends_killed_to_run_again(tiny_config):
     """A worker orphaned by a killed driver must not record its trial FAILED: a resumed search
     would count it as a failure instead of running its config again."""
-    from pipeline.resources import Resources
-    from pipeline.search.executor import TrialJob, run_job
-    from pipeline.trial import RunSpec
+    from pipeline.search.executors.local import TrialJob, run_job
+    from pipeline.trial.resources import Resources
+    from pipeline.trial.run import RunSpec
 
     class Gone(Exception):  # what ray.get raises once the driver's mailbox actor died with it
         pass

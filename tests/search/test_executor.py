@@ -1,4 +1,4 @@
-"""The seam between the loop and where trials run (`pipeline/search/executor.py`): jobs, outcomes,
+"""The seam between the loop and where trials run (`pipeline/search/executors/local.py`): jobs, outcomes,
 evaluations."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.resources import Resources
-from pipeline.search.executor import LocalExecutor, TrialJob, run_job
-from pipeline.trial import RunSpec
+from pipeline.core import names
+from pipeline.core.errors import ConfigError
+from pipeline.search.executors.local import LocalExecutor, TrialJob, run_job
+from pipeline.trial.resources import Resources
+from pipeline.trial.run import RunSpec
 
 from ..conftest import DEMO_CONFIG
 from .common import demo
@@ -26,7 +26,7 @@ def test_run_job_reports_failures_instead_of_raising(tiny_config, tmp_path, monk
     assert missing.reason.startswith("DataError: data.path: file not found")
 
     # Out of memory while training: the run ends FAILED, tagged abandoned, the error kept.
-    import pipeline.trial as trial_mod
+    import pipeline.trial.run as trial_mod
 
     def oom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -69,8 +69,8 @@ def test_a_searched_key_means_what_trains(tmp_path, capsys):
     """lora.alpha_ratio sets lora.alpha: searching alpha beside it trained r x ratio while Ax
     recorded the asked alpha. The config refuses it, naming both keys; and a trial whose built
     config does not hold the values Ax asked for never trains."""
-    from pipeline.resources import Resources
-    from pipeline.search.executor import TrialJob, run_job
+    from pipeline.search.executors.local import TrialJob, run_job
+    from pipeline.trial.resources import Resources
 
     from ..conftest import run_cli, tiny_overrides
 
@@ -107,10 +107,10 @@ def test_oom_recovery_frees_the_failed_trials_memory(tiny_config, monkeypatch):
     import psutil
     import torch
 
-    import pipeline.trial as trial_mod
-    from pipeline.resources import Resources
-    from pipeline.search.executor import TrialJob, run_job
-    from pipeline.trial import setup
+    import pipeline.trial.run as trial_mod
+    from pipeline.search.executors.local import TrialJob, run_job
+    from pipeline.trial.resources import Resources
+    from pipeline.trial.run import setup
 
     base = tiny_config.model_copy(update={"search": None})
     resources = Resources()

@@ -12,10 +12,10 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import interrupt, names
-from pipeline.checkpoint import MANIFEST
+from pipeline.core import interrupt, names
 from pipeline.search import loop, run_search, search_config
-from pipeline.search.executor import LocalExecutor
+from pipeline.search.executors.local import LocalExecutor
+from pipeline.training.checkpoint import MANIFEST
 
 from ..conftest import DEMO_CONFIG, ROOT, venv_env
 from ..reproduce import children
@@ -149,7 +149,7 @@ def test_a_search_sigkilled_mid_trial_continues_that_trial_on_resume(tmp_path):
 
 @pytest.mark.slow
 def test_an_interrupted_baseline_continues_in_its_run(tmp_path, monkeypatch):
-    from pipeline import callbacks
+    from pipeline.training import callbacks
 
     sets = search_overrides(tmp_path, **{"train.eval_steps": 3})
     real, fired = callbacks.KeepBest.on_evaluation, []

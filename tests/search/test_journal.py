@@ -9,7 +9,7 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
+from pipeline.core import names
 from pipeline.search import journal
 from pipeline.search.journal import SearchState
 

@@ -19,8 +19,8 @@ from ax.api import Client
 from ax.core.trial_status import TrialStatus
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
 from pipeline.cli import main
+from pipeline.core import names
 from pipeline.search import run_search, search_config
 
 from ..conftest import DEMO_CONFIG, ROOT, run_cli, tiny_overrides, venv_env
@@ -55,8 +55,8 @@ def ax_statuses(tmp_path, parent_id: str) -> dict[int, TrialStatus]:
 
 def _poison(monkeypatch, plan: dict[int, str]):
     """Make the n-th call of train() fail as planned: 'raise', 'nan' or 'oom'."""
-    import pipeline.callbacks as callbacks
-    import pipeline.trial as trial_mod
+    import pipeline.training.callbacks as callbacks
+    import pipeline.trial.run as trial_mod
 
     real_train = trial_mod.train
     calls = {"n": 0, "nan": False}

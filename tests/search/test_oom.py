@@ -11,11 +11,11 @@ import torch
 
 from bench import oom
 from bench.oom import abandoning, model_ooms_after_the_second, simulated_gpu
-from pipeline import names
 from pipeline.config import with_overrides
-from pipeline.model import oom_memory_gb
-from pipeline.search.executor import split_batch
-from pipeline.search.space import Optimizer
+from pipeline.core import names
+from pipeline.model.load import oom_memory_gb
+from pipeline.search.ax.space import Optimizer
+from pipeline.search.executors.local import split_batch
 
 from .common import demo
 
@@ -82,11 +82,11 @@ def test_the_search_stops_proposing_what_does_not_fit_after_two_ooms(tmp_path):
 def test_split_batch_retries_an_oom_trial_once_at_the_same_effective_batch(tiny_config, monkeypatch):
     """`train.oom_retry: split_batch`: the trial that ran out at batch 8 trains again at batch 4
     with twice the accumulation, in a new run tagged `trial.oom_retry`; the OOM run stays."""
-    import pipeline.trial as trial_mod
+    import pipeline.trial.run as trial_mod
     from pipeline import tracking
-    from pipeline.resources import Resources
-    from pipeline.search.executor import TrialJob, run_job
-    from pipeline.trial import RunSpec
+    from pipeline.search.executors.local import TrialJob, run_job
+    from pipeline.trial.resources import Resources
+    from pipeline.trial.run import RunSpec
 
     real_train, batches = trial_mod.train, []
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import names
+from pipeline.core import names
 from pipeline.search import run_search, search_config
 
 from ..conftest import DEMO_CONFIG, mlflow_search, tiny_overrides

@@ -1,4 +1,4 @@
-"""Seed replicates after the trials (`pipeline/search/replicates.py`): tagged, told to Ax,
+"""Seed replicates after the trials (`pipeline/search/steps/replicates.py`): tagged, told to Ax,
 resumable."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import statistics
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, tracking
+from pipeline import tracking
 from pipeline.config import load_config
+from pipeline.core import names
 from pipeline.search import run_search
-from pipeline.search.space import Optimizer
+from pipeline.search.ax.space import Optimizer
 
 from ..conftest import DEMO_CONFIG, tiny_overrides
 
@@ -87,7 +88,7 @@ def test_replicates_are_tagged_told_to_ax_and_decide(tmp_path, capsys):
 def test_replicates_resume_after_an_interruption(tmp_path, monkeypatch):
     """Ctrl-C during the replicates: the search stops with the finished replicates recorded; the
     resumed search runs only those that did not end (each configuration and seed once)."""
-    from pipeline.search import executor
+    from pipeline.search.executors import local as executor
 
     config = _replicated_search(tmp_path, 2, "noise-resume")
     real = executor.run_trial

@@ -1,4 +1,4 @@
-"""The search space and its mapping onto Ax (`pipeline/search/space.py`), without training
+"""The search space and its mapping onto Ax (`pipeline/search/ax/space.py`), without training
 anything."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 
 from pipeline.config import load_config, with_overrides
-from pipeline.errors import ConfigError, SearchAborted
-from pipeline.search.space import (
+from pipeline.core.errors import ConfigError, SearchAborted
+from pipeline.search.ax.space import (
     Optimizer,
     build_client,
     build_parameters,

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import names
-from pipeline.errors import ConfigError
-from pipeline.resources import Resources
-from pipeline.search import summary
-from pipeline.search.executor import TrialJob, run_job
+from pipeline.core import names
+from pipeline.core.errors import ConfigError
+from pipeline.search.ax.space import Optimizer, early_stopping_strategy
+from pipeline.search.executors.local import TrialJob, run_job
 from pipeline.search.journal import SearchState
-from pipeline.search.space import (
-    Optimizer,
-    early_stopping_strategy,
-)
+from pipeline.search.report import summary
+from pipeline.trial.resources import Resources
 
 from .common import baseline_record, demo, record
 
@@ -129,7 +126,7 @@ def test_early_stopping_compares_trials_at_the_same_share_of_their_training(tiny
     carries both the step and the training examples seen, and early stopping compares trials in
     the unit that puts each at the same share of its own training: steps when trials run
     train.max_steps steps, examples when they run epochs (or as `progression` says)."""
-    from pipeline.search.space import early_stopping_strategy
+    from pipeline.search.ax.space import early_stopping_strategy
     from pipeline.search.stopping import progression, progression_unit
 
     base = tiny_config.model_copy(update={"search": None})

@@ -1,13 +1,13 @@
 """What a search's records say: best trial, Pareto front, summary metrics, advice, names
-(`pipeline/search/summary.py`)."""
+(`pipeline/search/report/summary.py`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline import names
-from pipeline.search import summary
+from pipeline.core import names
 from pipeline.search.journal import SearchState, TrialRecord
+from pipeline.search.report import summary
 
 from .common import baseline_record, demo, record
 

@@ -12,14 +12,14 @@ import pytest
 from ax.core.trial_status import TrialStatus
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
 from pipeline.cli import main
 from pipeline.config import flatten, load_config, to_dict, with_overrides
-from pipeline.errors import ConfigError
+from pipeline.core import names
+from pipeline.core.errors import ConfigError
 from pipeline.search import run_search, search_config
+from pipeline.search.ax.space import Optimizer
 from pipeline.search.journal import SearchState
-from pipeline.search.space import Optimizer
-from pipeline.search.warm import match, parse_value
+from pipeline.search.steps.warm import match, parse_value
 from pipeline.tracking import RunRecord, param_text
 
 from ..conftest import DEMO_CONFIG, tiny_overrides

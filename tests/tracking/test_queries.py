@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, tracking
+from pipeline import tracking
 from pipeline.config import TrackingConfig
-from pipeline.errors import PipelineError
-from pipeline.stats import ExampleScores
+from pipeline.core import names
+from pipeline.core.errors import PipelineError
+from pipeline.core.stats import ExampleScores
 
 CFG = TrackingConfig(experiment_name="queries", log_system_metrics=False)
 

@@ -9,8 +9,9 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, tracking
+from pipeline import tracking
 from pipeline.config import TrackingConfig
+from pipeline.core import names
 
 CFG = TrackingConfig(experiment_name="runs", log_system_metrics=False, log_every_s=3600)
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline import names, tracking
+from pipeline import tracking
 from pipeline.config import TrackingConfig
+from pipeline.core import names
 
 from ..conftest import run_cli
 

@@ -1,0 +1,1 @@
+"""The model registry: the champion gate (`gate`, pure) and registered versions (`versions`, mlflow)."""

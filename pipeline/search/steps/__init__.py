@@ -1,0 +1,1 @@
+"""The steps of a search beside its trials: the baseline, warm start, seed replicates, interrupted trials."""

@@ -1,0 +1,1 @@
+"""One training run as every entry point uses it: `run.run_trial(config)`, the shared resources, resume and failures."""
