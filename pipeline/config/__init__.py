@@ -12,6 +12,7 @@ key paths, ``train.learning_rate=1e-4``, with values parsed as YAML scalars.
 
 from pipeline.config.keys import config_field, value_kind
 from pipeline.config.load import (
+    NO_RESULT_KEYS,
     apply_overrides,
     config_fingerprint,
     fingerprint,
@@ -47,6 +48,7 @@ from pipeline.config.sections import (
 )
 
 __all__ = [
+    "NO_RESULT_KEYS",
     "RESULT_SECTIONS",
     "DataConfig",
     "EarlyStoppingSpec",

@@ -204,12 +204,17 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Where a trial trains and what happens when it fails, not what it trains: out of its fingerprint
+# (a baseline is reused), free to change when a search resumes, ignored by warm start.
+NO_RESULT_KEYS = ("train.output_dir", "train.checkpoints", "train.keep_checkpoints", "train.oom_retry")
+
+
 def config_fingerprint(config: PipelineConfig) -> str:
     """Fingerprint of what decides a trial's result: model, data, lora, train and eval settings."""
     d = to_dict(config)
-    # Where it trains and what happens on failure, not what it trains.
-    for scratch in ("output_dir", "checkpoints", "keep_checkpoints", "oom_retry"):
-        d["train"].pop(scratch, None)
+    for key in NO_RESULT_KEYS:
+        section, name = key.split(".")
+        d[section].pop(name, None)
     for key, default in ADDED_AT_DEFAULT.items():
         section, name = key.split(".")
         if d[section].get(name, default) == default:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, load_config, to_dict
+from pipeline.config import NO_RESULT_KEYS, RESULT_SECTIONS, PipelineConfig, flatten, load_config, to_dict
 from pipeline.core import names
 from pipeline.core.errors import PipelineError, SearchFinished
 from pipeline.core.files import write_atomic
@@ -236,8 +236,6 @@ FROZEN_ON_RESUME = (
     "search.early_stopping.progression",  # Ax's data would mix units
     "search.warm_start",  # attached once, when the search started
 )
-# Scratch, not a result (see config_fingerprint).
-FREE_ON_RESUME = ("train.output_dir", "train.checkpoints", "train.keep_checkpoints")
 
 
 def refuse_finished(run_id: str, records: SearchState, n_trials: int) -> None:
@@ -261,7 +259,7 @@ def _refuse_changed_settings(parent_run_id: str, config: PipelineConfig) -> None
     changed = sorted(
         k
         for k in old.keys() | new.keys()
-        if k.startswith(FROZEN_ON_RESUME) and k not in FREE_ON_RESUME and old.get(k) != new.get(k)
+        if k.startswith(FROZEN_ON_RESUME) and k not in NO_RESULT_KEYS and old.get(k) != new.get(k)
     )
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

@@ -254,3 +254,16 @@ def test_a_search_warm_started_from_another_over_a_shifted_space(tmp_path):
     # The records round-trip through the saved state (what a resume reads).
     saved = json.loads((warm.report_dir.parent / names.STATE_DIR / names.TRIALS_FILE).read_text())
     assert SearchState.from_json(saved).warm == state.warm
+
+
+@pytest.mark.parametrize("key, value", [("train.keep_checkpoints", True), ("train.oom_retry", "split_batch")])
+def test_a_trial_that_differs_only_in_a_setting_that_decides_no_result_is_usable(config, key, value):
+    """Checkpoints kept and what an OOM retries decide no result: warm start takes the trial, as
+    the fingerprint and resume do (all three read config.NO_RESULT_KEYS; warm start once had its
+    own list of one and refused these)."""
+    from pipeline.config import NO_RESULT_KEYS, config_fingerprint
+
+    assert key in NO_RESULT_KEYS
+    run = trial_run(config, **{"lora.r": 16, key: value})
+    assert match(run, config, ME, lambda p: True)[1] is None
+    assert config_fingerprint(with_overrides(config, {key: value})) == config_fingerprint(config)

@@ -22,7 +22,15 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline import tracking
-from pipeline.config import RESULT_SECTIONS, PipelineConfig, flatten, to_dict, values_at, with_overrides
+from pipeline.config import (
+    NO_RESULT_KEYS,
+    RESULT_SECTIONS,
+    PipelineConfig,
+    flatten,
+    to_dict,
+    values_at,
+    with_overrides,
+)
 from pipeline.config.search import ParameterSpec
 from pipeline.core import console, names
 from pipeline.core.errors import PipelineError
@@ -31,8 +39,6 @@ from pipeline.search.journal import WarmTrial
 from pipeline.search.stopping import progression
 from pipeline.trial.resources import Resources, identity
 
-# Keys that do not decide a trial's numbers (scratch folders).
-FREE = ("train.output_dir",)
 # Besides the config: what the run tags say it was measured on (the device may differ: the same
 # precision on another GPU measures the same loss, up to noise).
 MEASURED_ON = {
@@ -102,7 +108,7 @@ def match(
     trial_base = config.model_copy(update={"search": None})
     base = flatten(to_dict(trial_base))
     for key, value in sorted(base.items()):
-        if not key.startswith(tuple(f"{s}." for s in RESULT_SECTIONS)) or key in FREE:
+        if not key.startswith(tuple(f"{s}." for s in RESULT_SECTIONS)) or key in NO_RESULT_KEYS:
             continue
         if key in search.parameters:
             continue
