@@ -61,87 +61,119 @@ def problems(
 ) -> list[str]:
     """Every problem `check` finds at the space's points of a config (`base`: its dict, without
     the search section), each led by `search.parameters.<the parameter at fault>`."""
-    cands = {n: candidates(n, s) for n, s in params.items()}
-    reference = {n: _reference(base, n, c) for n, c in cands.items()}
-    rules = [_constraint(c) for c in constraints]
-    memo: dict[tuple, list[str]] = {}
+    space = _Space(base, params, parents, constraints, check)
+    space.at_reference()
+    space.singles()
+    space.pairs()
+    space.orphans()
+    return list(dict.fromkeys(space.out))
 
-    def point(changes: dict[str, Any]) -> dict[str, Any] | None:
+
+class _Space:
+    """The points of one search space, their problems (memoized per point), and the lines said
+    of them so far; each step reports only what the steps before it did not."""
+
+    def __init__(self, base, params, parents, constraints, check: Check) -> None:
+        self.base, self.parents, self.check = base, parents, check
+        self.cands = {n: candidates(n, s) for n, s in params.items()}
+        self.reference = {n: _reference(base, n, c) for n, c in self.cands.items()}
+        self.rules = [_constraint(c) for c in constraints]
+        self.memo: dict[tuple, list[str]] = {}
+        self.known: list[str] = []  # the problems of the reference point
+        self.single: dict[tuple[str, str], set[str]] = {}  # (name, repr(value)) -> its own problems
+        self.out: list[str] = []
+
+    def point(self, changes: dict[str, Any]) -> dict[str, Any] | None:
         """The reference with `changes` and the parent values they need; None if they clash or
         a linear constraint refuses the point."""
-        values = {**reference, **changes}
+        values = {**self.reference, **changes}
         for name in changes:
             node = name
-            while node in parents:
-                parent, needed = parents[node]
+            while node in self.parents:
+                parent, needed = self.parents[node]
                 if parent in changes and changes[parent] != needed:
                     return None  # this parameter does not exist under the parent's value
                 values[parent] = needed
                 node = parent
-        values = {n: v for n, v in values.items() if _active(n, values, parents)}
-        if not all(rule(values) for rule in rules):
+        values = {n: v for n, v in values.items() if _active(n, values, self.parents)}
+        if not all(rule(values) for rule in self.rules):
             return None
         return values
 
-    def found(values: dict[str, Any]) -> list[str]:
+    def found(self, values: dict[str, Any]) -> list[str]:
+        """The problems of the trial config at this point."""
         key = tuple(sorted((n, repr(v)) for n, v in values.items()))
-        if key not in memo:
-            data = copy.deepcopy(base)
+        if key not in self.memo:
+            data = copy.deepcopy(self.base)
             for name, value in values.items():
                 _set(data, name, value)
-            memo[key] = check(data)
-        return memo[key]
+            self.memo[key] = self.check(data)
+        return self.memo[key]
 
-    out: list[str] = []
-
-    def blame(name: str, label: str, value: Any, found_here: list[str]) -> None:
+    def blame(self, name: str, label: str, value: Any, found_here: list[str]) -> None:
         """Problems of one parameter's value, with how to make it conditional where that helps."""
         lines = [f"search.parameters.{name}: {label} {value!r}: {_about(p, name, value)}" for p in found_here]
         if lines:
-            lines[-1] += _dependent_hint(name, value, found_here, cands, parents, point, found)
-        out.extend(lines)
-
-    ref_point = point({})
-    at_reference = found(ref_point) if ref_point is not None else []
-    suspects = [n for n in ref_point or {} if _get(base, n) != reference[n]]
-    for p in at_reference:
-        # The config's own values pass: the parameters the space moves off them are at fault.
-        alone = next((n for n in suspects if p in found({n: reference[n]})), None)
-        if alone is not None:
-            label = next(label for label, v in cands[alone] if v == reference[alone])
-            blame(alone, label, reference[alone], [p])
-        else:
-            where = ", ".join(f"{n}={ref_point[n]!r}" for n in suspects)
-            out.append(f"search.parameters.{suspects[0]}: with {where} {COMBINATION}: {p}")
-    single: dict[tuple[str, str], set[str]] = {}
-    for name, options in cands.items():
-        for label, value in options:
-            values = point({name: value})
-            if values is None:
-                continue
-            ancestors = _ancestors(name, parents, reference)
-            known = set(at_reference).union(*(single.get((a, repr(v)), set()) for a, v in ancestors))
-            new = [p for p in found(values) if p not in known]
-            single[(name, repr(value))] = set(new)
-            blame(name, label, value, new)
-    for (a, a_opts), (b, b_opts) in itertools.combinations(cands.items(), 2):
-        reported: set[str] = set()
-        for (_, va), (_, vb) in itertools.product(a_opts, b_opts):
-            values = point({a: va, b: vb})
-            if values is None or values.get(a) != va or values.get(b) != vb:
-                continue
-            known = set(at_reference) | single.get((a, repr(va)), set()) | single.get((b, repr(vb)), set())
-            for p in found(values):
-                if p not in known and p not in reported:
-                    reported.add(p)
-                    out.append(f"search.parameters.{b}: {vb!r} with {a}={va!r} {COMBINATION}: {p}")
-    for child, (parent, needed) in parents.items():
-        if single.get((parent, repr(needed))):
-            out.append(
-                f"search.parameters.{child}: exists only under {parent}={needed!r}, a value {parent} "
-                "cannot take (above)"
+            lines[-1] += _dependent_hint(
+                name, value, found_here, self.cands, self.parents, self.point, self.found
             )
-    return list(dict.fromkeys(out))
+        self.out.extend(lines)
+
+    def at_reference(self) -> None:
+        """The reference point's problems: the config's own values pass, so the parameters the
+        space moves off them are at fault (one alone when one suffices, else all together)."""
+        ref_point = self.point({})
+        self.known = self.found(ref_point) if ref_point is not None else []
+        suspects = [n for n in ref_point or {} if _get(self.base, n) != self.reference[n]]
+        for p in self.known:
+            alone = next((n for n in suspects if p in self.found({n: self.reference[n]})), None)
+            if alone is not None:
+                label = next(label for label, v in self.cands[alone] if v == self.reference[alone])
+                self.blame(alone, label, self.reference[alone], [p])
+            else:
+                where = ", ".join(f"{n}={ref_point[n]!r}" for n in suspects)
+                self.out.append(f"search.parameters.{suspects[0]}: with {where} {COMBINATION}: {p}")
+
+    def singles(self) -> None:
+        """Every value of every parameter, the others at the reference (a conditional one under
+        its parent's value, whose own problems are its parent's, not its)."""
+        for name, options in self.cands.items():
+            for label, value in options:
+                values = self.point({name: value})
+                if values is None:
+                    continue
+                ancestors = _ancestors(name, self.parents, self.reference)
+                known = set(self.known).union(*(self.single.get((a, repr(v)), set()) for a, v in ancestors))
+                new = [p for p in self.found(values) if p not in known]
+                self.single[(name, repr(value))] = set(new)
+                self.blame(name, label, value, new)
+
+    def pairs(self) -> None:
+        """Every pair of values of two parameters: what neither value shows alone."""
+        for (a, a_opts), (b, b_opts) in itertools.combinations(self.cands.items(), 2):
+            reported: set[str] = set()
+            for (_, va), (_, vb) in itertools.product(a_opts, b_opts):
+                values = self.point({a: va, b: vb})
+                if values is None or values.get(a) != va or values.get(b) != vb:
+                    continue
+                known = (
+                    set(self.known)
+                    | self.single.get((a, repr(va)), set())
+                    | self.single.get((b, repr(vb)), set())
+                )
+                for p in self.found(values):
+                    if p not in known and p not in reported:
+                        reported.add(p)
+                        self.out.append(f"search.parameters.{b}: {vb!r} with {a}={va!r} {COMBINATION}: {p}")
+
+    def orphans(self) -> None:
+        """A dependent whose parent cannot take the value it exists under: both keys named."""
+        for child, (parent, needed) in self.parents.items():
+            if self.single.get((parent, repr(needed))):
+                self.out.append(
+                    f"search.parameters.{child}: exists only under {parent}={needed!r}, a value {parent} "
+                    "cannot take (above)"
+                )
 
 
 def _about(problem: str, name: str, value: Any) -> str:
