@@ -150,7 +150,7 @@ class NoisyTable:
 
 def replay_part(args: argparse.Namespace) -> None:
     from pipeline.search.ax.space import Optimizer, build_client
-    from pipeline.search.journal import COMPLETED, BaselineRecord, SearchState, TrialRecord
+    from pipeline.search.records import COMPLETED, BaselineRecord, SearchState, TrialRecord
     from pipeline.search.steps.replicates import choose
 
     noisy = NoisyTable(Path(args.table), Path(args.seeds_table))

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import torch
 
-from pipeline.config import load_config, with_overrides
+from pipeline.config import load_config, trial_config, with_overrides
 from pipeline.core.errors import ConfigError
 from pipeline.data.prepare import prepare_data
 from pipeline.model import adapter as serving
@@ -241,3 +241,19 @@ def test_active_drops_the_parameters_their_parent_switches_off(tmp_path):
     }
     on = {"lora.init": "pissa", "lora.pissa_iterations": 8}
     assert search.active(on) == on
+
+
+def test_a_trial_config_is_not_checked_against_the_space_it_came_from(tmp_path):
+    # A trial at init=pissa fixes pissa_iterations; with the search section kept, the space's
+    # other inits would then meet a fixed pissa_iterations (the best_config.yaml of bench/variants).
+    sets = [
+        "search.parameters.lora.init='{type: choice, values: [default, pissa], dependents: {pissa: [lora.pissa_iterations]}}'",
+        "search.parameters.lora.pissa_iterations.type=choice search.parameters.lora.pissa_iterations.values=[2,8]",
+    ]
+    config = load_config(DEMO_CONFIG, [*tiny_overrides(tmp_path), *sets])
+    point = {"lora.init": "pissa", "lora.pissa_iterations": 8}
+    with pytest.raises(ConfigError, match="value 'default': lora.pissa_iterations: needs init: pissa"):
+        with_overrides(config, point)
+    trial = trial_config(config, point)
+    assert trial.search is None and (trial.lora.init, trial.lora.pissa_iterations) == ("pissa", 8)
+    assert trial_config(config) == config.model_copy(update={"search": None})

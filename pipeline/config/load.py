@@ -257,3 +257,11 @@ def with_overrides(
     pairs = list(values.items())
     apply_overrides(data, pairs)
     return validate(data, source, labels={k: (labels or {}).get(k, f"--set {k}") for k, _ in pairs})
+
+
+def trial_config(config: PipelineConfig, parameters: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """What a trial trains: the config without its search section (a trial searches nothing),
+    with the trial's parameters set. Baseline, trials, replicates, warm start and best_config.yaml
+    all start here, so a value fixed by a trial is never checked against the space it came from."""
+    base = config.model_copy(update={"search": None})
+    return with_overrides(base, parameters) if parameters else base

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pipeline.config import SearchConfig
-from pipeline.search.journal import SearchState
+from pipeline.search.records import SearchState
 
 
 def spent(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pipeline import tracking
 from pipeline.core import names
 from pipeline.core.errors import SearchAborted
-from pipeline.search.journal import ABANDONED, FAILED, TrialRecord
+from pipeline.search.records import ABANDONED, FAILED, TrialRecord
 
 MIN_TRIALS = 3  # once a trial has a score: failures count from this many trials on
 

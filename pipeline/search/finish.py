@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig, config_fingerprint, to_yaml, with_overrides
+from pipeline.config import PipelineConfig, config_fingerprint, to_yaml, trial_config
 from pipeline.core import console, names
 from pipeline.core.files import write_atomic
 from pipeline.core.provenance import git_commit, package_versions
@@ -16,7 +16,7 @@ from pipeline.core.timing import PhaseTimer
 from pipeline.model.device import hardware
 from pipeline.registry import versions as registry
 from pipeline.search.ax.space import Optimizer
-from pipeline.search.journal import SearchState, TrialRecord
+from pipeline.search.records import SearchState, TrialRecord
 from pipeline.search.report import evidence
 from pipeline.search.report.markdown import ReportContext, description, write_report
 from pipeline.search.report.summary import best_trial, pareto_front, search_metrics
@@ -118,7 +118,7 @@ def write_best_config(
     write_atomic(
         path,
         to_yaml(
-            with_overrides(config, best.parameters),
+            trial_config(config, best.parameters),
             f"best config of search {run.run_id}: trial {best.index} (run {best.run_id}), "
             f"eval_loss {best.eval_loss:.4f}, chosen as {ev.rule}. "
             "Retrain: mlflow run . -e retrain -P best_config=<this file>",
@@ -158,7 +158,7 @@ def register_best(
             },
             description=registry.version_description(
                 offer,
-                to_yaml(with_overrides(config.model_copy(update={"search": None}), best.parameters)),
+                to_yaml(trial_config(config, best.parameters)),
                 experiment_id=run.experiment_id,
                 role=names.ROLE_TRIAL,
                 metrics=best.metrics,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_yaml
+from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_yaml, trial_config
 from pipeline.core import console, interrupt, names
 from pipeline.core.errors import SearchAborted
 from pipeline.core.events import EvalEvent
@@ -28,7 +28,8 @@ from pipeline.search.ax.space import Optimizer, Proposal
 from pipeline.search.executors.local import Executor, JobOutcome, TrialJob
 from pipeline.search.executors.packed import local_executor
 from pipeline.search.finish import SearchResult, finish
-from pipeline.search.journal import (
+from pipeline.search.preflight import check_before_run
+from pipeline.search.records import (
     ABANDONED,
     COMPLETED,
     EARLY_STOPPED,
@@ -37,7 +38,6 @@ from pipeline.search.journal import (
     SearchState,
     TrialRecord,
 )
-from pipeline.search.preflight import check_before_run
 from pipeline.search.report.summary import best_trial, duration, trial_name
 from pipeline.search.steps import baseline, interrupted, replicates, warm
 from pipeline.search.stopping import progression, progression_unit, unreachable
@@ -79,7 +79,7 @@ class Search:
         self.search = config.search
         self.executor = executor
         self.resources = resources or Resources()
-        self.trial_base = config.model_copy(update={"search": None})
+        self.trial_base = trial_config(config)
         self.resume = resume
         # A resumed search's Ax state and records (refused here when it has nothing left to do),
         # or new ones; the parent run's id is theirs once `run` opens it.

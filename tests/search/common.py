@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import load_config, with_overrides
-from pipeline.search.journal import BaselineRecord, TrialRecord
+from pipeline.search.records import BaselineRecord, TrialRecord
 
 from ..conftest import DEMO_CONFIG, tiny_overrides
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.core import names
 from pipeline.search import journal
-from pipeline.search.journal import SearchState
+from pipeline.search.records import SearchState
 
 from ..conftest import DEMO_CONFIG
 from .common import baseline_record, record, search_overrides

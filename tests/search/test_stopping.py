@@ -8,7 +8,7 @@ from pipeline.core import names
 from pipeline.core.errors import ConfigError
 from pipeline.search.ax.space import Optimizer, early_stopping_strategy
 from pipeline.search.executors.local import TrialJob, run_job
-from pipeline.search.journal import SearchState
+from pipeline.search.records import SearchState
 from pipeline.search.report import summary
 from pipeline.trial.resources import Resources
 

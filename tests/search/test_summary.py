@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from pipeline.core import names
-from pipeline.search.journal import SearchState, TrialRecord
+from pipeline.search.records import SearchState, TrialRecord
 from pipeline.search.report import summary
 
 from .common import baseline_record, demo, record
@@ -127,3 +130,14 @@ def test_trial_names_and_durations():
     assert summary.trial_name(7, params) == "trial-07 r=32 a=64 lr=1.2e-04 bs=2"
     assert summary.trial_name(3, {"lora.dropout": 0.1}, "retry") == "trial-03 dropout=0.1 (retry)"
     assert (summary.duration(65), summary.duration(3725)) == ("1m05s", "1h02m")
+
+
+def test_the_records_and_their_summary_are_plain_data():
+    # The report reads a search's records as data: importing them must not pull in the optimizer,
+    # the tracker or the trainer (journal.py once held records and disk I/O together, and did).
+    code = (
+        "import sys; import pipeline.search.records, pipeline.search.report.summary; "
+        "print(sorted(m for m in ('ax', 'mlflow', 'torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

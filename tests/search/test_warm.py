@@ -18,7 +18,7 @@ from pipeline.core import names
 from pipeline.core.errors import ConfigError
 from pipeline.search import run_search, search_config
 from pipeline.search.ax.space import Optimizer
-from pipeline.search.journal import SearchState
+from pipeline.search.records import SearchState
 from pipeline.search.steps.warm import match, parse_value
 from pipeline.tracking import RunRecord, param_text
 

@@ -29,7 +29,7 @@ from pipeline.core.stats import (
     improvement,
     scalar_scores,
 )
-from pipeline.search.journal import COMPLETED, SearchState, TrialRecord
+from pipeline.search.records import COMPLETED, SearchState, TrialRecord
 from pipeline.search.steps.replicates import BASELINE
 
 Fetch = Callable[[str, str], ExampleScores | None]  # (run id, metric) -> its per-example scores

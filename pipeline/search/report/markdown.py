@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.core import names
-from pipeline.search.journal import COMPLETED, KILLED, SearchState, TrialRecord
+from pipeline.search.records import COMPLETED, KILLED, SearchState, TrialRecord
 from pipeline.search.report import noise as noise_report
 from pipeline.search.report import plots
 from pipeline.search.report.evidence import Evidence

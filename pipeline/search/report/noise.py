@@ -12,7 +12,7 @@ from pipeline.config import PipelineConfig
 from pipeline.core import names
 from pipeline.core.plotting import plt, save, ticker
 from pipeline.core.stats import expected_best
-from pipeline.search.journal import COMPLETED, SearchState
+from pipeline.search.records import COMPLETED, SearchState
 from pipeline.search.report.evidence import Evidence
 from pipeline.search.steps.replicates import BASELINE
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.config import SearchConfig
 from pipeline.core.plotting import plt, save, ticker
-from pipeline.search.journal import COMPLETED, EARLY_STOPPED, KILLED, SearchState, TrialRecord
+from pipeline.search.records import COMPLETED, EARLY_STOPPED, KILLED, SearchState, TrialRecord
 from pipeline.search.report.summary import best_so_far, fmt
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.config import OutcomeConstraint, PipelineConfig, SearchConfig
 from pipeline.core import names
 from pipeline.core.stats import Interval
-from pipeline.search.journal import (
+from pipeline.search.records import (
     ABANDONED,
     COMPLETED,
     EARLY_STOPPED,

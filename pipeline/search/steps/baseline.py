@@ -11,12 +11,12 @@ import json
 from typing import Any
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig, SearchConfig, values_at
+from pipeline.config import PipelineConfig, SearchConfig, trial_config, values_at
 from pipeline.core import console, names
 from pipeline.core.errors import PipelineError
 from pipeline.model.adapter import discard_local_adapter
 from pipeline.search.executors.local import Executor, TrialJob
-from pipeline.search.journal import BaselineRecord
+from pipeline.search.records import BaselineRecord
 from pipeline.trial.resources import NUMERICS_PACKAGES, Resources, identity
 from pipeline.trial.resume import has_checkpoint
 from pipeline.trial.run import RunSpec
@@ -101,7 +101,7 @@ def find_or_train(
     """The baseline: a reusable earlier run, or one trained now under `parent` by `executor`.
 
     A baseline that fails raises its error: without it, no trial can be judged."""
-    trial_base = config.model_copy(update={"search": None})
+    trial_base = trial_config(config)
     params = baseline_parameters(config)
     reused, why = None, "search.reuse_baseline is off"
     if config.search.reuse_baseline:

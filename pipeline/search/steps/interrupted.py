@@ -14,7 +14,7 @@ from pipeline.config import PipelineConfig
 from pipeline.core import names
 from pipeline.search.ax.space import Optimizer
 from pipeline.search.executors.local import TrialJob
-from pipeline.search.journal import KILLED, RUNNING, SearchState, TrialRecord
+from pipeline.search.records import KILLED, RUNNING, SearchState, TrialRecord
 from pipeline.trial.resume import has_checkpoint
 from pipeline.trial.run import RunSpec
 

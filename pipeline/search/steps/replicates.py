@@ -22,14 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, trial_config
 from pipeline.core import console, names
 from pipeline.core.stats import mean_sem, pooled_sd
 from pipeline.core.timing import PhaseTimer
 from pipeline.model.adapter import discard_local_adapter
 from pipeline.search.ax.space import Optimizer
 from pipeline.search.executors.local import Executor, JobOutcome, TrialJob
-from pipeline.search.journal import COMPLETED, KILLED, RUNNING, ReplicateRecord, SearchState, TrialRecord
+from pipeline.search.records import COMPLETED, KILLED, RUNNING, ReplicateRecord, SearchState, TrialRecord
 from pipeline.search.report.summary import feasible
 from pipeline.search.stopping import progression
 from pipeline.trial.run import RunSpec
@@ -128,7 +128,7 @@ def replicate(
         chosen = dict.fromkeys(f"{r.of} ({r.chosen_by})" for r in state.replicates)
         seeds = ", ".join(map(str, replicate_seeds(config)))
         console.say(f"replicates: {', '.join(chosen)} on seeds {seeds}")
-    base = config.model_copy(update={"search": None})
+    base = trial_config(config)
     with timer.phase("trials"):
         spent = run(state.replicates, base, parent_run_id, runner)
     if spent:

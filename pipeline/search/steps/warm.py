@@ -28,6 +28,7 @@ from pipeline.config import (
     PipelineConfig,
     flatten,
     to_dict,
+    trial_config,
     values_at,
     with_overrides,
 )
@@ -35,7 +36,7 @@ from pipeline.config.search import ParameterSpec
 from pipeline.core import console, names
 from pipeline.core.errors import PipelineError
 from pipeline.search.ax.space import Optimizer
-from pipeline.search.journal import WarmTrial
+from pipeline.search.records import WarmTrial
 from pipeline.search.stopping import progression
 from pipeline.trial.resources import Resources, identity
 
@@ -105,7 +106,7 @@ def match(
     for key, label in MEASURED_ON.items():
         if run.tags.get(key) != me.get(key):
             return {}, f"{label} differs ({run.tags.get(key)} there, {me.get(key)} here)"
-    trial_base = config.model_copy(update={"search": None})
+    trial_base = trial_config(config)
     base = flatten(to_dict(trial_base))
     for key, value in sorted(base.items()):
         if not key.startswith(tuple(f"{s}." for s in RESULT_SECTIONS)) or key in NO_RESULT_KEYS:
@@ -198,7 +199,7 @@ def start(
     if not config.search.warm_start:
         return []
     sources = check_sources(config)
-    me = identity(config.model_copy(update={"search": None}), resources)
+    me = identity(trial_config(config), resources)
     out = attach(config, optimizer, sources, me)
     parent.set_tags({names.SEARCH_WARM_START: ",".join(s.run_id for s in sources)})
     return out
