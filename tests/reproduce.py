@@ -5,8 +5,9 @@ baseline's and every trial's parameters, status and eval-loss curve, with the pa
 the CPU kernels it was made with. `scripts/make_examples.py` writes it; the reproducibility test
 (tests/test_reproducibility.py) reruns the job and compares.
 
-Measured (docs/example-search/README.md): the same machine kind gives the same floats, bit for
-bit, across runs and installs; a CPU with other vector kernels (AVX2 instead of AVX-512, in MKL
+Measured (docs/example-search/README.md): the same machine gives the same floats, bit for bit,
+across runs and installs; another machine of the same kind gave the first runs one float32 ulp
+off (hence REL_TOL); a CPU with other vector kernels (AVX2 instead of AVX-512, in MKL
 or torch) gives the same baseline and Sobol trials 1-3, and other BoTorch proposals from trial 5
 on (the GP fit and the acquisition optimizer amplify last-bit differences).
 """
