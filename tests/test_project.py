@@ -259,3 +259,19 @@ def test_data_and_model_assets_are_documented():
     report = (ROOT / "models" / "pydoc-llama" / "pretrain_report.json").read_text()
     assert '"held_out_corpus_loss"' in report
     assert "pretrain_report.json" in (ROOT / "models" / "README.md").read_text()
+
+
+def test_names_assigns_each_name_once():
+    # One home for every name: a second assignment (four were, with the same strings) can drift.
+    tree = ast.parse((ROOT / "pipeline" / "core" / "names.py").read_text())
+    seen: dict[str, int] = {}
+    twice = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        for target in targets:
+            for name in ast.walk(target):
+                if isinstance(name, ast.Name):
+                    if name.id in seen:
+                        twice.append(f"{name.id}: lines {seen[name.id]} and {node.lineno}")
+                    seen.setdefault(name.id, node.lineno)
+    assert twice == []
