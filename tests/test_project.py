@@ -78,6 +78,55 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert command in [line.strip() for line in ci]
 
 
+README_MAX_CHARS = 10_000  # the front door: what it is, how to run it, where to read on
+
+
+def _docs() -> list:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def _prose(path) -> str:
+    return re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # code blocks hold no links
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_is_a_front_door():
+    assert len((ROOT / "README.md").read_text()) <= README_MAX_CHARS
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    """A moved section or file breaks the links to it; this names each one."""
+    broken = []
+    for doc in _docs():
+        for link in re.findall(r"\]\(([^)\s]+)\)", _prose(doc)):
+            if re.match(r"[a-z]+:", link) or link.startswith("#/"):  # a URL, or an MLflow UI route
+                continue
+            path, _, anchor = link.partition("#")
+            target = (doc.parent / path) if path else doc
+            if not target.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {link} (no such file)")
+            elif anchor and target.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", _prose(target), re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{doc.relative_to(ROOT)}: {link} (no such heading)")
+    assert broken == []
+
+
+def test_no_hand_written_test_counts_in_the_docs():
+    # Counts of tests go stale with the next test (several commits once existed only to update
+    # them); CI prints the real ones.
+    stale = [
+        f"{doc.relative_to(ROOT)}: {m.group(0)}"
+        for doc in _docs()
+        for m in re.finditer(r"\b\d+ tests\b|\b\d+ (?:passed|skip(?:ped)?)\b", doc.read_text())
+    ]
+    assert stale == []
+
+
 def test_configuration_reference_is_current():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert doc == reference_markdown(), "regenerate: python -m pipeline config docs > docs/configuration.md"
