@@ -13,7 +13,7 @@ each seed: the trial's training time, its saves' time and size; the same saves o
 kills / retrain: a demo trial (or one with the retrain's settings: 300 steps, restore_best and a
 plateau patience, whose state is checkpointed too) stopped at a uniformly random optimizer step, as SIGKILL
 would leave it on disk (its last sealed checkpoint; the SIGKILL path itself is
-tests/search/test_interrupted.py), then continued with `RunSpec.resume`. Prints the steps redone
+tests/search/steps/test_interrupted.py), then continued with `RunSpec.resume`. Prints the steps redone
 on resume (before this feature: every step up to the kill) and whether the continued run's eval
 loss equals the uninterrupted run's.
 """

@@ -68,9 +68,9 @@ for quant in "model.dtype=bfloat16" "model.load_in_4bit=true"; do
 done
 
 echo "== every LoRA variant on CUDA: base kept, adapter trained, served as trained (DoRA/LoftQ on 4-bit too)"
-$PY -m pytest tests/test_variants.py -q -m "slow or not slow" -p no:cacheprovider
+$PY -m pytest tests/model/test_variants.py -q -m "slow or not slow" -p no:cacheprovider
 echo "== packed trials on CUDA: equal to alone (the tests, as configured), then search wall time at pack 1 and 4 (bf16, 4-bit)"
-$PY -m pytest tests/test_packing.py -q -p no:cacheprovider
+$PY -m pytest tests/training/test_packing.py -q -p no:cacheprovider
 for quant in "model.dtype=bfloat16" "model.load_in_4bit=true"; do
   $PY bench/packed.py --packs 1,4 --seeds 0,1,2 --stopping off --set "$quant" \
     "search.parameters.train.batch_size.values=[1,2]" train.max_steps=60 train.eval_steps=20 --out "$OUT/packed.json"

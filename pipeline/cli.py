@@ -127,7 +127,9 @@ def search(
         check_inputs(local)
     from pipeline.search import SearchAborted, run_search, search_config
 
-    config = search_config(config_path, list(overrides), resume or None, n_trials, budget_minutes)
+    config = search_config(
+        config_path, list(overrides), resume or None, n_trials, budget_minutes, loaded=local
+    )
     try:
         result = run_search(config, resume=resume or None, quiet=quiet)
     except SearchFinished as e:

@@ -324,3 +324,81 @@ def test_names_assigns_each_name_once():
                         twice.append(f"{name.id}: lines {seen[name.id]} and {node.lineno}")
                     seen.setdefault(name.id, node.lineno)
     assert twice == []
+
+
+# Tests mirror the package: pipeline/<folder>/<module>.py is tested in tests/<folder>/test_<module>.py.
+# A module without its own file is listed here with the file that tests it and why it has none.
+TESTED_ELSEWHERE = {
+    "__main__.py": ("tests/test_cli.py", "`python -m pipeline` is the CLI's entry, four lines"),
+    "config/keys.py": ("tests/config/test_load.py", "key paths, through every override and error"),
+    "config/messages.py": ("tests/config/test_edge.py", "the one-line problems, asserted as users read them"),
+    "config/parameters.py": ("tests/config/test_load.py", "the search parameter specs, loaded from YAML"),
+    "config/points.py": ("tests/config/test_edge.py", "every value a space allows, checked at the edge"),
+    "config/reference.py": ("tests/test_project.py", "docs/configuration.md is regenerated and compared"),
+    "config/schema.py": ("tests/config/test_load.py", "the schema is what load_config validates against"),
+    "config/search.py": ("tests/config/test_load.py", "the search section, loaded and refused"),
+    "config/sections.py": ("tests/config/test_load.py", "the sections, loaded and refused"),
+    "core/console.py": (
+        "tests/search/report/test_summary.py",
+        "run names and durations, where trials are named",
+    ),
+    "core/errors.py": ("tests/config/test_edge.py", "exception types, raised and matched everywhere"),
+    "core/events.py": ("tests/search/test_stopping.py", "progression units, where early stopping uses them"),
+    "core/files.py": ("tests/search/test_journal.py", "atomic writes, where a kill mid-save is tested"),
+    "core/interrupt.py": ("tests/search/steps/test_interrupted.py", "signals, sent to real processes"),
+    "core/names.py": ("tests/test_project.py", "constants only; that each is assigned once"),
+    "core/outer_run.py": ("tests/test_e2e_baseline.py", "the run `mlflow run` makes, adopted end to end"),
+    "core/plotting.py": ("tests/retrain/test_recipe.py", "the plots, written by the reports"),
+    "core/provenance.py": (
+        "tests/test_reproducibility.py",
+        "versions and kernels, compared with the example",
+    ),
+    "data/collate.py": ("tests/data/test_prepare.py", "batches, built from the prepared data"),
+    "data/inputs.py": ("tests/model/test_load.py", "the model's inputs, where the model is built"),
+    "data/read.py": ("tests/data/test_prepare.py", "every format and bad line, read through prepare"),
+    "model/adapter.py": ("tests/registry/test_pyfunc.py", "adapters saved, loaded and served"),
+    "model/device.py": ("tests/model/test_load.py", "device and precision plans, where models load"),
+    "retrain/report.py": ("tests/retrain/test_recipe.py", "the retrain's report, from a real retrain"),
+    "search/ax/outcomes.py": (
+        "tests/search/ax/test_space.py",
+        "objectives and constraints, in Ax's experiment",
+    ),
+    "search/executors/mailbox.py": ("tests/search/executors/test_ray.py", "the Ray actor, on a real cluster"),
+    "search/failure_rate.py": ("tests/search/test_loop.py", "the failure budget, in a search that fails"),
+    "search/finish.py": ("tests/search/test_loop.py", "the search's end: report, best config, registry"),
+    "search/preflight.py": ("tests/config/test_load.py", "the search's config and checks before its run"),
+    "search/records.py": ("tests/search/test_journal.py", "the records, saved and loaded"),
+    "search/report/evidence.py": ("tests/search/steps/test_replicates.py", "the intervals, from replicates"),
+    "search/report/markdown.py": ("tests/search/test_loop.py", "the report, as a search writes it"),
+    "search/report/noise.py": ("tests/search/steps/test_replicates.py", "the noise section, from replicates"),
+    "search/report/plots.py": ("tests/search/test_loop.py", "the plots, as a search writes them"),
+    "training/router.py": ("tests/training/test_packing.py", "the routed LoRA of packed trials"),
+    "trial/failures.py": ("tests/trial/test_run.py", "a failed run's classification and error.txt"),
+    "trial/resources.py": ("tests/trial/test_run.py", "the base models a process keeps"),
+    "trial/resume.py": ("tests/search/steps/test_interrupted.py", "a run continued from its checkpoint"),
+}
+
+
+def _modules_with_logic() -> list[str]:
+    return sorted(
+        str(p.relative_to(ROOT / "pipeline"))
+        for p in (ROOT / "pipeline").rglob("*.py")
+        if p.name != "__init__.py" and "assets" not in p.parts  # assets: evaluate's metric scripts
+    )
+
+
+def test_tests_mirror_the_package():
+    """Each module has its tests/<folder>/test_<module>.py, or a line above saying where it is tested."""
+    missing, stale = [], []
+    for module in _modules_with_logic():
+        folder, _, name = module.rpartition("/")
+        own = f"tests/{folder}/test_{name}" if folder else f"tests/test_{name}"
+        if (ROOT / own).is_file() and module in TESTED_ELSEWHERE:
+            stale.append(f"{module}: {own} exists now; drop it from TESTED_ELSEWHERE")
+        elif not (ROOT / own).is_file() and module not in TESTED_ELSEWHERE:
+            missing.append(f"{module}: no {own}, and no line in TESTED_ELSEWHERE")
+    gone = sorted(set(TESTED_ELSEWHERE) - set(_modules_with_logic()))
+    elsewhere = [
+        f"{m}: {f} does not exist" for m, (f, _) in TESTED_ELSEWHERE.items() if not (ROOT / f).is_file()
+    ]
+    assert (missing, stale, gone, elsewhere) == ([], [], [], [])

@@ -20,13 +20,6 @@ from pipeline.config.schema import RESULT_SECTIONS, PipelineConfig
 from pipeline.core.errors import ConfigError
 
 
-def _compose(text: str) -> yaml.Node | None:
-    try:
-        return yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-
-
 def _line_map(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
     """Map each key path of a YAML mapping to its 1-based line (the first, if it repeats)."""
     lines: dict[tuple[str, ...], int] = {}
@@ -127,10 +120,14 @@ def _override_search_parameter(data: dict, rest: list[str], value: Any) -> None:
 
 
 def validate(
-    data: Any, source: str = "<config>", text: str = "", labels: Mapping[str, str] | None = None
+    data: Any,
+    source: str = "<config>",
+    lines: Mapping[tuple[str, ...], int] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> PipelineConfig:
     """Validate a plain dict into a PipelineConfig; raise ConfigError with every problem.
 
+    `lines` maps key paths to their line in `source` (a problem there says `file:line`);
     `labels` names where overridden keys came from (`--set train.lr`, `--n-trials`): a problem
     with such a key is reported under that name instead of a file line."""
     if not isinstance(data, dict):
@@ -138,9 +135,8 @@ def validate(
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        lines = _line_map(_compose(text))
         raise ConfigError(
-            source, messages.problems(PipelineConfig, e.errors(), lines, labels or {}, source)
+            source, messages.problems(PipelineConfig, e.errors(), dict(lines or {}), labels or {}, source)
         ) from None
 
 
@@ -155,13 +151,14 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), search: bool = 
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read the file ({e.strerror or e})"]) from None
-    try:
-        data = yaml.safe_load(text) or {}
+    try:  # parsed once: the node tree gives the lines and the duplicates, then the data
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = (yaml.SafeLoader("").construct_document(node) if node is not None else None) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(where, [f"not valid YAML: {getattr(e, 'problem', e)}"]) from None
-    repeated = _duplicate_keys(_compose(text), str(path))
+    repeated = _duplicate_keys(node, str(path))
     if repeated:
         raise ConfigError(str(path), repeated)
     if not search:
@@ -171,7 +168,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), search: bool = 
     pairs = parse_overrides(overrides)
     if isinstance(data, dict):
         apply_overrides(data, pairs)
-    return validate(data, str(path), text, {k: f"--set {k}" for k, _ in pairs})
+    return validate(data, str(path), _line_map(node), {k: f"--set {k}" for k, _ in pairs})
 
 
 # Views of a config

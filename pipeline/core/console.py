@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 DEBUG_ENV = "PIPELINE_DEBUG"  # inherited by `mlflow run`'s process and by Ray workers
 
@@ -142,3 +143,32 @@ class Captured(logging.Handler):
 
     def __exit__(self, *exc: object) -> None:
         self.logger.removeHandler(self)
+
+
+# Run names and durations, as progress lines and the MLflow runs table show them
+
+# The keys a run name shows first, by their short names; any other key by its last part.
+SHORT_NAMES = {"lora.r": "r", "lora.alpha": "a", "train.learning_rate": "lr", "train.batch_size": "bs"}
+
+
+def run_name(label: str, params: Mapping[str, Any]) -> str:
+    """`trial-07 r=32 a=64 lr=1.2e-04 bs=2`: a label and the key params, the one format of the
+    baseline's, every trial's and the retrain's run names."""
+    parts = [label]
+    for key, value in params.items():
+        short = SHORT_NAMES.get(key, key.rsplit(".", 1)[-1])
+        if isinstance(value, float):
+            small_or_big = value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4)
+            text = f"{value:.1e}" if small_or_big else f"{value:g}"
+        else:
+            text = str(value)
+        parts.append(f"{short}={text}")
+    return " ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """`4m05s`, `1h02m`: elapsed time and ETA in progress lines."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 STEPS, EXAMPLES = "steps", "examples"
+UNITS = (STEPS, EXAMPLES)  # what a trial's progression is counted in (config: these, or auto)
 
 
 def progression(unit: str, step: int, examples_per_step: int) -> int:

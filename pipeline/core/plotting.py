@@ -11,7 +11,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import matplotlib.ticker as ticker
 
-__all__ = ["plt", "save", "ticker"]
+__all__ = ["BASELINE_COLOR", "mark_best", "plt", "save", "ticker"]
+
+BASELINE_COLOR = "tab:red"  # the baseline's line in every plot
 
 
 def save(fig: Any, path: Path) -> None:
@@ -19,3 +21,8 @@ def save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def mark_best(ax: Any, x: float, y: float, label: str | None = None) -> None:
+    """The best point of a plot, a gold star, the same in the search's and the retrain's reports."""
+    ax.scatter([x], [y], marker="*", s=220, color="gold", edgecolor="black", zorder=3, label=label)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.core import names
-from pipeline.core.plotting import plt, save
+from pipeline.core.plotting import BASELINE_COLOR, mark_best, plt, save
 from pipeline.core.stats import Interval
 from pipeline.search.report.summary import pct
 
@@ -110,22 +110,13 @@ def _plot_evals(ctx: RetrainContext, path: Path) -> None:
     if ctx.best_step is not None:
         best_loss = dict(ctx.evals).get(ctx.best_step)
         if best_loss is not None:
-            ax.scatter(
-                [ctx.best_step / ctx.steps_per_epoch],
-                [best_loss],
-                marker="*",
-                s=220,
-                color="gold",
-                edgecolor="black",
-                zorder=3,
-                label="best (restored)",
-            )
+            mark_best(ax, ctx.best_step / ctx.steps_per_epoch, best_loss, "best (restored)")
     for row, style in zip(ctx.rows[:2], ("--", ":"), strict=True):
         if row.run_id and names.EVAL_LOSS in row.metrics:
             ax.axhline(
                 row.metrics[names.EVAL_LOSS],
                 ls=style,
-                color="tab:red" if row.label == "baseline" else "tab:green",
+                color=BASELINE_COLOR if row.label == "baseline" else "tab:green",
                 label=f"{row.label} {row.metrics[names.EVAL_LOSS]:.4f}",
             )
     ax.set_xlabel("epoch")

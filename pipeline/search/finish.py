@@ -30,6 +30,7 @@ class SearchResult:
     report_dir: Path
     best_config_path: Path | None
     promotion: registry.Promotion | None
+    best_config: PipelineConfig | None = None  # what best_config.yaml holds, for a caller to go on with
 
 
 def finish(
@@ -50,12 +51,13 @@ def finish(
     on_loss = config.search.objectives[0].metric == names.EVAL_LOSS
     summary = search_metrics(state, best, ev.improvement if on_loss else None)
     run.log_metrics(summary, step=len(state.finished()), flush=True)
+    best_config = trial_config(config, best.parameters) if best is not None else None
     best_config_path = None
     promotion = None
-    if best is not None:
-        best_config_path = write_best_config(config, best, ev, run, directory)
+    if best is not None and best_config is not None:
+        best_config_path = write_best_config(best_config, best, ev, run, directory)
         with timer.phase("registry"):
-            promotion = register_best(config, best, summary, run, ev)
+            promotion = register_best(config, best_config, best, summary, run, ev)
         console.say(f"registry: {promotion.message}")
     context = ReportContext(
         config=config,
@@ -77,7 +79,7 @@ def finish(
         f"report: {report_dir / names.REPORT_FILE} (and artifact {names.REPORT_DIR}/ of run {run.run_id})"
     )
     run.log_metrics(timer.metrics("search_time_"), step=len(state.finished()), flush=True)
-    return SearchResult(run.run_id, state, best, report_dir, best_config_path, promotion)
+    return SearchResult(run.run_id, state, best, report_dir, best_config_path, promotion, best_config)
 
 
 def _analysis(config: PipelineConfig, state: SearchState, optimizer: Optimizer) -> dict[str, Any]:
@@ -107,7 +109,7 @@ def _provenance(config: PipelineConfig) -> dict[str, str]:
 
 
 def write_best_config(
-    config: PipelineConfig,
+    best_config: PipelineConfig,
     best: TrialRecord,
     ev: evidence.Evidence,
     run: tracking.TrackedRun,
@@ -115,21 +117,20 @@ def write_best_config(
 ) -> Path:
     """best_config.yaml: the recommended trial's complete config, locally and on the search run."""
     path = directory / names.BEST_CONFIG_FILE
-    write_atomic(
-        path,
-        to_yaml(
-            trial_config(config, best.parameters),
-            f"best config of search {run.run_id}: trial {best.index} (run {best.run_id}), "
-            f"eval_loss {best.eval_loss:.4f}, chosen as {ev.rule}. "
-            "Retrain: mlflow run . -e retrain -P best_config=<this file>",
-        ),
+    text = to_yaml(
+        best_config,
+        f"best config of search {run.run_id}: trial {best.index} (run {best.run_id}), "
+        f"eval_loss {best.eval_loss:.4f}, chosen as {ev.rule}. "
+        "Retrain: mlflow run . -e retrain -P best_config=<this file>",
     )
-    run.log_text(path.read_text(), names.BEST_CONFIG_FILE)
+    write_atomic(path, text)
+    run.log_text(text, names.BEST_CONFIG_FILE)
     return path
 
 
 def register_best(
     config: PipelineConfig,
+    best_config: PipelineConfig,
     best: TrialRecord,
     summary: dict[str, Any],
     run: tracking.TrackedRun,
@@ -158,7 +159,7 @@ def register_best(
             },
             description=registry.version_description(
                 offer,
-                to_yaml(trial_config(config, best.parameters)),
+                to_yaml(best_config),
                 experiment_id=run.experiment_id,
                 role=names.ROLE_TRIAL,
                 metrics=best.metrics,

@@ -38,7 +38,7 @@ from pipeline.search.records import (
     SearchState,
     TrialRecord,
 )
-from pipeline.search.report.summary import best_trial, duration, trial_name
+from pipeline.search.report.summary import best_trial, trial_name
 from pipeline.search.steps import baseline, interrupted, replicates, warm
 from pipeline.search.stopping import progression, progression_unit, unreachable
 from pipeline.trial.resources import Resources
@@ -350,7 +350,7 @@ class Search:
         )
         console.say(
             f"[{n}/{records.n_trials}] {record.run_name} | eval_loss {loss} {record.status} | {best_text} | "
-            f"{duration(elapsed)} elapsed, ETA {duration(eta)}{failure}"
+            f"{console.duration(elapsed)} elapsed, ETA {console.duration(eta)}{failure}"
         )
 
     def _kill_pending(self) -> None:

@@ -23,10 +23,14 @@ def search_config(
     resume: str | None = None,
     n_trials: int | None = None,
     budget_minutes: float | None = None,
+    loaded: PipelineConfig | None = None,
 ) -> PipelineConfig:
     """A search's final config, validated once: the file (or, resuming, the search's own config
-    logged on its run), the --set overrides, then --n-trials and --budget-minutes."""
-    config = load_config(config_path, overrides)
+    logged on its run), the --set overrides, then --n-trials and --budget-minutes.
+
+    `loaded`: the file with its overrides, where the caller has loaded it already (the CLI checks
+    it before the heavy imports); it is not read again."""
+    config = loaded if loaded is not None else load_config(config_path, overrides)
     source = str(config_path)
     if resume:
         with tempfile.TemporaryDirectory() as tmp:

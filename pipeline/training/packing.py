@@ -17,7 +17,7 @@ Threads take turns: one runs Python at a time, and the one whose turn it is has 
 process-wide state installed: torch's RNG (dropout masks, data order), Python's and NumPy's,
 and accelerate's GradientState (a process-wide dict the Trainer writes every micro-step). In the
 shared forward each trial's dropout draws from that trial's RNG state. So a trial sees the data
-order, dropout masks and arithmetic it would alone (tests/test_packing.py measures the
+order, dropout masks and arithmetic it would alone (tests/training/test_packing.py measures the
 difference: bit-identical where the base's kernels give the same rows for a larger batch).
 """
 

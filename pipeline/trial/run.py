@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__, tracking
-from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_dict, to_yaml
+from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_dict, to_yaml, values_at
 from pipeline.core import console, names
 from pipeline.core.errors import TrialFailed, TrialInterrupted
 from pipeline.core.events import EvalHook
@@ -381,5 +381,5 @@ def _generation_scores(run: tracking.TrackedRun, trial: TrialSetup, model: Any) 
 
 
 def default_run_name(config: PipelineConfig, role: str) -> str:
-    lora, tr = config.lora, config.train
-    return f"{role} r={lora.r} a={lora.alpha:g} lr={tr.learning_rate:.1e} bs={tr.batch_size}"
+    """`baseline r=8 a=16 lr=1.0e-03 bs=4`: the role and the config's values of the keys a run name shows."""
+    return console.run_name(role, values_at(config, console.SHORT_NAMES))

@@ -367,6 +367,15 @@ def test_a_worse_search_does_not_move_the_champion_and_reuses_the_baseline(tmp_p
     assert f"| source run | trial [`{first.best.run_id}`](#/experiments/" in described
     assert f"| search run | [`{first.parent_run_id}`](#/experiments/" in described
     assert "| vs baseline | eval_loss " in described and "```yaml\n" in described
+    # best_config.yaml, the run's copy and the result handed on are one config: the file is
+    # written once, not read back; the version's description holds the same YAML.
+    from pipeline.config import load_config, to_yaml
+
+    assert load_config(first.best_config_path, search=False) == first.best_config
+    assert first.best_config.search is None and first.best_config.lora.r == first.best.parameters["lora.r"]
+    logged = MlflowClient().download_artifacts(first.parent_run_id, names.BEST_CONFIG_FILE, str(tmp_path))
+    assert Path(logged).read_text() == first.best_config_path.read_text()
+    assert to_yaml(first.best_config) in described
     # A search confined to a tiny learning rate cannot beat the first one.
     worse = run_search(
         search_config(

@@ -154,3 +154,18 @@ def test_early_stopping_compares_trials_at_the_same_share_of_their_training(tiny
     assert early_stopping_strategy(examples).min_progression == 50 * 8
     explicit = demo(**{"search.early_stopping.min_progression": 1000})
     assert early_stopping_strategy(explicit).min_progression == 1000
+
+
+def test_the_progression_units_are_named_once():
+    # The config's choices, the report's words for them and the plots' axis all use
+    # core.events' names: a unit renamed in one place and not another would fail here.
+    import typing
+
+    from pipeline.config.search import EarlyStoppingSpec
+    from pipeline.core import events
+    from pipeline.search.report import markdown
+
+    choices = typing.get_args(EarlyStoppingSpec.model_fields["progression"].annotation)
+    assert set(choices) == {"auto", *events.UNITS}
+    assert set(markdown.UNITS) == set(events.UNITS)
+    assert events.progression(events.EXAMPLES, 50, 8) == 400 and events.progression(events.STEPS, 50, 8) == 50

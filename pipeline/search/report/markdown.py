@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.core import names
+from pipeline.core.events import EXAMPLES, STEPS
 from pipeline.search.records import COMPLETED, KILLED, SearchState, TrialRecord
 from pipeline.search.report import noise as noise_report
 from pipeline.search.report import plots
@@ -34,7 +35,7 @@ from pipeline.search.report.summary import (
 from pipeline.search.stopping import progression_unit
 
 PLOTS = names.REPORT_PLOTS
-UNITS = {"steps": "optimizer steps", "examples": "training examples seen"}
+UNITS = {STEPS: "optimizer steps", EXAMPLES: "training examples seen"}
 COMPARED_METRICS = (
     names.EVAL_LOSS,
     names.EVAL_PERPLEXITY,

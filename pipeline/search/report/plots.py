@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 from pipeline.config import SearchConfig
-from pipeline.core.plotting import plt, save, ticker
+from pipeline.core.events import EXAMPLES, STEPS
+from pipeline.core.plotting import BASELINE_COLOR, mark_best, plt, save, ticker
 from pipeline.search.records import COMPLETED, EARLY_STOPPED, KILLED, SearchState, TrialRecord
 from pipeline.search.report.summary import best_so_far, fmt
 
@@ -44,7 +45,7 @@ def plot_trace(state: SearchState, path: Path) -> None:
     if state.baseline:
         ax.axhline(
             state.baseline.eval_loss,
-            color="tab:red",
+            color=BASELINE_COLOR,
             ls="--",
             label=f"baseline {state.baseline.eval_loss:.4f}",
         )
@@ -63,7 +64,7 @@ def plot_trace(state: SearchState, path: Path) -> None:
     save(fig, path)
 
 
-def plot_curves(state: SearchState, path: Path, unit: str = "steps") -> None:
+def plot_curves(state: SearchState, path: Path, unit: str = STEPS) -> None:
     """Every trial's eval_loss curve against the progression early stopping compares (`steps`
     or training `examples` seen); early-stopped ones dashed, ending in a cross."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -71,7 +72,7 @@ def plot_curves(state: SearchState, path: Path, unit: str = "steps") -> None:
     trials = [t for t in state.trials if t.evals]
     curves = [*trials, *([state.baseline] if state.baseline and state.baseline.evals else [])]
     # Records from before examples were counted hold steps only.
-    in_examples = unit == "examples" and all(c.examples_per_step for c in curves)
+    in_examples = unit == EXAMPLES and all(c.examples_per_step for c in curves)
 
     def xs(record) -> list[int]:
         return [s * record.examples_per_step if in_examples else s for s, _ in record.evals]
@@ -123,17 +124,9 @@ def plot_slices(
         colors = ["tab:orange" if t.status == EARLY_STOPPED else "tab:blue" for t in scored]
         ax.scatter(xs, [t.eval_loss for t in scored], c=colors, s=36)
         if best is not None and name in best.parameters and numeric:
-            ax.scatter(
-                [best.parameters[name]],
-                [best.eval_loss],
-                marker="*",
-                s=220,
-                color="gold",
-                edgecolor="black",
-                zorder=3,
-            )
+            mark_best(ax, best.parameters[name], best.eval_loss)
         if state.baseline:
-            ax.axhline(state.baseline.eval_loss, color="tab:red", ls="--", lw=1)
+            ax.axhline(state.baseline.eval_loss, color=BASELINE_COLOR, ls="--", lw=1)
         if (spec.type == "range" and spec.log) or (
             spec.type == "choice" and numeric and len(set(xs)) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 8
         ):

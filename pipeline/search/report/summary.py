@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.config import OutcomeConstraint, PipelineConfig, SearchConfig
 from pipeline.core import names
+from pipeline.core.console import run_name
 from pipeline.core.stats import Interval
 from pipeline.search.records import (
     ABANDONED,
@@ -357,31 +358,9 @@ def important_parameters(
     return sorted(varied, key=lambda n: -strength(n))[:k]
 
 
-# Names and durations in progress lines
-
-SHORT_NAMES = {"lora.r": "r", "lora.alpha": "a", "train.learning_rate": "lr", "train.batch_size": "bs"}
-
-
 def trial_name(number: int, params: dict[str, Any], method: str = "") -> str:
     """`trial-07 r=32 a=64 lr=1.2e-04 bs=2`: the trial's number and its key params."""
-    parts = [f"trial-{number:02d}"]
-    for key, value in params.items():
-        short = SHORT_NAMES.get(key, key.rsplit(".", 1)[-1])
-        if isinstance(value, float):
-            small_or_big = value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4)
-            text = f"{value:.1e}" if small_or_big else f"{value:g}"
-        else:
-            text = str(value)
-        parts.append(f"{short}={text}")
-    return " ".join(parts) + (f" ({method})" if method == "retry" else "")
-
-
-def duration(seconds: float) -> str:
-    """`4m05s`, `1h02m`: elapsed time and ETA in progress lines."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+    return run_name(f"trial-{number:02d}", params) + (f" ({method})" if method == "retry" else "")
 
 
 def why_no_stopping(config: PipelineConfig, state: SearchState) -> str | None:
