@@ -168,6 +168,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.no_store
 def test_every_mistake_gets_one_line_naming_its_key_and_exit_2_before_any_run(tmp_path):
     # Run where a user would: the config beside the shipped model and data, named relatively.
     for folder in ("models", "data"):

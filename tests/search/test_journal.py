@@ -30,6 +30,7 @@ def test_state_round_trips_through_json_and_reads_older_files():
     assert SearchState.from_json(old).trials[0].eval_fingerprint is None
 
 
+@pytest.mark.no_store
 def test_write_atomic_keeps_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "trials.json"
     journal.write_atomic(path, "old")

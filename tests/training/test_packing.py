@@ -215,7 +215,7 @@ def test_a_packed_search_interrupted_mid_pack_resumes_every_trial(tmp_path, monk
     from pipeline.core import interrupt
     from pipeline.search import loop, run_search, search_config
 
-    from .search.common import search_overrides
+    from ..search.common import search_overrides
 
     sets = search_overrides(tmp_path, **{"train.eval_steps": 3, "lora.dropout": 0.1, "search.pack": 3})
     whole = run_search(search_config(DEMO_CONFIG, sets, n_trials=3), quiet=True)
