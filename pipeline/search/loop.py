@@ -25,7 +25,7 @@ from pipeline.core.timing import PhaseTimer
 from pipeline.model.adapter import discard_local_adapter
 from pipeline.search import budget, failure_rate, journal
 from pipeline.search.ax.space import Optimizer, Proposal
-from pipeline.search.executors.local import Executor, JobOutcome, TrialJob
+from pipeline.search.executors.local import Executor, InFlight, JobOutcome, TrialJob
 from pipeline.search.executors.packed import local_executor
 from pipeline.search.finish import SearchResult, finish
 from pipeline.search.preflight import check_before_run
@@ -93,9 +93,8 @@ class Search:
         # This session's time by phase (ax, trials, baseline, state, report, registry), logged on
         # the parent run as search_time_<phase>_s; each trial logs its own breakdown.
         self.timer = PhaseTimer()
-        self.pending: dict[int, TrialRecord] = {}  # submitted, not yet finished, by Ax index
-        self.started: dict[int, float] = {}  # clock() when each pending trial was submitted
         self.clock = clock  # the budgets' clock (tests drive a fake one)
+        self.flight: InFlight[TrialRecord] = InFlight(executor, clock)  # submitted, by Ax index
         # Wall time is added to the records at every save, so a hard kill (SIGKILL, a lost node)
         # loses at most the time since the last save: the clock value counted up to is this.
         self.accounted_at = clock()
@@ -203,11 +202,10 @@ class Search:
                 return
             self._fill()
             with self.timer.phase("trials"):
-                outcome = self.executor.wait_any()
-            record = self.pending.pop(outcome.job.index)
+                record, outcome, device_seconds = self.flight.wait()
             if outcome.result is not None:  # a trial without a metric the search needs ends it
                 baseline.require_metrics(outcome.result.metrics, self.search, f"trial {record.index}")
-            self._record(record, outcome)
+            self._record(record, outcome, device_seconds)
             if outcome.status == KILLED:  # the trial's worker was interrupted: so is the search
                 raise outcome.error if isinstance(outcome.error, KeyboardInterrupt) else KeyboardInterrupt()
             self._keep_best_adapter()
@@ -222,7 +220,7 @@ class Search:
 
     def _replicate(self) -> None:
         """The seed replicates (`search.replicates`), then their means and sems to Ax."""
-        runner = replicates.Runner(self.executor, self.started, self.clock, self._budget_spent, self._save)
+        runner = replicates.Runner(self.flight, self._budget_spent, self._save)
         replicates.replicate(
             self.config, self.records, self.optimizer, self.parent_run.run_id, runner, self.timer
         )
@@ -233,20 +231,20 @@ class Search:
         checkpoints, or their configs again), then one batch from Ax for the rest (locally: one
         trial at a time, as always)."""
         records = self.records
-        want = min(self.executor.idle(), records.n_trials - len(records.finished()) - len(self.pending))
+        want = min(self.executor.idle(), records.n_trials - len(records.finished()) - len(self.flight))
         if want <= 0:
             return
-        for index in [i for i in records.resumable if i not in self.pending][:want]:
-            self.pending[index], self.started[index] = records.record(index), self.clock()
-            self.executor.submit(interrupted.continuation(records, index, self.trial_base), self._on_eval)
+        for index in [i for i in records.resumable if i not in self.flight][:want]:
+            job = interrupted.continuation(records, index, self.trial_base)
+            self.flight.submit(job, records.record(index), self._on_eval)
             want -= 1
-        running = [t.parameters for t in self.pending.values()]
+        running = [t.parameters for t in self.flight.records.values()]
         retries = [p for p in records.retry if p not in running][:want]
         with self.timer.phase("ax"):
             batch = [Proposal(self.optimizer.retry(p), dict(p), "retry") for p in retries]
             if want > len(batch):
                 batch += self.optimizer.ask_batch(want - len(batch))
-        if not batch and not self.pending:
+        if not batch and not self.flight:
             raise SearchAborted("search stopped: Ax proposed no trial (no configuration left to try)")
         for index, params, method in batch:
             self._submit(index, params, method)
@@ -255,13 +253,12 @@ class Search:
         """Record the trial (its config survives a crash from here on), then start it."""
         records = self.records
         record = TrialRecord(index=index, parameters=params, generation_method=method)
-        record.run_name = trial_name(len(records.finished()) + len(self.pending) + 1, params, method)
+        record.run_name = trial_name(len(records.finished()) + len(self.flight) + 1, params, method)
         records.trials.append(record)
         self._save()
         tags = {names.AX_TRIAL_INDEX: index, names.AX_GENERATION_METHOD: method}
         spec = RunSpec(names.ROLE_TRIAL, record.run_name, self.parent_run.run_id, tags)
-        self.pending[index], self.started[index] = record, self.clock()
-        self.executor.submit(TrialJob(index, self.trial_base, params, spec), self._on_eval)
+        self.flight.submit(TrialJob(index, self.trial_base, params, spec), record, self._on_eval)
 
     def _on_eval(self, event: EvalEvent) -> bool:
         """Each evaluation of a running trial goes to Ax at its progression (steps or examples
@@ -272,7 +269,7 @@ class Search:
             return False
         stop = self.optimizer.report_evaluation(event.trial, event.at(progression_unit(self.config)), loss)
         if not stop and self._budget_spent():
-            self.pending[event.trial].stopped_by = "budget"
+            self.flight.records[event.trial].stopped_by = "budget"
             return True
         return stop
 
@@ -283,16 +280,16 @@ class Search:
             self.records,
             self.clock(),
             self.accounted_at,
-            self.started,
+            self.flight.started,
             self.executor.devices_per_trial,
         )
 
-    def _record(self, record: TrialRecord, outcome: JobOutcome) -> None:
+    def _record(self, record: TrialRecord, outcome: JobOutcome, device_seconds: float) -> None:
         """Feed a finished trial back to Ax and into its record (its run tagged itself)."""
         records, index = self.records, record.index
         # Added: a continued trial's earlier sessions count too.
         record.wall_seconds += outcome.wall_seconds
-        record.device_seconds += (self.clock() - self.started.pop(index)) * self.executor.devices_per_trial
+        record.device_seconds += device_seconds
         record.run_id = outcome.run_id or record.run_id
         if outcome.status == KILLED:
             self._mark_killed(record)
@@ -356,9 +353,8 @@ class Search:
     def _kill_pending(self) -> None:
         """Trials still running when the search stops (in parallel, the others' workers are
         stopped with it): killed, and their configs run first when the search resumes."""
-        for record in self.pending.values():
+        for record in self.flight.clear():
             self._mark_killed(record)
-        self.pending.clear()
 
     def _mark_killed(self, record: TrialRecord) -> None:
         interrupted.mark_killed(self.config, self.records, self.optimizer, record)

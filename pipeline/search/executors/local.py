@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from pipeline.config import PipelineConfig, values_at, with_overrides
 from pipeline.core import console, names
@@ -73,6 +74,46 @@ class Executor(Protocol):
 
     def close(self) -> None:
         """Release workers and resources; jobs not yet started are dropped."""
+
+
+R = TypeVar("R")
+
+
+class InFlight(Generic[R]):
+    """The jobs a search has submitted and not yet heard back from: each one's record and when it
+    started (the device budget counts running jobs). The trials' loop and the seed replicates
+    run their jobs through it, so the bookkeeping of what runs is written once."""
+
+    def __init__(self, executor: Executor, clock: Callable[[], float]) -> None:
+        self.executor = executor
+        self.clock = clock
+        self.records: dict[int, R] = {}  # by job index (an Ax trial's; replicates: -2, -3, ...)
+        self.started: dict[int, float] = {}  # clock() when each was submitted
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, index: object) -> bool:
+        return index in self.records
+
+    def submit(self, job: TrialJob, record: R, on_eval: EvalHook | None = None) -> None:
+        """Start `job` (its record already saved: it survives a crash from here on)."""
+        self.records[job.index], self.started[job.index] = record, self.clock()
+        self.executor.submit(job, on_eval)
+
+    def wait(self) -> tuple[R, JobOutcome, float]:
+        """The next job to end: its record, its outcome, and the device-seconds it held."""
+        outcome = self.executor.wait_any()
+        index = outcome.job.index
+        device_seconds = (self.clock() - self.started.pop(index)) * self.executor.devices_per_trial
+        return self.records.pop(index), outcome, device_seconds
+
+    def clear(self) -> list[R]:
+        """Forget every job still running (the search stops): their records."""
+        records = list(self.records.values())
+        self.records.clear()
+        self.started.clear()
+        return records
 
 
 def run_job(

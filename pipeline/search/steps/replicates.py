@@ -28,7 +28,7 @@ from pipeline.core.stats import mean_sem, pooled_sd
 from pipeline.core.timing import PhaseTimer
 from pipeline.model.adapter import discard_local_adapter
 from pipeline.search.ax.space import Optimizer
-from pipeline.search.executors.local import Executor, JobOutcome, TrialJob
+from pipeline.search.executors.local import InFlight, JobOutcome, TrialJob
 from pipeline.search.records import COMPLETED, KILLED, RUNNING, ReplicateRecord, SearchState, TrialRecord
 from pipeline.search.report.summary import feasible
 from pipeline.search.stopping import progression
@@ -100,13 +100,10 @@ def job(record: ReplicateRecord, number: int, base: PipelineConfig, parent_run_i
 
 @dataclass
 class Runner:
-    """What running replicates takes from the search: its executor, the clock of its running
-    jobs (`started`, which the device budget counts), its budget check, and how it saves the
-    records."""
+    """What running replicates takes from the search: its jobs in flight (its executor and clock,
+    which the device budget counts), its budget check, and how it saves the records."""
 
-    executor: Executor
-    started: dict[int, float]
-    clock: Callable[[], float]
+    flight: InFlight
     budget_spent: Callable[[], str | None]
     save: Callable[[], None]
 
@@ -143,26 +140,22 @@ def run(
 ) -> str | None:
     """Run every replicate not yet done, as many at once as the executor takes; save the records
     after each one. Returns why it stopped early (a spent budget), or None when all ran."""
-    executor, started, clock = runner.executor, runner.started, runner.clock
+    flight = runner.flight
     todo = [(i, r) for i, r in enumerate(records) if not r.done]
-    pending: dict[int, ReplicateRecord] = {}
     total, done = len(records), len(records) - len(todo)
-    while todo or pending:
+    while todo or flight:
         spent = runner.budget_spent()
-        if spent and not pending:
+        if spent and not flight:
             return spent
-        while todo and not spent and executor.idle() > 0:
+        while todo and not spent and flight.executor.idle() > 0:
             number, record = todo.pop(0)
             record.status, record.run_id = RUNNING, None
-            j = job(record, number, base, parent_run_id)
-            pending[j.index], started[j.index] = record, clock()
             runner.save()
-            executor.submit(j, None)
-        if not pending:
+            flight.submit(job(record, number, base, parent_run_id), record)
+        if not flight:
             continue
-        outcome = executor.wait_any()
-        record = pending.pop(outcome.job.index)
-        record.device_seconds = (clock() - started.pop(outcome.job.index)) * executor.devices_per_trial
+        record, outcome, device_seconds = flight.wait()
+        record.device_seconds = device_seconds
         _record(record, outcome)
         done += 1
         value = f"eval_loss {record.eval_loss:.4f}" if record.eval_loss is not None else record.status

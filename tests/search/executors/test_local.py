@@ -128,3 +128,36 @@ def test_oom_recovery_frees_the_failed_trials_memory(tiny_config, monkeypatch):
     after = psutil.Process().memory_info().rss
     assert out.status == "abandoned" and "out of memory" in out.reason and out.run_id
     assert after - before < 100 * 2**20, f"{(after - before) / 2**20:.0f} MB still held after the OOM"
+
+
+def test_jobs_in_flight_keep_their_records_start_times_and_device_seconds():
+    # The trials' loop and the replicates run their jobs through one InFlight: what is running,
+    # since when (the device budget counts it), and what each job held when it ended.
+    from pipeline.search.executors.local import InFlight, JobOutcome
+
+    class TwoDeviceExecutor:
+        devices_per_trial = 2.0
+
+        def __init__(self):
+            self.queue = []
+
+        def submit(self, job, on_eval):
+            self.queue.append((job, on_eval))
+
+        def wait_any(self):
+            job, _ = self.queue.pop(0)
+            return JobOutcome(job, "completed")
+
+    now = [10.0]
+    flight = InFlight(TwoDeviceExecutor(), lambda: now[0])
+    base = demo()
+    flight.submit(TrialJob(3, base, {}), "trial 3", on_eval=print)
+    now[0] = 12.0
+    flight.submit(TrialJob(-2, base, {}), "replicate 0")
+    assert len(flight) == 2 and 3 in flight and -2 in flight and flight.started == {3: 10.0, -2: 12.0}
+    assert flight.executor.queue[0][1] is print  # the eval hook reaches the executor
+    now[0] = 15.0
+    record, outcome, device_seconds = flight.wait()
+    assert (record, outcome.job.index, device_seconds) == ("trial 3", 3, 10.0)  # 5 s on 2 devices
+    assert 3 not in flight and flight.started == {-2: 12.0}
+    assert flight.clear() == ["replicate 0"] and not flight and flight.started == {}
