@@ -203,9 +203,10 @@ class Search:
             self._fill()
             with self.timer.phase("trials"):
                 record, outcome, device_seconds = self.flight.wait()
+            record.device_seconds += device_seconds  # added: a continued trial's earlier sessions count too
             if outcome.result is not None:  # a trial without a metric the search needs ends it
                 baseline.require_metrics(outcome.result.metrics, self.search, f"trial {record.index}")
-            self._record(record, outcome, device_seconds)
+            self._record(record, outcome)
             if outcome.status == KILLED:  # the trial's worker was interrupted: so is the search
                 raise outcome.error if isinstance(outcome.error, KeyboardInterrupt) else KeyboardInterrupt()
             self._keep_best_adapter()
@@ -284,12 +285,11 @@ class Search:
             self.executor.devices_per_trial,
         )
 
-    def _record(self, record: TrialRecord, outcome: JobOutcome, device_seconds: float) -> None:
+    def _record(self, record: TrialRecord, outcome: JobOutcome) -> None:
         """Feed a finished trial back to Ax and into its record (its run tagged itself)."""
         records, index = self.records, record.index
         # Added: a continued trial's earlier sessions count too.
         record.wall_seconds += outcome.wall_seconds
-        record.device_seconds += device_seconds
         record.run_id = outcome.run_id or record.run_id
         if outcome.status == KILLED:
             self._mark_killed(record)
