@@ -51,10 +51,9 @@ def finish(
     on_loss = config.search.objectives[0].metric == names.EVAL_LOSS
     summary = search_metrics(state, best, ev.improvement if on_loss else None)
     run.log_metrics(summary, step=len(state.finished()), flush=True)
-    best_config = trial_config(config, best.parameters) if best is not None else None
-    best_config_path = None
-    promotion = None
-    if best is not None and best_config is not None:
+    best_config = best_config_path = promotion = None
+    if best is not None:
+        best_config = trial_config(config, best.parameters)
         best_config_path = write_best_config(best_config, best, ev, run, directory)
         with timer.phase("registry"):
             promotion = register_best(config, best_config, best, summary, run, ev)

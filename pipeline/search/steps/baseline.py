@@ -110,7 +110,8 @@ def find_or_train(
         reused, why = reusable(candidates, me, config.search.required_metrics())
     if reused is not None:
         console.say(f"baseline: reusing run {reused.run_id} ({why}), eval_loss {reused.eval_loss:.4f}")
-        return _record(reused, params, tracking.metric_history(reused.run_id, names.EVAL_LOSS), True, why)
+        evals = tracking.metric_history(reused.run_id, names.EVAL_LOSS)
+        return _record(reused, params, evals, reused=True, why=why)
     left = _interrupted_baseline(config, parent.run_id)
     console.say(f"baseline: {'continuing' if left else 'training'} the baseline config ({why})")
     spec = RunSpec(names.ROLE_BASELINE, parent_run_id=parent.run_id, resume=left)
@@ -122,10 +123,10 @@ def find_or_train(
     discard_local_adapter(result.adapter_dir)  # it is on the run; no one promotes a baseline
     require_metrics(result.metrics, config.search, "the baseline")
     console.say(f"baseline: eval_loss {result.eval_loss:.4f} ({result.wall_seconds:.0f}s)")
-    return _record(result, params, result.evals, False, why)
+    return _record(result, params, result.evals, reused=False, why=why)
 
 
-def _record(run: Any, params: dict[str, Any], evals: list, reused: bool, why: str) -> BaselineRecord:
+def _record(run: Any, params: dict[str, Any], evals: list, *, reused: bool, why: str) -> BaselineRecord:
     """The baseline's record from its run: an earlier finished one, or the one trained now (both
     carry run_id, eval_loss, metrics and examples_per_step)."""
     return BaselineRecord(
