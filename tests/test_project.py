@@ -132,48 +132,57 @@ def test_configuration_reference_is_current():
     assert doc == reference_markdown(), "regenerate: python -m pipeline config docs > docs/configuration.md"
 
 
-# The layers of the data flow, as folders (config -> data -> model -> training -> tracking ->
-# trial -> registry -> search -> retrain): a module may import its own layer or an earlier one,
-# never a later one. Inside `search`, its folders and modules are layers of their own, in the
-# order its loop uses them.
-STAGES = [
-    {"", "core"},  # the foundation
-    {"config"},
-    {"data"},
-    {"model"},
-    {"training"},
-    {"tracking"},
-    {"trial"},
-    {"registry"},
-    {"search.records"},
-    {"search.stopping"},
-    {"search.executors", "search.executors.local"},
-    {"search.executors.packed"},
-    {"search.ax"},
-    {"search.journal"},
-    {"search.failure_rate"},
-    {"search.steps.interrupted"},
-    {"search.budget"},
-    {"search.report.summary"},
-    {"search.steps.replicates"},
-    {"search.report"},
-    {"search.finish"},
-    {"search.executors.mailbox"},
-    {"search.executors.ray"},
-    {"search.steps"},
-    {"search.preflight"},
-    {"search.loop"},
-    {"search"},
-    {"retrain"},
-    {"cli", "__main__"},
+# The layers of the data flow, as folders: a module may import its own folder or an earlier one,
+# never a later one. Inside `search`, its modules and folders are layers of their own, in the order
+# its loop uses them. Inside one layer (a folder, or one of search's), imports form no cycle.
+LAYERS = ["core", "config", "data", "model", "training", "tracking", "trial", "registry", "search", "retrain"]
+SEARCH_LAYERS = [
+    "records",  # plain data: what the search knows
+    "stopping",  # the early-stopping rule
+    "executors",  # where trials run: local, packed, Ray
+    "ax",  # the only importer of ax
+    "journal",  # the records on disk
+    "failure_rate",
+    "budget",
+    "report",  # facts -> evidence -> markdown -> plots
+    "steps",  # baseline, warm start, interrupted trials, replicates
+    "finish",
+    "preflight",
+    "loop",
 ]
-RANK = {module: i for i, stage in enumerate(STAGES) for module in stage}
+TOP = ["cli", "__main__"]  # the entry points, above every layer
+
+
+def _rank(dotted: str) -> tuple[int, int] | None:
+    """Where a module sits: (its folder's place, its place inside search); None when it is in no
+    layer. `pipeline` itself is the foundation; `pipeline.search` (the package) is search's top."""
+    parts = dotted.split(".")[1:]
+    if not parts:
+        return (0, 0)
+    if parts[0] in TOP:
+        return (len(LAYERS), 0)
+    if parts[0] not in LAYERS:
+        return None
+    folder = LAYERS.index(parts[0])
+    if parts[0] != "search":
+        return (folder, 0)
+    if len(parts) == 1:
+        return (folder, len(SEARCH_LAYERS))
+    return (folder, SEARCH_LAYERS.index(parts[1])) if parts[1] in SEARCH_LAYERS else None
+
+
+def _layer(dotted: str) -> str:
+    """A module's layer, for messages: `pipeline.search.report.plots` -> `search.report`."""
+    parts = dotted.split(".")[1:]
+    return ".".join(parts[:2] if parts[:1] == ["search"] else parts[:1]) or "pipeline"
+
+
 # Third-party imports allowed in a few layers only.
 TENSOR_LAYER = {"data", "model", "training"}
 ONLY_IN = {
     "mlflow": {"tracking", "registry"},
     "ax": {"search.ax"},
-    "ray": {"search.executors.ray"},
+    "ray": {"search.executors"},
     "lm_eval": {"training"},
     "torch": TENSOR_LAYER,
     "transformers": TENSOR_LAYER,
@@ -185,21 +194,6 @@ MAX_LINES = 400
 MLFLOW_READS = re.compile(
     r"\.data\.(tags|metrics|params)\b|\.info\.\w+|search_runs\(|tags\.`|attributes\.status"
 )
-
-
-def _stage(dotted: str) -> str:
-    """`pipeline.search.loop` -> `search.loop`; `pipeline.search.steps.warm` -> `search.steps.warm`
-    (or `search.steps` when that is its layer); `pipeline.config.load` -> `config`; `pipeline` -> ``."""
-    parts = dotted.split(".")[1:]
-    if not parts:
-        return ""
-    if parts[0] == "search" and len(parts) > 1:
-        for depth in (3, 2):
-            name = ".".join(parts[:depth])
-            if len(parts) >= depth and name in RANK:
-                return name
-        return f"search.{parts[1]}"
-    return parts[0]
 
 
 def _module(path: str) -> str:
@@ -224,26 +218,53 @@ def _imports(source: str) -> list[tuple[str, int]]:
     return out
 
 
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle among the modules (a -> b -> a), or []."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
 def layering_violations(files: dict[str, str]) -> list[str]:
     """Every broken rule in {path: source} of `pipeline/` files, one line each."""
     problems = []
+    modules = {_module(path) for path in files}
+    graph: dict[str, set[str]] = {}
     for path, source in sorted(files.items()):
-        stage = _stage(_module(path))
-        if stage not in RANK:
-            problems.append(f"{path}: module is in no stage (add it to STAGES)")
+        module = _module(path)
+        rank = _rank(module)
+        if rank is None:
+            problems.append(f"{path}: module is in no layer (add its folder to LAYERS or SEARCH_LAYERS)")
             continue
+        stage = _layer(module)
         for target, line in _imports(source):
             top = target.split(".")[0]
-            if top in ONLY_IN and stage not in ONLY_IN[top]:
+            if top in ONLY_IN and not any(stage == s or stage.startswith(s + ".") for s in ONLY_IN[top]):
                 problems.append(f"{path}:{line}: imports {top} (only {', '.join(sorted(ONLY_IN[top]))} may)")
             if top == "pipeline":
-                other = _stage(target)
-                if other not in RANK:  # `pipeline.search.run_search`: a name, not a module
-                    other = _stage(target.rsplit(".", 1)[0])
-                if RANK.get(other, 0) > RANK[stage]:
-                    problems.append(
-                        f"{path}:{line}: imports {target}, a later stage than {stage or 'pipeline'}"
-                    )
+                parent = target.rsplit(".", 1)[0]
+                if _rank(target) is None or (target not in modules and parent in modules):
+                    target = parent  # `from pipeline.search.loop import Search`: a name, not a module
+                if target in modules and target != module:
+                    graph.setdefault(module, set()).add(target)
+                if (_rank(target) or (0, 0)) > rank:
+                    problems.append(f"{path}:{line}: imports {target}, a later layer than {stage}")
         if stage not in ONLY_IN["mlflow"]:
             for line, text in enumerate(source.splitlines(), 1):
                 if MLFLOW_READS.search(text):
@@ -251,6 +272,11 @@ def layering_violations(files: dict[str, str]) -> list[str]:
         n = source.count("\n")
         if n > MAX_LINES:
             problems.append(f"{path}: {n} lines (keep modules under {MAX_LINES}: one job each)")
+    # A package's `__init__` re-exporting its modules is not a cycle: the modules import the package's
+    # siblings, not its names.
+    graph = {m: {t for t in ts if not m.startswith(t + ".")} for m, ts in graph.items()}
+    if cycle := _cycle(graph):
+        problems.append(f"import cycle: {' -> '.join(cycle)}")
     return problems
 
 
@@ -278,14 +304,14 @@ def test_layering_of_the_package():
         (
             "pipeline/config/load.py",
             "def f():\n    from pipeline.trial import run_trial\n",
-            "pipeline/config/load.py:2: imports pipeline.trial.run_trial, a later stage than config",
+            "pipeline/config/load.py:2: imports pipeline.trial.run_trial, a later layer than config",
         ),
         (
             "pipeline/search/journal.py",
             "from pipeline.search.loop import Search\n",
-            "pipeline/search/journal.py:1: imports pipeline.search.loop.Search, a later stage than search.journal",
+            "pipeline/search/journal.py:1: imports pipeline.search.loop.Search, a later layer than search.journal",
         ),
-        ("pipeline/search/newthing.py", "", "pipeline/search/newthing.py: module is in no stage"),
+        ("pipeline/search/newthing.py", "", "pipeline/search/newthing.py: module is in no layer"),
         (
             "pipeline/retrain/recipe.py",
             "best = run.data.tags['search.best_run_id']\n",
@@ -301,6 +327,19 @@ def test_layering_check_catches_what_it_forbids(path, source, expected):
         assert len(problems) == 1 and problems[0].startswith(expected), problems
     else:
         assert problems == []
+
+
+def test_layering_check_catches_a_cycle_inside_a_layer():
+    files = {
+        "pipeline/config/a.py": "from pipeline.config.b import X\n",
+        "pipeline/config/b.py": "def f():\n    from pipeline.config import a\n",
+        "pipeline/config/__init__.py": "from pipeline.config.a import Y\n",  # a re-export: no cycle
+    }
+    assert layering_violations(files) == [
+        "import cycle: pipeline.config.a -> pipeline.config.b -> pipeline.config.a"
+    ]
+    del files["pipeline/config/b.py"]
+    assert layering_violations(files) == []
 
 
 def test_data_and_model_assets_are_documented():
@@ -367,7 +406,6 @@ TESTED_ELSEWHERE = {
     "search/failure_rate.py": ("tests/search/test_loop.py", "the failure budget, in a search that fails"),
     "search/finish.py": ("tests/search/test_loop.py", "the search's end: report, best config, registry"),
     "search/preflight.py": ("tests/config/test_load.py", "the search's config and checks before its run"),
-    "search/records.py": ("tests/search/test_journal.py", "the records, saved and loaded"),
     "search/report/evidence.py": ("tests/search/steps/test_replicates.py", "the intervals, from replicates"),
     "search/report/markdown.py": ("tests/search/test_loop.py", "the report, as a search writes it"),
     "search/report/noise.py": ("tests/search/steps/test_replicates.py", "the noise section, from replicates"),

@@ -5,9 +5,11 @@ trials, plain and JSON round-trippable (no Ax, MLflow or torch: the report reads
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.config import OutcomeConstraint, SearchConfig
 from pipeline.core import names
 
 # Trial outcomes (the `trial.status` tag's values). `killed` trials were interrupted: they do not
@@ -16,6 +18,12 @@ from pipeline.core import names
 COMPLETED, EARLY_STOPPED, FAILED = names.COMPLETED, names.EARLY_STOPPED, names.FAILED
 ABANDONED, KILLED, RUNNING = names.ABANDONED, names.KILLED, names.RUNNING
 CRASHED = "interrupted: the search process stopped"
+BASELINE = "baseline"  # a ReplicateRecord's `of` when it replicates the baseline
+
+
+def feasible(t: TrialRecord, constraints: Iterable[OutcomeConstraint]) -> bool:
+    """Whether the trial meets every outcome constraint."""
+    return all(c.holds(t.metrics.get(c.metric)) for c in constraints)
 
 
 @dataclass(kw_only=True)
@@ -132,6 +140,20 @@ class SearchState:
 
     def scored(self) -> list[TrialRecord]:
         return [t for t in self.trials if t.scored]
+
+    def contenders(self, search: SearchConfig) -> list[TrialRecord]:
+        """The trials that can be the answer: completed (an early-stopped trial's loss is from part
+        of the training: it ranks, but does not win), scored by the first objective, feasible."""
+        metric = search.objectives[0].metric
+        return [
+            t
+            for t in self.scored()
+            if t.status == COMPLETED and metric in t.metrics and feasible(t, search.outcome_constraints)
+        ]
+
+    def replicated(self, replicate: ReplicateRecord) -> TrialRecord | BaselineRecord | None:
+        """The selection run a replicate repeats: its trial's record, or the baseline's."""
+        return self.baseline if replicate.of == BASELINE else self.record(int(replicate.of))
 
     def record(self, index: int) -> TrialRecord | None:
         return next((t for t in self.trials if t.index == index), None)

@@ -29,8 +29,7 @@ from pipeline.core.stats import (
     improvement,
     scalar_scores,
 )
-from pipeline.search.records import COMPLETED, SearchState, TrialRecord
-from pipeline.search.steps.replicates import BASELINE
+from pipeline.search.records import BASELINE, COMPLETED, SearchState, TrialRecord
 
 Fetch = Callable[[str, str], ExampleScores | None]  # (run id, metric) -> its per-example scores
 
@@ -115,7 +114,7 @@ def _replicated(config: PipelineConfig, state: SearchState) -> dict[str, Replica
         if r.status != COMPLETED or metric not in r.metrics or r.run_id is None:
             continue
         if r.of not in out:
-            first = state.baseline if r.of == BASELINE else state.record(int(r.of))
+            first = state.replicated(r)
             out[r.of] = Replicated(
                 r.of,
                 [],

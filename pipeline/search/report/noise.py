@@ -12,9 +12,8 @@ from pipeline.config import PipelineConfig
 from pipeline.core import names
 from pipeline.core.plotting import plt, save, ticker
 from pipeline.core.stats import expected_best
-from pipeline.search.records import COMPLETED, SearchState
+from pipeline.search.records import BASELINE, COMPLETED, SearchState
 from pipeline.search.report.evidence import Evidence
-from pipeline.search.steps.replicates import BASELINE
 
 EXPECTED_BEST_PLOT = "expected_best.png"
 

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from pipeline.config import OutcomeConstraint, PipelineConfig, SearchConfig
+from pipeline.config import PipelineConfig, SearchConfig
 from pipeline.core import names
 from pipeline.core.console import run_name
 from pipeline.core.stats import Interval
@@ -21,25 +21,16 @@ from pipeline.search.records import (
     KILLED,
     SearchState,
     TrialRecord,
+    feasible,
 )
 from pipeline.search.stopping import stopping_plan, unreachable
-
-
-def feasible(t: TrialRecord, constraints: Iterable[OutcomeConstraint]) -> bool:
-    """Whether the trial meets every outcome constraint."""
-    return all(c.holds(t.metrics.get(c.metric)) for c in constraints)
 
 
 def best_trial(state: SearchState, search: SearchConfig, pareto: Iterable[int] = ()) -> TrialRecord | None:
     """Best scored trial by the first objective, among completed trials that meet the outcome
     constraints (and, with several objectives, among those on the Pareto frontier)."""
     objective = search.objectives[0]
-    # An early-stopped trial's loss is from part of the training: it ranks, but does not win.
-    candidates = [
-        t
-        for t in state.scored()
-        if t.status == COMPLETED and objective.metric in t.metrics and feasible(t, search.outcome_constraints)
-    ]
+    candidates = state.contenders(search)
     pareto = set(pareto)
     if pareto:
         candidates = [t for t in candidates if t.index in pareto] or candidates

@@ -29,12 +29,17 @@ from pipeline.core.timing import PhaseTimer
 from pipeline.model.adapter import discard_local_adapter
 from pipeline.search.ax.space import Optimizer
 from pipeline.search.executors.local import InFlight, JobOutcome, TrialJob
-from pipeline.search.records import COMPLETED, KILLED, RUNNING, ReplicateRecord, SearchState, TrialRecord
-from pipeline.search.report.summary import feasible
+from pipeline.search.records import (
+    BASELINE,
+    COMPLETED,
+    KILLED,
+    RUNNING,
+    ReplicateRecord,
+    SearchState,
+    TrialRecord,
+)
 from pipeline.search.stopping import progression
 from pipeline.trial.run import RunSpec
-
-BASELINE = "baseline"
 
 
 def replicate_seeds(config: PipelineConfig) -> list[int]:
@@ -48,11 +53,7 @@ def choose(config: PipelineConfig, state: SearchState, optimizer: Optimizer) -> 
     search = config.search
     objective = search.objectives[0]
     sign = 1 if objective.minimize else -1
-    candidates = [
-        t
-        for t in state.scored()
-        if t.status == COMPLETED and objective.metric in t.metrics and feasible(t, search.outcome_constraints)
-    ]
+    candidates = state.contenders(search)
     by_index = {t.index: t for t in candidates}
     chosen: list[tuple[TrialRecord, str]] = []
     predicted = optimizer.predicted_best()
@@ -185,7 +186,7 @@ def values(state: SearchState, metric: str) -> dict[str, list[float]]:
         if r.status != COMPLETED or metric not in r.metrics:
             continue
         if r.of not in out:
-            first = state.baseline if r.of == BASELINE else state.record(int(r.of))
+            first = state.replicated(r)
             out[r.of] = [first.metrics[metric]] if first is not None and metric in first.metrics else []
         out[r.of].append(r.metrics[metric])
     return out

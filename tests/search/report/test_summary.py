@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline.core import console, names
-from pipeline.search.records import SearchState, TrialRecord
+from pipeline.search.records import SearchState, TrialRecord, feasible
 from pipeline.search.report import summary
 
 from ..common import baseline_record, demo, record
@@ -27,8 +27,8 @@ def test_best_trial_counts_only_completed_feasible_trials():
     ]
     assert summary.best_trial(state, search).index == 2
     assert summary.best_trial(state, search, pareto=[3]).index == 3  # restricted to the frontier
-    assert summary.feasible(state.trials[2], search.outcome_constraints)
-    assert not summary.feasible(state.trials[4], search.outcome_constraints)  # no value: not met
+    assert feasible(state.trials[2], search.outcome_constraints)
+    assert not feasible(state.trials[4], search.outcome_constraints)  # no value: not met
     # In the objective's direction: a maximized metric's highest value wins (no constraint here).
     maximize = demo(**{"search.objectives": [{"metric": "eval_rougeL", "minimize": False}]}).search
     for t, rouge in zip(state.trials[:4], (0.4, 0.9, 0.3, 0.2), strict=True):
