@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from bench.search_efficiency import Table  # noqa: E402
 from pipeline.config import load_config, with_overrides  # noqa: E402
 from pipeline.core import console  # noqa: E402
-from pipeline.search.ax.space import Optimizer  # noqa: E402
+from pipeline.search.ax.optimizer import Optimizer  # noqa: E402
 
 EVALS_PER_TRIAL = 3  # the demo config evaluates at steps 50, 100 and 150
 

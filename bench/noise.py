@@ -149,7 +149,8 @@ class NoisyTable:
 
 
 def replay_part(args: argparse.Namespace) -> None:
-    from pipeline.search.ax.space import Optimizer, build_client
+    from pipeline.search.ax.optimizer import Optimizer
+    from pipeline.search.ax.space import build_client
     from pipeline.search.records import COMPLETED, BaselineRecord, SearchState, TrialRecord
     from pipeline.search.steps.replicates import choose
 

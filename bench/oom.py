@@ -77,7 +77,7 @@ def simulated_gpu() -> Iterator[None]:
 @contextlib.contextmanager
 def abandoning() -> Iterator[None]:
     """The search as before: an OOM trial only abandoned, no rule for larger configurations."""
-    from pipeline.search.ax.space import Optimizer
+    from pipeline.search.ax.optimizer import Optimizer
 
     with (
         mock.patch.object(Optimizer, "out_of_memory", lambda self, i, gb: self.abandon(i) or False),

@@ -123,7 +123,8 @@ def run_ax_warm(
     over the full space with `Optimizer.attach_measured` (the pipeline's own call) before its
     first trial. Returns (the new search's losses, baseline first; the earlier search's losses)."""
     from pipeline.config import with_overrides
-    from pipeline.search.ax.space import Optimizer, build_client
+    from pipeline.search.ax.optimizer import Optimizer
+    from pipeline.search.ax.space import build_client
 
     def search(cfg) -> Optimizer:
         opt = Optimizer(build_client(cfg.search, name=f"replay-warm-{seed}"), cfg)

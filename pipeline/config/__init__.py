@@ -12,6 +12,7 @@ key paths, ``train.learning_rate=1e-4``, with values parsed as YAML scalars.
 
 from pipeline.config.keys import config_field, value_kind
 from pipeline.config.load import (
+    ADDED_AT_DEFAULT,
     NO_RESULT_KEYS,
     apply_overrides,
     config_fingerprint,
@@ -49,6 +50,7 @@ from pipeline.config.sections import (
 )
 
 __all__ = [
+    "ADDED_AT_DEFAULT",
     "NO_RESULT_KEYS",
     "RESULT_SECTIONS",
     "DataConfig",

@@ -15,7 +15,7 @@ from pipeline.core.provenance import git_commit, package_versions
 from pipeline.core.timing import PhaseTimer
 from pipeline.model.device import hardware
 from pipeline.registry import versions as registry
-from pipeline.search.ax.space import Optimizer
+from pipeline.search.ax.optimizer import Optimizer
 from pipeline.search.records import SearchState, TrialRecord
 from pipeline.search.report import evidence
 from pipeline.search.report.markdown import ReportContext, description, write_report

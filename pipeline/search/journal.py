@@ -13,13 +13,22 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeline import tracking
-from pipeline.config import NO_RESULT_KEYS, RESULT_SECTIONS, PipelineConfig, flatten, load_config, to_dict
+from pipeline.config import (
+    ADDED_AT_DEFAULT,
+    NO_RESULT_KEYS,
+    RESULT_SECTIONS,
+    PipelineConfig,
+    flatten,
+    load_config,
+    to_dict,
+)
 from pipeline.core import names
 from pipeline.core.errors import PipelineError, SearchFinished
 from pipeline.core.files import write_atomic
-from pipeline.search.ax.space import Optimizer
+from pipeline.search.ax.optimizer import Optimizer
 from pipeline.search.records import (
     ABANDONED,
     CRASHED,
@@ -68,9 +77,9 @@ def load(parent_run_id: str, config: PipelineConfig) -> tuple[Optimizer, SearchS
             local = Path(tracking.download_artifacts(parent_run_id, names.STATE_DIR, tempfile.mkdtemp()))
         except Exception:
             raise PipelineError(f"resume: run {parent_run_id} has no saved search state") from None
-    _refuse_changed_settings(parent_run_id, config)
-    optimizer = Optimizer.load(local / names.AX_STATE_FILE, config)
     state = SearchState.from_json(json.loads((local / names.TRIALS_FILE).read_text()))
+    _refuse_changed_settings(parent_run_id, state, config)
+    optimizer = Optimizer.load(local / names.AX_STATE_FILE, config)
     return optimizer, state
 
 
@@ -100,16 +109,30 @@ def refuse_finished(run_id: str, records: SearchState, n_trials: int) -> None:
         )
 
 
-def _refuse_changed_settings(parent_run_id: str, config: PipelineConfig) -> None:
+def frozen_settings(config: PipelineConfig) -> dict[str, Any]:
+    """The config's values of the keys a resume may not change, flat (`train.max_steps`): the
+    records keep them from the search's start, so a resume checks without loading that config."""
+    return {
+        k: v
+        for k, v in flatten(to_dict(config)).items()
+        if k.startswith(FROZEN_ON_RESUME) and k not in NO_RESULT_KEYS
+    }
+
+
+def _refuse_changed_settings(parent_run_id: str, state: SearchState, config: PipelineConfig) -> None:
     """PipelineError naming every search-space or trial key that differs from the config the
-    search started with (logged on its run)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        started = load_config(tracking.download_run_file(parent_run_id, names.CONFIG_FILE, tmp, "resume"))
-    old, new = flatten(to_dict(started)), flatten(to_dict(config))
+    search started with (kept in its records)."""
+    old = state.settings
+    if not old:  # records saved before they kept the settings: the config logged on the run
+        with tempfile.TemporaryDirectory() as tmp:
+            path = tracking.download_run_file(parent_run_id, names.CONFIG_FILE, tmp, "resume")
+            old = frozen_settings(load_config(path))
+    new = frozen_settings(config)
+    # A key added to the config since the search started is unchanged at the value it adds.
     changed = sorted(
         k
         for k in old.keys() | new.keys()
-        if k.startswith(FROZEN_ON_RESUME) and k not in NO_RESULT_KEYS and old.get(k) != new.get(k)
+        if old.get(k, ADDED_AT_DEFAULT.get(k)) != new.get(k, ADDED_AT_DEFAULT.get(k))
     )
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

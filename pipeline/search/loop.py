@@ -24,7 +24,7 @@ from pipeline.core.provenance import git_commit, package_versions
 from pipeline.core.timing import PhaseTimer
 from pipeline.model.adapter import discard_local_adapter
 from pipeline.search import budget, failure_rate, journal
-from pipeline.search.ax.space import Optimizer, Proposal
+from pipeline.search.ax.optimizer import Optimizer, Proposal
 from pipeline.search.executors.local import Executor, InFlight, JobOutcome, TrialJob
 from pipeline.search.executors.packed import local_executor
 from pipeline.search.finish import SearchResult, finish
@@ -88,7 +88,9 @@ class Search:
             journal.refuse_finished(resume, self.records, self.search.n_trials)
         else:
             self.optimizer = Optimizer.create(config)
-            self.records = SearchState(parent_run_id="", n_trials=self.search.n_trials)
+            self.records = SearchState(
+                parent_run_id="", n_trials=self.search.n_trials, settings=journal.frozen_settings(config)
+            )
         self.parent_run: tracking.TrackedRun | None = None  # open while `run` runs
         # This session's time by phase (ax, trials, baseline, state, report, registry), logged on
         # the parent run as search_time_<phase>_s; each trial logs its own breakdown.

@@ -134,6 +134,9 @@ class SearchState:
     # Seed noise (pooled standard deviation of a single run) of each metric Ax is given, once
     # replicates measured it: Ax then gets every observation with this standard error.
     noise_sd: dict[str, float] = field(default_factory=dict)
+    # The started config's values of the keys a resume may not change (`journal.frozen_settings`):
+    # a resume compares its config with these. Empty in records saved before they were kept.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def finished(self) -> list[TrialRecord]:
         return [t for t in self.trials if t.status in names.FINISHED_STATUSES]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import load_config, with_overrides
+from pipeline.core import interrupt
 from pipeline.search.records import BaselineRecord, TrialRecord
 
 from ..conftest import DEMO_CONFIG, tiny_overrides
@@ -51,3 +52,43 @@ def baseline_record(loss, metrics, parameters=None, evals=()) -> BaselineRecord:
         in_search_space=True,
         evals=list(evals),
     )
+
+
+class Watched:
+    """An executor around another, through the seam the search runs every job by: `on_eval` runs
+    before the search hears each evaluation, `on_done` before it hears each trial's outcome (the
+    baseline's job, index -1, is not a trial). Tests move the search's clock, or end the process,
+    at those points without reaching into the search."""
+
+    def __init__(self, inner, on_eval=None, on_done=None):
+        self.inner, self.on_eval, self.on_done = inner, on_eval, on_done
+        self.devices_per_trial = inner.devices_per_trial
+
+    def idle(self) -> int:
+        return self.inner.idle()
+
+    def submit(self, job, on_eval) -> None:
+        def heard(event):
+            self.on_eval(event)
+            return on_eval(event)
+
+        self.inner.submit(job, heard if on_eval is not None and self.on_eval else on_eval)
+
+    def wait_any(self):
+        outcome = self.inner.wait_any()
+        if self.on_done and outcome.job.index >= 0:
+            self.on_done(outcome)
+        return outcome
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def interrupt_at(trial: int, step: int):
+    """An evaluation hook: Ctrl-C during trial `trial`, just after its evaluation at `step`."""
+
+    def on_eval(event):
+        if event.trial == trial and event.step == step:
+            interrupt.request_stop()
+
+    return on_eval

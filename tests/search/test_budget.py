@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ..conftest import DEMO_CONFIG
-from .common import search_overrides
+from .common import Watched, search_overrides
 
 
 def search_config_for(tmp_path, *extra):
@@ -38,21 +38,18 @@ def test_budgets_stop_the_running_trial_at_its_next_evaluation(tmp_path, budget,
 
     clock = Clock()
     config = search_config_for(tmp_path, budget)
-    search = loop.Search(config, LocalExecutor(quiet=True), clock=clock)
-    real_on_eval = search._on_eval
 
-    def slow_evaluations(event):
+    def slow_evaluation(event):
         clock.now += 40
-        return real_on_eval(event)
 
-    search._on_eval = slow_evaluations
+    executor = Watched(LocalExecutor(quiet=True), on_eval=slow_evaluation)
+    search = loop.Search(config, executor, clock=clock)
     result = search.run()
     (trial,) = result.state.trials
     assert trial.status == "early_stopped" and trial.stopped_by == "budget"
     assert trial.steps == 8 < trial.max_steps == 12 and trial.eval_loss is not None and trial.evals
     assert result.state.stop_reason.startswith(reason)
-    statuses = {i: t.status.name for i, t in search.optimizer.client._experiment.trials.items()}
-    assert statuses[trial.index] == "EARLY_STOPPED"
+    assert search.optimizer.statuses()[trial.index] == "EARLY_STOPPED"
     # A budget stop is not early stopping's saving.
     assert "saved 0.0% of planned training steps" in (result.report_dir / "search_report.md").read_text()
 
@@ -67,7 +64,7 @@ class _Clock:
 
 
 @pytest.mark.slow
-def test_a_hard_killed_session_keeps_its_wall_time_and_the_budget_counts_it(tmp_path, monkeypatch):
+def test_a_hard_killed_session_keeps_its_wall_time_and_the_budget_counts_it(tmp_path):
     """Wall time reaches the records at every save, not only when the search exits: a session
     killed without a chance to save (SIGKILL, a lost node; here SystemExit, which no handler
     catches) keeps its time up to its last save, and a resumed search's budget counts it. Each
@@ -79,19 +76,17 @@ def test_a_hard_killed_session_keeps_its_wall_time_and_the_budget_counts_it(tmp_
     from pipeline.search.executors.local import LocalExecutor
 
     sets = search_overrides(tmp_path, **{"train.eval_steps": 4, "search.budget_minutes": 3})
-    clock, real_record = _Clock(), loop.Search._record
+    clock, ended = _Clock(), []
 
-    def trial_takes_100_s_and_the_second_dies(self, record, outcome):
+    def trial_takes_100_s_and_the_second_dies(outcome):
         clock.now += 100
-        real_record(self, record, outcome)
-        if len(self.records.finished()) == 2:
-            raise SystemExit("killed")  # after trial 2's run ended, before any save
+        ended.append(outcome)
+        if len(ended) == 2:
+            raise SystemExit("killed")  # after trial 2's run ended, before the search hears of it
 
-    with monkeypatch.context() as m, pytest.raises(SystemExit):
-        m.setattr(loop.Search, "_record", trial_takes_100_s_and_the_second_dies)
-        loop.Search(
-            search_config(DEMO_CONFIG, sets, n_trials=5), LocalExecutor(quiet=True), clock=clock
-        ).run()
+    with pytest.raises(SystemExit):
+        executor = Watched(LocalExecutor(quiet=True), on_done=trial_takes_100_s_and_the_second_dies)
+        loop.Search(search_config(DEMO_CONFIG, sets, n_trials=5), executor, clock=clock).run()
     client = MlflowClient()
     (parent,) = [
         r
@@ -103,12 +98,11 @@ def test_a_hard_killed_session_keeps_its_wall_time_and_the_budget_counts_it(tmp_
     # Saved at trial 2's submit: trial 1's 100 s are in (before, a killed session added nothing).
     assert saved.wall_seconds == pytest.approx(100.0)
 
-    def trial_takes_100_s(self, record, outcome):
+    def trial_takes_100_s(outcome):
         clock.now += 100
-        real_record(self, record, outcome)
 
-    monkeypatch.setattr(loop.Search, "_record", trial_takes_100_s)
-    result = loop.Search(config, LocalExecutor(quiet=True), clock=clock, resume=parent.info.run_id).run()
+    executor = Watched(LocalExecutor(quiet=True), on_done=trial_takes_100_s)
+    result = loop.Search(config, executor, clock=clock, resume=parent.info.run_id).run()
     # 100 s carried over + trial 3's 100 s spend the 180 s budget: trial 4 never starts (with
     # the first session's time lost, it would have).
     assert [t.status for t in result.state.finished()] == ["completed"] * 3

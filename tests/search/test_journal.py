@@ -14,7 +14,7 @@ from pipeline.search import journal
 from pipeline.search.records import SearchState
 
 from ..conftest import DEMO_CONFIG
-from .common import baseline_record, record, search_overrides
+from .common import Watched, baseline_record, record, search_overrides
 
 
 def test_state_round_trips_through_json_and_reads_older_files():
@@ -43,6 +43,41 @@ def test_write_atomic_keeps_the_old_file_whole_when_the_write_fails(tmp_path, mo
         journal.write_atomic(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["trials.json"]  # no temp file left behind
+
+
+def test_a_resume_checks_its_settings_against_the_records_without_loading_the_old_config(
+    monkeypatch, tmp_path
+):
+    """The records keep the started config's frozen settings: a resume compares with them (the
+    run's config.yaml was loaded once already, by the preflight, to build this config)."""
+    from pipeline import tracking
+
+    from .common import demo
+
+    started = demo()
+    state = SearchState("p", 3, settings=journal.frozen_settings(started))
+    assert state.settings["train.max_steps"] == started.train.max_steps
+    assert "train.keep_checkpoints" not in state.settings and "tracking.tracking_uri" not in state.settings
+    loads = []
+    monkeypatch.setattr(tracking, "download_run_file", lambda *a: loads.append(a) or started_file)
+    started_file = tmp_path / "config.yaml"
+    started_file.write_text(DEMO_CONFIG.read_text())
+    # What may change: where trials write, their checkpoints, the store, the budget.
+    free = demo(**{"train.keep_checkpoints": True, "train.oom_retry": "none", "search.budget_minutes": 5})
+    journal._refuse_changed_settings("p", state, free)
+    with pytest.raises(journal.PipelineError, match=f"train.max_steps: {started.train.max_steps} -> 24"):
+        journal._refuse_changed_settings("p", state, demo(**{"train.max_steps": 24}))
+    assert loads == []
+    # A key added since the search started is unchanged at the value it adds.
+    del state.settings["lora.use_dora"]
+    journal._refuse_changed_settings("p", state, free)
+    with pytest.raises(journal.PipelineError, match=r"lora.use_dora: None -> True"):
+        journal._refuse_changed_settings("p", state, demo(**{"lora.use_dora": True}))
+    # Records saved before they kept the settings: the run's config.yaml, once.
+    state.settings = {}
+    with pytest.raises(journal.PipelineError, match=f"train.max_steps: {started.train.max_steps} -> 24"):
+        journal._refuse_changed_settings("p", state, demo(**{"train.max_steps": 24}))
+    assert len(loads) == 1
 
 
 @pytest.mark.slow
@@ -87,7 +122,8 @@ def test_state_files_and_crash_windows(tmp_path, monkeypatch):
     it again, and the state files on disk are whole."""
     import json
 
-    from pipeline.search import journal, loop, run_search, search_config
+    from pipeline.search import journal, run_search, search_config
+    from pipeline.search.executors.local import LocalExecutor
 
     sets = search_overrides(tmp_path)
 
@@ -105,16 +141,16 @@ def test_state_files_and_crash_windows(tmp_path, monkeypatch):
         )
 
     # Window 1: the second trial's run ends FINISHED, then the process dies before the save.
-    real_record = loop.Search._record
+    ended = []
 
-    def record_then_die(self, record, outcome):
-        real_record(self, record, outcome)
-        if len(self.records.finished()) == 2:
+    def die_at_the_second(outcome):
+        ended.append(outcome)
+        if len(ended) == 2:
             raise SystemExit("killed")  # like SIGKILL: no handler saves anything
 
-    with monkeypatch.context() as m, pytest.raises(SystemExit):
-        m.setattr(loop.Search, "_record", record_then_die)
-        run_search(search_config(DEMO_CONFIG, sets, n_trials=3), quiet=True)
+    with pytest.raises(SystemExit):
+        executor = Watched(LocalExecutor(quiet=True), on_done=die_at_the_second)
+        run_search(search_config(DEMO_CONFIG, sets, n_trials=3), quiet=True, executor=executor)
     parent = parent_of_last_search().info.run_id
     before = {r.data.tags[names.AX_TRIAL_INDEX]: r for r in trial_runs(parent)}
     assert len(before) == 2 and all(r.info.status == "FINISHED" for r in before.values())

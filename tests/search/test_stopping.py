@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.core import names
 from pipeline.core.errors import ConfigError
-from pipeline.search.ax.space import Optimizer, early_stopping_strategy
+from pipeline.search.ax.optimizer import Optimizer
+from pipeline.search.ax.space import early_stopping_strategy
 from pipeline.search.executors.local import TrialJob, run_job
 from pipeline.search.records import SearchState
 from pipeline.search.report import summary

@@ -207,28 +207,20 @@ def test_share_weights_shares_tensors_not_modules():
 
 
 @pytest.mark.slow
-def test_a_packed_search_interrupted_mid_pack_resumes_every_trial(tmp_path, monkeypatch):
+def test_a_packed_search_interrupted_mid_pack_resumes_every_trial(tmp_path):
     """Ctrl-C while three trials train in one pack: each run ends KILLED at its checkpoint, and
     --resume continues all three, packed again, to the eval losses of the uninterrupted search."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.core import interrupt
     from pipeline.search import loop, run_search, search_config
 
-    from ..search.common import search_overrides
+    from ..search.common import Watched, interrupt_at, search_overrides
 
     sets = search_overrides(tmp_path, **{"train.eval_steps": 3, "lora.dropout": 0.1, "search.pack": 3})
     whole = run_search(search_config(DEMO_CONFIG, sets, n_trials=3), quiet=True)
-    real = loop.Search._on_eval
-
-    def on_eval(self, event):
-        if event.trial == 2 and event.step == 6:
-            interrupt.request_stop()
-        return real(self, event)
-
-    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(loop.Search, "_on_eval", on_eval)
-        loop.Search(search_config(DEMO_CONFIG, sets, n_trials=3), PackedExecutor(3)).run()
+    with pytest.raises(KeyboardInterrupt):
+        executor = Watched(PackedExecutor(3), on_eval=interrupt_at(trial=2, step=6))
+        loop.Search(search_config(DEMO_CONFIG, sets, n_trials=3), executor).run()
     client = MlflowClient()
     exp = client.get_experiment_by_name("tests").experiment_id
     (parent,) = client.search_runs([exp], f"tags.`{names.ROLE}` = 'search' and attributes.status = 'KILLED'")

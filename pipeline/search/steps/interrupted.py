@@ -12,7 +12,7 @@ from __future__ import annotations
 from pipeline import tracking
 from pipeline.config import PipelineConfig
 from pipeline.core import names
-from pipeline.search.ax.space import Optimizer
+from pipeline.search.ax.optimizer import Optimizer
 from pipeline.search.executors.local import TrialJob
 from pipeline.search.records import KILLED, RUNNING, SearchState, TrialRecord
 from pipeline.trial.resume import has_checkpoint

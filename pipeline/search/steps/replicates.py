@@ -27,7 +27,7 @@ from pipeline.core import console, names
 from pipeline.core.stats import mean_sem, pooled_sd
 from pipeline.core.timing import PhaseTimer
 from pipeline.model.adapter import discard_local_adapter
-from pipeline.search.ax.space import Optimizer
+from pipeline.search.ax.optimizer import Optimizer
 from pipeline.search.executors.local import InFlight, JobOutcome, TrialJob
 from pipeline.search.records import (
     BASELINE,

@@ -35,7 +35,7 @@ from pipeline.config import (
 from pipeline.config.search import ParameterSpec
 from pipeline.core import console, names
 from pipeline.core.errors import PipelineError
-from pipeline.search.ax.space import Optimizer
+from pipeline.search.ax.optimizer import Optimizer
 from pipeline.search.records import WarmTrial
 from pipeline.search.stopping import progression
 from pipeline.trial.resources import Resources, identity

@@ -14,7 +14,7 @@ from bench.oom import abandoning, model_ooms_after_the_second, simulated_gpu
 from pipeline.config import with_overrides
 from pipeline.core import names
 from pipeline.model.load import oom_memory_gb
-from pipeline.search.ax.space import Optimizer
+from pipeline.search.ax.optimizer import Optimizer
 from pipeline.search.executors.local import split_batch
 
 from ..common import demo
@@ -52,14 +52,13 @@ def test_an_oom_trial_is_an_infeasible_point_for_ax_only_with_a_memory_constrain
     index = optimizer.ask().index
     optimizer.report_evaluation(index, 50, 3.0)  # a partial curve before it ran out
     assert optimizer.out_of_memory(index, 40.0)
-    trial = optimizer.client._experiment.trials[index]
-    data = optimizer.client._experiment.lookup_data(trial_indices=[index]).df
-    assert trial.status.is_completed and set(data["metric_name"]) == {names.PEAK_RSS_GB}
-    assert data["mean"].tolist() == [pytest.approx(math.log(40.0))]  # Ax models log-memory
+    assert optimizer.statuses()[index] == "COMPLETED"
+    assert index not in optimizer.observations(names.EVAL_LOSS)  # the partial curve is not its result
+    assert optimizer.observations(names.PEAK_RSS_GB)[index][0] == pytest.approx(math.log(40.0))  # log-memory
     unconstrained = Optimizer.create(demo())
     index = unconstrained.ask().index
     assert not unconstrained.out_of_memory(index, 40.0)
-    assert unconstrained.client._experiment.trials[index].status.is_abandoned
+    assert unconstrained.statuses()[index] == "ABANDONED"
 
 
 @pytest.mark.slow

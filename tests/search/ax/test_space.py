@@ -8,14 +8,9 @@ import math
 import pytest
 
 from pipeline.config import load_config, with_overrides
-from pipeline.core.errors import ConfigError, SearchAborted
-from pipeline.search.ax.space import (
-    Optimizer,
-    build_client,
-    build_parameters,
-    objective_string,
-    outcome_constraints,
-)
+from pipeline.core.errors import ConfigError
+from pipeline.search.ax.optimizer import Optimizer
+from pipeline.search.ax.space import build_client, build_parameters, objective_string, outcome_constraints
 
 from ...conftest import ROOT
 from ..common import demo
@@ -64,7 +59,7 @@ def test_qwen_space_is_research_informed_and_the_seeds_is_one_override_away():
         "lora.init": ["default", "loftq"],
     }
     client = build_client(config.search)
-    assert set(client._experiment.search_space.parameters) == set(p)
+    assert Optimizer(client, config).parameter_names() == set(p)
     header = (ROOT / "configs" / "qwen2.5-7b-qlora.yaml").read_text()
     line = next(x for x in header.splitlines() if "search.parameters.lora.alpha" in x)
     seed_space = line.split('-P set="')[1].split('"')[0]  # the documented override
@@ -153,7 +148,7 @@ def test_same_seed_same_trial_sequence_other_seed_differs():
             # A smooth stand-in for eval_loss, so BoTorch has something to model.
             loss = (math.log10(params["train.learning_rate"]) + 2.5) ** 2 + 0.01 * params["lora.r"]
             client.complete_trial(index, raw_data={"eval_loss": loss})
-        methods = [client._experiment.trials[i].generation_method_str for i in range(5)]
+        methods = [Optimizer(client, config).generation_method(i) for i in range(5)]
         assert methods[:3] != methods[3:] and "BoTorch" in methods[3:]
         return out
 
@@ -167,52 +162,3 @@ def test_alpha_ratio_derives_alpha():
     config = demo(**{"search": None, "lora.alpha_ratio": 2.0, "lora.r": 16})
     assert config.lora.alpha == 32
     assert with_overrides(config, {"lora.r": 64}).lora.alpha == 128
-
-
-def test_optimizer_state_saves_and_loads(tmp_path):
-    config = demo(**{"search.initialization_trials": 2})
-    optimizer = Optimizer.create(config)
-    index, params, method = optimizer.ask()
-    assert method == "CenterOfSearchSpace" and set(params) == set(config.search.parameters)
-    optimizer.complete(index, {"eval_loss": 2.0}, 150, early_stopped=False)
-    running, running_params, _ = optimizer.ask()
-    optimizer.save(tmp_path / "ax.json")
-    assert not list(tmp_path.glob("*.tmp"))
-    loaded = Optimizer.load(tmp_path / "ax.json", config)
-    # After a crash, the trial Ax saw running is still running in the loaded state, and a retry of
-    # its parameters is a new trial once it failed.
-    assert loaded.running() == {running: running_params}
-    loaded.fail(running, "crash")
-    assert loaded.running() == {} and loaded.retry(running_params) == running + 1
-
-
-def test_measured_parameters_are_never_a_new_trial_and_a_giving_up_rule_is_loud():
-    """Ax re-proposes a failed trial's point (it deduplicates against every other arm); a point
-    that has data is abandoned and Ax asked again, and if Ax's early stopping still gives up
-    (it only logs a warning), the optimizer says so instead of never stopping a trial again."""
-    config = demo(**{"search.early_stopping.enabled": True, "search.early_stopping.min_curves": 1})
-    optimizer = Optimizer.create(config)
-    first, params, _ = optimizer.ask()
-    optimizer.complete(first, {"eval_loss": 3.0}, 1200, early_stopped=False)
-    real = optimizer.client.get_next_trials
-    calls = []
-
-    def propose_the_measured_point_first(max_trials):
-        calls.append(max_trials)
-        if len(calls) == 1:
-            return {optimizer.client.attach_trial(parameters=params): params}
-        return real(max_trials=max_trials)
-
-    optimizer.client.get_next_trials = propose_the_measured_point_first
-    index, fresh, _ = optimizer.ask()
-    assert len(calls) == 2 and fresh != params
-    statuses = {i: t.status.name for i, t in optimizer.client._experiment.trials.items()}
-    assert statuses[index - 1] == "ABANDONED" and "parameters again" in optimizer.notes[-1]
-    with pytest.raises(SearchAborted, match="has data"):
-        optimizer.retry(params)  # the loop only retries interrupted trials, whose data is gone
-
-    # Two trials of one arm with data (bypassing the optimizer): Ax gives up; we notice.
-    twin = optimizer.client.attach_trial(parameters=params)
-    optimizer.client.attach_data(twin, {"eval_loss": 3.1}, progression=400)
-    assert optimizer.report_evaluation(index, 400, 3.2) is False
-    assert optimizer.broken and "multiple trial indices" in optimizer.broken

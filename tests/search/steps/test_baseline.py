@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.search.ax.space import Optimizer, build_client
+from pipeline.search.ax.optimizer import Optimizer
+from pipeline.search.ax.space import build_client
 from pipeline.search.steps.baseline import baseline_parameters
 
 from ...conftest import DEMO_CONFIG

@@ -19,7 +19,7 @@ from pipeline.training.checkpoint import MANIFEST
 
 from ...conftest import DEMO_CONFIG, ROOT, venv_env
 from ...reproduce import children
-from ..common import search_overrides
+from ..common import Watched, interrupt_at, search_overrides
 
 
 def _trials(parent_run_id: str) -> dict[int, object]:
@@ -34,22 +34,9 @@ def _trials(parent_run_id: str) -> dict[int, object]:
     return out
 
 
-def _interrupt_at(monkeypatch, trial: int, step: int) -> None:
-    """Ctrl-C during trial `trial`, just after its evaluation at `step`."""
-    real = loop.Search._on_eval
-
-    def on_eval(self, event):
-        if event.trial == trial and event.step == step:
-            interrupt.request_stop()
-        return real(self, event)
-
-    monkeypatch.setattr(loop.Search, "_on_eval", on_eval)
-
-
-def _interrupted_search(config, monkeypatch, trial: int, step: int) -> str:
-    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        _interrupt_at(m, trial, step)
-        loop.Search(config, LocalExecutor(quiet=True)).run()
+def _interrupted_search(config, trial: int, step: int) -> str:
+    with pytest.raises(KeyboardInterrupt):
+        loop.Search(config, Watched(LocalExecutor(quiet=True), on_eval=interrupt_at(trial, step))).run()
     client = MlflowClient()
     exp = client.get_experiment_by_name("tests").experiment_id
     (parent,) = client.search_runs(
@@ -58,11 +45,11 @@ def _interrupted_search(config, monkeypatch, trial: int, step: int) -> str:
     return parent.info.run_id
 
 
-def test_a_trial_interrupted_after_an_evaluation_continues_in_its_own_run_and_ax_trial(tmp_path, monkeypatch):
+def test_a_trial_interrupted_after_an_evaluation_continues_in_its_own_run_and_ax_trial(tmp_path):
     sets = search_overrides(tmp_path, **{"train.eval_steps": 3, "lora.dropout": 0.1})
     whole = run_search(search_config(DEMO_CONFIG, sets, n_trials=3), quiet=True)
 
-    parent = _interrupted_search(search_config(DEMO_CONFIG, sets, n_trials=3), monkeypatch, trial=2, step=6)
+    parent = _interrupted_search(search_config(DEMO_CONFIG, sets, n_trials=3), trial=2, step=6)
     killed = _trials(parent)[2]
     assert killed.data.tags[names.TRIAL_STATUS] == names.KILLED
 
@@ -88,9 +75,9 @@ def test_a_trial_interrupted_after_an_evaluation_continues_in_its_own_run_and_ax
 
 
 @pytest.mark.slow
-def test_a_trial_interrupted_before_its_first_checkpoint_runs_again_as_a_new_trial(tmp_path, monkeypatch):
+def test_a_trial_interrupted_before_its_first_checkpoint_runs_again_as_a_new_trial(tmp_path):
     sets = search_overrides(tmp_path, **{"train.eval_steps": 6, "train.checkpoints": False})
-    parent = _interrupted_search(search_config(DEMO_CONFIG, sets, n_trials=2), monkeypatch, trial=1, step=6)
+    parent = _interrupted_search(search_config(DEMO_CONFIG, sets, n_trials=2), trial=1, step=6)
     resumed = run_search(
         search_config(DEMO_CONFIG, sets, n_trials=2, resume=parent), resume=parent, quiet=True
     )

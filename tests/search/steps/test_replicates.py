@@ -14,7 +14,7 @@ from pipeline import tracking
 from pipeline.config import load_config
 from pipeline.core import names
 from pipeline.search import run_search
-from pipeline.search.ax.space import Optimizer
+from pipeline.search.ax.optimizer import Optimizer
 
 from ...conftest import DEMO_CONFIG, tiny_overrides
 
@@ -60,15 +60,12 @@ def test_replicates_are_tagged_told_to_ax_and_decide(tmp_path, capsys):
     base = [state.baseline.eval_loss, *(r.eval_loss for r in state.replicates if r.of == "baseline")]
     sd = math.sqrt((statistics.variance(own) * 2 + statistics.variance(base) * 2) / 4)
     ax = Optimizer.load(tmp_path / "search" / result.parent_run_id / "search_state" / "ax_state.json", config)
-    df = ax.client._experiment.lookup_data().df
-    final = df[df.metric_name == names.EVAL_LOSS].groupby("trial_index").last()
-    assert final.loc[int(chosen), "mean"] == pytest.approx(statistics.fmean(own))
-    assert final.loc[int(chosen), "sem"] == pytest.approx(statistics.stdev(own) / math.sqrt(3))
-    assert final.loc[0, "mean"] == pytest.approx(statistics.fmean(base))  # the baseline's arm
+    final = ax.observations(names.EVAL_LOSS)
+    assert final[int(chosen)] == pytest.approx((statistics.fmean(own), statistics.stdev(own) / math.sqrt(3)))
+    assert final[0][0] == pytest.approx(statistics.fmean(base))  # the baseline's arm
     others = [t for t in state.trials if t.index != int(chosen)]
     for t in others:
-        assert final.loc[t.index, "mean"] == pytest.approx(t.eval_loss)
-        assert final.loc[t.index, "sem"] == pytest.approx(sd)
+        assert final[t.index] == pytest.approx((t.eval_loss, sd))
 
     report = (result.report_dir / names.REPORT_FILE).read_text()
     line = next(x for x in report.splitlines() if x.startswith("| **Improvement**"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from ax.core.trial_status import TrialStatus
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
@@ -17,7 +16,7 @@ from pipeline.config import flatten, load_config, to_dict, with_overrides
 from pipeline.core import names
 from pipeline.core.errors import ConfigError
 from pipeline.search import run_search, search_config
-from pipeline.search.ax.space import Optimizer
+from pipeline.search.ax.optimizer import Optimizer
 from pipeline.search.records import SearchState
 from pipeline.search.steps.warm import match, parse_value
 from pipeline.tracking import RunRecord, param_text
@@ -172,12 +171,7 @@ def test_ax_does_not_propose_an_attached_configuration_again(config):
         for i, p in enumerate(seen)
     ]
     assert opt.attach_measured(seen[0], [], {names.EVAL_LOSS: 1.0}, 8, False) == indices[0]  # once only
-    trials = opt.client._experiment.trials
-    assert [trials[i].status for i in indices] == [
-        TrialStatus.COMPLETED,
-        TrialStatus.COMPLETED,
-        TrialStatus.EARLY_STOPPED,
-    ]
+    assert [opt.statuses()[i] for i in indices] == ["COMPLETED", "COMPLETED", "EARLY_STOPPED"]
     index, params, _ = opt.ask()
     assert params == {"lora.r": 8, "train.batch_size": 8}
     assert index not in indices
@@ -237,12 +231,10 @@ def test_a_search_warm_started_from_another_over_a_shifted_space(tmp_path):
     assert attached, "the narrow search's seed gives trials with r=8"
     # Ax holds the attached trials with their data; no new trial repeats one of them.
     client_path = warm.report_dir.parent / names.STATE_DIR / names.AX_STATE_FILE
-    from ax.api import Client
-
-    experiment = Client.load_from_json_file(str(client_path))._experiment
+    ax = Optimizer.load(client_path, load_config(DEMO_CONFIG))
     for w in attached:
-        assert experiment.trials[w.index].status in (TrialStatus.COMPLETED, TrialStatus.EARLY_STOPPED)
-        assert w.index in experiment.data.trial_indices
+        assert ax.statuses()[w.index] in ("COMPLETED", "EARLY_STOPPED")
+        assert w.index in ax.observations(names.EVAL_LOSS)
     assert not [t for t in state.trials if t.parameters in [w.parameters for w in attached]]
     assert {t.index for t in state.trials}.isdisjoint(w.index for w in attached)
     # Linked from the parent run; listed in the report with the reasons.
