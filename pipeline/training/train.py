@@ -42,6 +42,16 @@ from pipeline.training.checkpoint import Checkpointer, Plan, ResumableTrainer, b
 from pipeline.training.metrics import EvalLosses, MemoryMonitor, eval_losses
 
 
+def checkpointing_name(fields: Any) -> str:
+    """TrainingArguments' name for gradient checkpointing: `activation_checkpointing` since
+    transformers 5.20 (the old name is a deprecated alias there), `gradient_checkpointing` before
+    (5.17, the borrowed GPU machine's image, has only that one)."""
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
+CHECKPOINTING = checkpointing_name(TrainingArguments.__dataclass_fields__)
+
+
 def build_training_args(
     train: TrainConfig, eval_cfg: EvalConfig, plan: DevicePlan, output_dir: str, quiet: bool = False
 ) -> TrainingArguments:
@@ -61,11 +71,13 @@ def build_training_args(
         optim=plan.optimizer,  # what runs on this device (a paged optimizer is unpaged on CPU)
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
-        activation_checkpointing=train.gradient_checkpointing,
         use_liger_kernel=train.use_liger_kernel,
-        # Explicit: torch warns without it (and means to refuse); non-reentrant is the recommended
-        # variant and works with frozen inputs.
-        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        **{
+            CHECKPOINTING: train.gradient_checkpointing,
+            # Explicit: torch warns without it (and means to refuse); non-reentrant is the
+            # recommended variant and works with frozen inputs.
+            f"{CHECKPOINTING}_kwargs": {"use_reentrant": False} if train.gradient_checkpointing else None,
+        },
         logging_strategy="steps",
         logging_steps=train.logging_steps,
         logging_first_step=True,
@@ -234,10 +246,10 @@ def _training_args(model: Any, job: TrainInputs, checkpoints: Plan | None) -> Tr
     # The Trainer writes its checkpoints into output_dir: the run's own checkpoint folder.
     out = str(checkpoints.folder) if checkpoints is not None else train_cfg.output_dir
     args = pin_to_plan(build_training_args(train_cfg, job.config.eval, plan, out, job.quiet), plan)
-    if args.activation_checkpointing and getattr(model, "is_activation_checkpointing", False):
+    if getattr(args, CHECKPOINTING) and getattr(model, f"is_{CHECKPOINTING}", False):
         # Already on (the 4-bit path enables it while preparing the base): enabling it a second
         # time would wrap the layers again.
-        args.activation_checkpointing = False
+        setattr(args, CHECKPOINTING, False)
     return args
 
 

@@ -309,3 +309,23 @@ def test_collators(tok, tmp_path):
 def test_tokenize_example_lengths_match(tok):
     ex = tokenize_example(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     assert len(ex["input_ids"]) == len(ex["labels"])
+
+
+def test_a_position_mask_is_used_only_where_transformers_slices_by_one(monkeypatch):
+    """Response-only logits need a forward that takes `logits_to_keep` and a transformers that
+    reads a boolean mask there (5.2x); on 5.17 (the borrowed GPU image's) a mask was misread as
+    positions and the trial crashed: there the full logits are computed instead."""
+    from transformers import modeling_utils
+
+    from pipeline.data.collate import takes_position_mask
+
+    class Causal:
+        def forward(self, input_ids, logits_to_keep=0): ...
+
+    class Custom:
+        def forward(self, input_ids): ...
+
+    assert takes_position_mask(Causal()) is hasattr(modeling_utils, "slice_logits_to_keep")
+    assert not takes_position_mask(Custom())
+    monkeypatch.delattr(modeling_utils, "slice_logits_to_keep", raising=False)
+    assert not takes_position_mask(Causal())

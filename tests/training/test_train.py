@@ -267,21 +267,41 @@ def test_a_trial_runs_on_one_gpu_unless_the_config_asks_for_more(tiny_config):
     assert single.name == "T4" and single.gpus == 1
 
 
+def test_checkpointing_takes_the_name_the_installed_transformers_knows(tiny_config):
+    from transformers import TrainingArguments
+
+    from pipeline.training.train import CHECKPOINTING, build_training_args, checkpointing_name
+
+    # transformers 5.20 renamed it; 5.17 (the borrowed GPU machine's) knows only the old name.
+    assert checkpointing_name({"activation_checkpointing": None, "gradient_checkpointing": None}) == (
+        "activation_checkpointing"
+    )
+    assert checkpointing_name({"gradient_checkpointing": None}) == "gradient_checkpointing"
+    assert checkpointing_name(TrainingArguments.__dataclass_fields__) == CHECKPOINTING
+    plan = plan_device(tiny_config.model, tiny_config.train)
+    on = with_overrides(tiny_config, {"train.gradient_checkpointing": True}).train
+    args = build_training_args(on, tiny_config.eval, plan, "/tmp/unused", quiet=True)
+    assert getattr(args, CHECKPOINTING) is True
+    assert getattr(args, f"{CHECKPOINTING}_kwargs") == {"use_reentrant": False}
+
+
 @pytest.mark.slow
 def test_gradient_checkpointing_is_switched_on_once_on_the_4bit_path(tiny_config, monkeypatch):
     """peft's 4-bit preparation switches checkpointing on; the Trainer must not do it again."""
     from transformers import PreTrainedModel
 
+    from pipeline.training.train import CHECKPOINTING
     from pipeline.trial.run import run_trial
 
     calls = []
-    real = PreTrainedModel.activation_checkpointing_enable
+    enable = f"{CHECKPOINTING}_enable"  # gradient_checkpointing_enable before transformers 5.20
+    real = getattr(PreTrainedModel, enable)
 
     def counting(self, *args, **kwargs):
         calls.append(type(self).__name__)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", counting)
+    monkeypatch.setattr(PreTrainedModel, enable, counting)
     config = with_overrides(tiny_config, {"model.load_in_4bit": True, "train.gradient_checkpointing": True})
     result = run_trial(config, quiet=True)
     assert len(calls) == 1, calls
