@@ -440,3 +440,23 @@ def test_tests_mirror_the_package():
         f"{m}: {f} does not exist" for m, (f, _) in TESTED_ELSEWHERE.items() if not (ROOT / f).is_file()
     ]
     assert (missing, stale, gone, elsewhere) == ([], [], [], [])
+
+
+# Tests read Ax's state through the Optimizer and drive the search through its seams (the
+# executor: tests/search/common.Watched), not their private members: 17 lines once did.
+PRIVATE_REACH = re.compile(
+    r"\._experiment\b|\._random_seed\b|\bSearch\._[a-z]|\bsearch\._[a-z]|Search, \"_[a-z]"
+)
+
+
+def test_tests_use_public_seams_not_private_ax_or_search_state():
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if path.name != "test_project.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if PRIVATE_REACH.search(line)
+    ]
+    assert found == []
+    assert PRIVATE_REACH.search("statuses = optimizer.client._experiment.trials")  # what it catches
+    assert PRIVATE_REACH.search("real = loop.Search._record")

@@ -40,14 +40,14 @@ if [ -z "$PY" ]; then
 fi
 if [ -n "$CPU" ]; then
   # The rehearsal records what every process imported: tests/bench/test_gpu_kit.py checks each
-  # module against the image's list and the kit (bench/gpu/imports.txt).
+  # module against the image's list and the kit (bench/gpu/imports-tier<N>.txt).
   export PYTHONPATH="$PWD/bench/gpu/record:$PYTHONPATH" PIPELINE_RECORD_IMPORTS="$OUT/imports"
 fi
 command -v nvidia-smi > /dev/null && nvidia-smi -L
 "$PY" bench/gpu/tier.py --tier "$TIER" $CPU --out "$OUT" ${ONLY:+--only "$ONLY"}
 code=$?
 if [ -n "$CPU" ] && [ -z "$ONLY" ]; then
-  "$PY" bench/gpu/kit.py imports "$OUT"/imports/*.txt --write bench/gpu/imports.txt || code=1
+  "$PY" bench/gpu/kit.py imports "$OUT"/imports/*.txt --write "bench/gpu/imports-tier$TIER.txt" || code=1
 fi
 echo "results: $OUT/tier$TIER.md, $OUT/tier$TIER.json (exit $code)"
 exit $code

@@ -283,7 +283,7 @@ def imports_problems(provided: dict[str, list[str]]) -> list[str]:
 
 
 def read_imports(path: Path) -> dict[str, list[str]]:
-    """bench/gpu/imports.txt: `module: distribution ...` per line."""
+    """bench/gpu/imports-tier<N>.txt: `module: distribution ...` per line."""
     out = {}
     for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
@@ -302,7 +302,9 @@ def main() -> int:
     i.add_argument("--python", default=shutil.which("python3.12") or "python3.12")
     m = sub.add_parser("imports")
     m.add_argument("logs", nargs="+", type=Path, help="files of module names, one per line")
-    m.add_argument("--write", type=Path, help="write the third-party ones here (bench/gpu/imports.txt)")
+    m.add_argument(
+        "--write", type=Path, help="write the third-party ones here (bench/gpu/imports-tier<N>.txt)"
+    )
     args = ap.parse_args()
     if args.verb == "build":
         return build(args.dest)
