@@ -22,12 +22,20 @@ Two parts (either alone with `--part`):
   search without replicates is also given the compute the replicates cost as extra trials.
 
       python bench/noise.py --part replay --replays 20
-      python bench/noise.py --part replay --replays 1 --settings 1x1 --extra-trials 1   # CI smoke size
+      python bench/noise.py --part replay --replays 1 --settings 1x2 --extra-trials 1   # CI smoke size
       python bench/noise.py --part seeds --seeds 1,2 --set train.max_steps=6 --set train.eval_steps=3
 
+Replicates are paired by seed as the pipeline pairs them: replicate seed train.seed + i is the
+slice's seed i for the baseline and every replicated configuration (a configuration outside the
+slice gets its grid value plus the pooled noise, unpaired); the search's own observations draw
+from the slice's other seeds.
+
 Reported: how often the recommendation is truly within 1 % of the truly best point, the
-winner's-curse bias (selection value minus truth; replicate mean minus truth), and compute
-relative to the search without replicates (each run costs its grid point's train_seconds).
+winner's-curse bias (selection value minus truth; replicate mean minus truth), compute relative
+to the search without replicates (each run costs its grid point's train_seconds), and the
+coverage of the reported 95 % interval: the share of replays whose interval of the improvement
+over the baseline (`core.stats.improvement` on the fresh seeds, as the report computes it from
+scalar losses) holds the recommendation's true improvement (truth: the mean of all its seeds).
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ from pipeline.config import load_config, with_overrides  # noqa: E402
 from pipeline.core import console  # noqa: E402
 
 KEYS = ["lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"]
+GRID_SEED = 42  # the grid's runs' train.seed; the replicated slice adds seeds 1-5
+REPLICATE_SLOTS = frozenset({1, 2, 3})  # the slice's seeds replicates take (3: the largest setting's)
+BASE_PARAMS = dict(zip(KEYS, (8, 16.0, 1e-3, 8), strict=True))  # the demo config's values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,14 +131,17 @@ class NoisyTable:
         self.table = Table(grid)
         self.runs: dict[tuple, list[float]] = {}
         self.cost: dict[tuple, float] = {}
+        self.by_seed: dict[tuple, dict[int, float]] = {}  # the replicated slice's runs, by train.seed
         with grid.open() as f:
             for row in csv.DictReader(f):
                 key = Table.key(row)
                 self.runs[key] = [float(row["eval_loss"])]
                 self.cost[key] = float(row["train_seconds"])
+                self.by_seed[key] = {GRID_SEED: float(row["eval_loss"])}
         with seeds.open() as f:
             for row in csv.DictReader(f):
                 self.runs[Table.key(row)].append(float(row["eval_loss"]))
+                self.by_seed[Table.key(row)][int(row["train.seed"])] = float(row["eval_loss"])
         groups = [v for v in self.runs.values() if len(v) >= 2]
         self.replicated = len(groups)
         self.noise = math.sqrt(
@@ -139,13 +153,22 @@ class NoisyTable:
     def key(self, params: dict) -> tuple:
         return self.table.key(self.table.snap(params))
 
-    def draw(self, params: dict, rng: random.Random, exclude: list[float] | None = None) -> float:
-        """One run of the point: one of its measured seeds not yet used (then fresh noise)."""
-        runs = self.runs[self.key(params)]
-        left = [v for v in runs if v not in (exclude or [])] if len(runs) > 1 else []
+    def draw(self, params: dict, rng: random.Random, exclude_seeds: frozenset[int] = frozenset()) -> float:
+        """One run of the point: one of its measured seeds outside `exclude_seeds` (the seeds the
+        replicates take), or, for a point measured once, its value plus the pooled seed noise."""
+        runs = self.by_seed[self.key(params)]
+        left = [v for seed, v in sorted(runs.items()) if seed not in exclude_seeds] if len(runs) > 1 else []
         if left:
             return rng.choice(left)
         return self.truth[self.key(params)] + rng.gauss(0.0, self.noise)
+
+    def at_seed(self, params: dict, seed: int, rng: random.Random) -> tuple[float, bool]:
+        """The point's run at `seed` (paired: every replicated point has seeds 1-5), or, where it
+        has none, its truth plus the pooled seed noise (unpaired). (value, paired?)"""
+        runs = self.by_seed[self.key(params)]
+        if seed in runs:
+            return runs[seed], True
+        return self.truth[self.key(params)] + rng.gauss(0.0, self.noise), False
 
 
 def replay_part(args: argparse.Namespace) -> None:
@@ -156,7 +179,7 @@ def replay_part(args: argparse.Namespace) -> None:
 
     noisy = NoisyTable(Path(args.table), Path(args.seeds_table))
     config = load_config(args.config)
-    base_params = {k: v for k, v in zip(KEYS, (8, 16.0, 1e-3, 8), strict=True)}
+    base_params = BASE_PARAMS
     settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
     n_trials = config.search.n_trials
     within = 1 + args.within
@@ -168,7 +191,7 @@ def replay_part(args: argparse.Namespace) -> None:
         rng = random.Random(1000 + replay)
         cfg = with_overrides(config, {"search.seed": replay})
         opt = Optimizer(build_client(cfg.search, name=f"noise-{replay}"), cfg)
-        b_obs = noisy.draw(base_params, rng)
+        b_obs = noisy.draw(base_params, rng, REPLICATE_SLOTS)
         opt.attach_baseline(base_params, {"eval_loss": b_obs}, None)
         state = SearchState("replay", n_trials)
         state.baseline = BaselineRecord(
@@ -184,7 +207,7 @@ def replay_part(args: argparse.Namespace) -> None:
         picks: dict[str, tuple[dict[str, list[float]], float]] = {}
         for _ in range(n_trials + extra):
             index, params, _ = opt.ask_batch(1)[0]
-            value = noisy.draw(params, rng)
+            value = noisy.draw(params, rng, REPLICATE_SLOTS)
             opt.complete(index, {"eval_loss": value}, 150, False)
             state.trials.append(
                 TrialRecord(index=index, parameters=dict(params), status=COMPLETED, run_id=f"r{index}",
@@ -199,7 +222,7 @@ def replay_part(args: argparse.Namespace) -> None:
                         cfg, {"search.replicates.top_k": top_k, "search.replicates.seeds": s}
                     )
                     picks[f"{top_k}x{s}"] = replicate(
-                        noisy, choose(rcfg, state, opt), state, b_obs, base_params, rng
+                        noisy, choose(rcfg, state, opt), base_params, rcfg.train.seed, rng
                     )
 
         out = rows.setdefault("none", [])
@@ -219,7 +242,8 @@ def print_table(rows: dict[str, list[tuple]], within: float) -> None:
     """One line per setting, then each setting's ratio against no replicates."""
     print()
     print(
-        f"{'setting':10s} {'right':>6s} {'exact':>6s} {'global':>7s} {'bias':>8s} {'bias sd':>8s} {'compute':>8s}"
+        f"{'setting':10s} {'right':>6s} {'exact':>6s} {'global':>7s} {'bias':>8s} {'bias sd':>8s} {'compute':>8s} "
+        f"{'covered':>8s} {'width':>7s}"
     )
     for label, v in rows.items():
         right = sum(r[0] for r in v) / len(v)
@@ -227,14 +251,20 @@ def print_table(rows: dict[str, list[tuple]], within: float) -> None:
         overall = sum(r[3] for r in v) / len(v)
         bias = [r[1] for r in v]
         cost = statistics.fmean(r[2] for r in v)
+        judged = [r[5] for r in v if r[5] is not None]
+        covered = f"{sum(c for c, _ in judged) / len(judged):7.0%}" if judged else f"{'-':>7s}"
+        width = f"{statistics.fmean(w for _, w in judged):6.2f}%" if judged else f"{'-':>7s}"
         print(
             f"{label:10s} {right:6.0%} {exact:6.0%} {overall:7.0%} {statistics.fmean(bias):+8.4f} "
-            f"{statistics.stdev(bias) if len(bias) > 1 else 0:8.4f} {cost:7.2f}x"
+            f"{statistics.stdev(bias) if len(bias) > 1 else 0:8.4f} {cost:7.2f}x {covered} {width}"
         )
     print(
         f"right: the recommendation is truly within {within:.0%} of the truly best configuration the "
         "search tried; exact: it is that configuration; global: truly within "
-        f"{within:.0%} of the grid's best; bias: reported value minus truth (negative: optimistic)"
+        f"{within:.0%} of the grid's best; bias: reported value minus truth (negative: optimistic); "
+        "covered: the share of replays whose reported 95 % interval of the improvement over the "
+        "baseline (the pipeline's, paired by seed) holds the recommendation's true improvement "
+        "(truth: the mean of all its recorded seeds); width: the interval's mean width"
     )
     none = rows["none"]
     for label, v in rows.items():
@@ -248,32 +278,63 @@ def print_table(rows: dict[str, list[tuple]], within: float) -> None:
 def judge(noisy: NoisyTable, trials: list, cost: float, within: float, fresh: dict | None = None) -> tuple:
     """(truly within `within` of the truly best configuration the search tried?, reported value
     minus truth, relative compute, truly within `within` of the grid's best?, the truly best
-    configuration tried itself?) of a recommendation: the best fresh mean with replicates, else
-    the best observed trial."""
+    configuration tried itself?, (the reported interval holds the true improvement?, its width)
+    or None) of a recommendation: the best fresh mean with replicates, else the best observed
+    trial. `fresh`: each replicated configuration's {seed: value}, the baseline's under
+    "baseline"."""
+    interval = None
     if fresh:
-        key = min(fresh, key=lambda k: statistics.fmean(fresh[k]))
+        candidates = {k: v for k, v in fresh.items() if k != "baseline"}
+        key = min(candidates, key=lambda k: statistics.fmean(candidates[k].values()))
         pick = next(t for t in trials if str(t.index) == key)
-        value = statistics.fmean(fresh[key])
+        value = statistics.fmean(candidates[key].values())
+        # One fresh run a side has no seed spread to measure: the pipeline's interval there is the
+        # eval set's bootstrap (per-example scores), which the grid's scalar losses cannot replay.
+        if len(fresh.get("baseline", {})) >= 2 and len(candidates[key]) >= 2:
+            interval = covers(noisy, pick.parameters, candidates[key], fresh["baseline"])
     else:
         pick = min(trials, key=lambda t: t.eval_loss)
         value = pick.eval_loss
     truth = noisy.truth[noisy.key(pick.parameters)]
     tried = min(noisy.truth[noisy.key(t.parameters)] for t in trials)
-    return truth <= tried * within, value - truth, cost, truth <= noisy.best * within, truth == tried
+    return (
+        truth <= tried * within,
+        value - truth,
+        cost,
+        truth <= noisy.best * within,
+        truth == tried,
+        interval,
+    )
 
 
-def replicate(noisy: NoisyTable, records: list, state, b_obs: float, base_params: dict, rng: random.Random):
-    """Draw each replicate's run (a seed its configuration has not used yet); the fresh values of
-    each replicated configuration (the baseline's left out: it is not a candidate) and their cost."""
-    fresh: dict[str, list[float]] = {}
+def covers(
+    noisy: NoisyTable, params: dict, runs: dict[int, float], base: dict[int, float]
+) -> tuple[bool, float]:
+    """The pipeline's interval of the recommendation's improvement over the baseline, from their
+    fresh seeds (`core.stats.improvement`, scalar scores, paired where the seeds match), against
+    the true improvement. (holds it?, width in points of percent)"""
+    from pipeline.core.stats import improvement, scalar_scores
+
+    def scores(values: dict[int, float]) -> list:
+        return [scalar_scores(v, seed, "eval_loss") for seed, v in sorted(values.items())]
+
+    gap = improvement(scores(runs), scores(base), minimize=True, confidence=0.95)
+    truth_b = noisy.truth[noisy.key(BASE_PARAMS)]
+    true_gap = 100.0 * (truth_b - noisy.truth[noisy.key(params)]) / truth_b
+    return gap.low <= true_gap <= gap.high, gap.high - gap.low
+
+
+def replicate(noisy: NoisyTable, records: list, base_params: dict, train_seed: int, rng: random.Random):
+    """Each replicate's run at its seed: replicate seed train_seed + i is the table's seed i, the
+    same for the baseline and every configuration (paired by seed, as the pipeline pairs them).
+    Each replicated configuration's {seed: value} (the baseline's under "baseline") and the cost."""
+    fresh: dict[str, dict[int, float]] = {}
     cost = 0.0
     for r in records:
         params = base_params if r.of == "baseline" else r.parameters
-        first = b_obs if r.of == "baseline" else state.record(int(r.of)).eval_loss
-        fresh.setdefault(r.of, [])
-        fresh[r.of].append(noisy.draw(params, rng, exclude=[first, *fresh[r.of]]))
+        slot = r.seed - train_seed
+        fresh.setdefault(r.of, {})[slot] = noisy.at_seed(params, slot, rng)[0]
         cost += noisy.cost[noisy.key(params)]
-    fresh.pop("baseline", None)
     return fresh, cost
 
 

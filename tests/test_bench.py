@@ -184,17 +184,20 @@ def test_noise_benchmark_smoke(tmp_path):
     assert sum(" seed " in line and "eval_loss" in line for line in lines) == 4
     assert lines[-1].startswith("ratio sd(paired difference) / sd(baseline): ")
     lines = _bench(
-        ["bench/noise.py", "--part", "replay", "--replays", "1", "--settings", "1x1", "--extra-trials", "1"],
+        ["bench/noise.py", "--part", "replay", "--replays", "1", "--settings", "1x2", "--extra-trials", "1"],
         tmp_path,
     )
     assert lines[0].startswith("grid: 240 points, 31 with seed replicates; pooled seed sd ")
     rows = {
         line.split()[0]: line.split()
         for line in lines
-        if line.split() and line.split()[0] in ("none", "none+1", "1x1")
+        if line.split() and line.split()[0] in ("none", "none+1", "1x2")
     }
-    assert set(rows) == {"none", "none+1", "1x1"} and float(rows["1x1"][-1].rstrip("x")) > 1.0
-    assert lines[-1].startswith("ratio exact 1x1 / none: ")
+    assert set(rows) == {"none", "none+1", "1x2"} and float(rows["1x2"][-3].rstrip("x")) > 1.0
+    # Two fresh seeds a side: the pipeline's paired interval, and whether it held the truth.
+    assert rows["1x2"][-2] in ("100%", "0%") and float(rows["1x2"][-1].rstrip("%")) > 0
+    assert rows["none"][-2:] == ["-", "-"]  # no replicates: no interval to check
+    assert lines[-1].startswith("ratio exact 1x2 / none: ")
 
 
 def test_variants_benchmark_smoke(tmp_path):
