@@ -158,17 +158,17 @@ class NoisyTable:
         replicates take), or, for a point measured once, its value plus the pooled seed noise."""
         runs = self.by_seed[self.key(params)]
         left = [v for seed, v in sorted(runs.items()) if seed not in exclude_seeds] if len(runs) > 1 else []
-        if left:
-            return rng.choice(left)
+        return rng.choice(left) if left else self.fresh(params, rng)
+
+    def fresh(self, params: dict, rng: random.Random) -> float:
+        """A run the tables do not hold: the point's truth plus the pooled seed noise."""
         return self.truth[self.key(params)] + rng.gauss(0.0, self.noise)
 
     def at_seed(self, params: dict, seed: int, rng: random.Random) -> tuple[float, bool]:
         """The point's run at `seed` (paired: every replicated point has seeds 1-5), or, where it
         has none, its truth plus the pooled seed noise (unpaired). (value, paired?)"""
         runs = self.by_seed[self.key(params)]
-        if seed in runs:
-            return runs[seed], True
-        return self.truth[self.key(params)] + rng.gauss(0.0, self.noise), False
+        return (runs[seed], True) if seed in runs else (self.fresh(params, rng), False)
 
 
 def replay_part(args: argparse.Namespace) -> None:

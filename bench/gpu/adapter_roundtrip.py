@@ -31,7 +31,7 @@ def main() -> int:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.core import console
+    from pipeline.core import console, names
     from pipeline.data.prepare import prepare_data
     from pipeline.model import adapter as serving
     from pipeline.model.device import plan_device
@@ -49,8 +49,8 @@ def main() -> int:
     evals: list[float] = []
 
     def sink(metrics: dict, step: int) -> None:
-        if "eval_loss" in metrics:
-            evals.append(float(metrics["eval_loss"]))
+        if names.EVAL_LOSS in metrics:
+            evals.append(float(metrics[names.EVAL_LOSS]))
 
     train(model, job, sink=sink)
     prompt = torch.tensor([job.data.eval[0]["input_ids"][:32]])

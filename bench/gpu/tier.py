@@ -93,25 +93,23 @@ def sh(args: list[str], timeout: float, log: Path) -> subprocess.CompletedProces
     return done
 
 
-def last_run(store: str, experiment: str):
+def runs_of(store: str, experiment: str):
+    """The experiment's runs in `store`, newest first (the store stays MLflow's URI after)."""
     import mlflow
 
     mlflow.set_tracking_uri(store)
-    runs = mlflow.search_runs(
+    return mlflow.search_runs(
         experiment_names=[experiment], order_by=["attributes.start_time DESC"], output_format="list"
     )
-    return runs
 
 
-def metric_history(store: str, run_id: str, key: str) -> list[float]:
-    from mlflow.tracking import MlflowClient
-
-    return [
-        m.value for m in sorted(MlflowClient(store).get_metric_history(run_id, key), key=lambda m: m.step)
-    ]
-
-
-FIG = ("eval_loss", "train_tokens_per_second", "peak_gpu_mem_gb", "peak_gpu_reserved_gb", "peak_rss_gb")
+FIG = (
+    names.EVAL_LOSS,
+    names.TRAIN_TOKENS_PER_SECOND,
+    names.PEAK_GPU_MEM_GB,
+    names.PEAK_GPU_RESERVED_GB,
+    names.PEAK_RSS_GB,
+)
 
 
 def figures(metrics: dict) -> str:
@@ -224,7 +222,7 @@ def step_baseline(ctx: Context):
         ctx.limit,
         ctx.log("a_baseline"),
     )
-    (run, *_) = last_run(ctx.store, "gpu-baseline")
+    (run, *_) = runs_of(ctx.store, "gpu-baseline")
     m = run.data.metrics
     ok = run.info.status == "FINISHED" and (not ctx.cuda or m.get("peak_gpu_mem_gb", 0) > 0)
     return (
@@ -238,6 +236,8 @@ def step_baseline(ctx: Context):
 
 
 def step_qlora(ctx: Context):
+    from pipeline import tracking  # its queries read the store runs_of points MLflow at
+
     smol = ctx.smollm2()
     steps = (
         ["train.max_steps=6", "train.eval_steps=3", "train.batch_size=2"]
@@ -269,8 +269,8 @@ def step_qlora(ctx: Context):
     fallback = [
         line for line in output.splitlines() if "runs instead" in line or "falling back" in line.lower()
     ]
-    (run, *_) = last_run(ctx.store, "gpu-qlora")
-    evals = metric_history(ctx.store, run.info.run_id, "eval_loss")
+    (run, *_) = runs_of(ctx.store, "gpu-qlora")
+    evals = [v for _, v in sorted(tracking.metric_history(run.info.run_id, names.EVAL_LOSS))]
     served = sh(
         [
             ctx.py,
@@ -329,7 +329,7 @@ def step_search(ctx: Context):
         ctx.limit * 2,
         ctx.log("c_search"),
     )
-    runs = last_run(ctx.store, "gpu-search")
+    runs = runs_of(ctx.store, "gpu-search")
     trials = [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_TRIAL]
     peaks = {
         r.data.tags.get(names.AX_TRIAL_INDEX, "?"): r.data.metrics.get(names.PEAK_GPU_MEM_GB) for r in trials
