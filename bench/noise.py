@@ -59,6 +59,7 @@ from pipeline.core import console  # noqa: E402
 KEYS = ["lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"]
 GRID_SEED = 42  # the grid's runs' train.seed; the replicated slice adds seeds 1-5
 REPLICATE_SLOTS = frozenset({1, 2, 3})  # the slice's seeds replicates take (3: the largest setting's)
+VERBOSE = False  # --verbose: each race round
 BASE_PARAMS = dict(zip(KEYS, (8, 16.0, 1e-3, 8), strict=True))  # the demo config's values
 
 
@@ -180,11 +181,14 @@ def replay_part(args: argparse.Namespace) -> None:
     noisy = NoisyTable(Path(args.table), Path(args.seeds_table))
     config = load_config(args.config)
     base_params = BASE_PARAMS
-    settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
+    settings = [s for s in args.settings.split(",")]
     n_trials = config.search.n_trials
     within = 1 + args.within
     print(f"grid: {len(noisy.runs)} points, {noisy.replicated} with seed replicates; pooled seed sd {noisy.noise:.4f}; "
           f"true best {noisy.best:.4f}; replays {args.replays}, {n_trials} trials each")  # fmt: skip
+    prior = remembered_noise(noisy)
+    print(f"remembered noise (the slice's per-seed differences from its best point): sd {prior.sd_pct:.2f} % "
+          f"of the loss, {prior.df} degrees of freedom")  # fmt: skip
     rows: dict[str, list[tuple[bool, float, float, bool, bool]]] = {}  # label -> judge()
     extra = args.extra_trials
     for replay in range(args.replays):
@@ -217,12 +221,16 @@ def replay_part(args: argparse.Namespace) -> None:
             if len(state.trials) == n_trials:  # the search's end: its replicates, as the pipeline picks them
                 selection = list(state.trials)
                 base_cost = cost0 + sum(costs)
-                for top_k, s in settings:
+                for label in settings:
+                    top_k, seeds, race, known = _setting(label)
                     rcfg = with_overrides(
-                        cfg, {"search.replicates.top_k": top_k, "search.replicates.seeds": s}
+                        cfg, {"search.replicates.top_k": top_k, "search.replicates.seeds": seeds}
                     )
-                    picks[f"{top_k}x{s}"] = replicate(
-                        noisy, choose(rcfg, state, opt), base_params, rcfg.train.seed, rng
+                    chosen = choose(rcfg, state, opt)
+                    picks[label] = (
+                        race_replicate(noisy, chosen, base_params, rcfg, rng, prior if known else None)
+                        if race
+                        else replicate(noisy, chosen, base_params, rcfg.train.seed, rng)
                     )
 
         out = rows.setdefault("none", [])
@@ -338,6 +346,58 @@ def replicate(noisy: NoisyTable, records: list, base_params: dict, train_seed: i
     return fresh, cost
 
 
+def _setting(label: str) -> tuple[int, int, bool, bool]:
+    """`2x2`: top_k x seeds, fixed. `race3`: the two finalists raced up to 3 seeds, the baseline on
+    each round's seed; `race3p`: the same with the remembered noise as the race's prior."""
+    if label.startswith("race"):
+        return 2, int(label[4:].rstrip("p")), True, label.endswith("p")
+    top_k, seeds = (int(x) for x in label.split("x"))
+    return top_k, seeds, False, False
+
+
+def remembered_noise(noisy: NoisyTable):
+    """What an earlier search of the demo would have remembered: the per-seed differences of the
+    slice's configurations from its best one, over the seeds outside the replicates' slots."""
+    from pipeline.core.race import measured_noise
+
+    keep = sorted({1, 2, 3, 4, 5} - REPLICATE_SLOTS)
+    values = {
+        str(k): [runs[s] for s in keep] for k, runs in noisy.by_seed.items() if all(s in runs for s in keep)
+    }
+    return measured_noise(values, minimize=True)
+
+
+def race_replicate(noisy: NoisyTable, records: list, base_params: dict, config, rng: random.Random, prior):
+    """The race as the pipeline runs it (`core.race.race_round`): each round the alive finalists and
+    the baseline run the next shared seed; the finalists' fresh values decide who is dropped and
+    when it stops. Returns what `replicate` does, for the finalists still alive at the end."""
+    from pipeline.core.race import race_round
+
+    finalists = {r.of: r.parameters for r in records if r.of != "baseline"}
+    alive = list(finalists)
+    fresh: dict[str, dict[int, float]] = {}
+    cost = 0.0
+    for slot in range(1, config.search.replicates.seeds + 1):
+        for of in ["baseline", *alive]:
+            params = base_params if of == "baseline" else finalists[of]
+            fresh.setdefault(of, {})[slot] = noisy.at_seed(params, slot, rng)[0]
+            cost += noisy.cost[noisy.key(params)]
+        decided = race_round(
+            {of: [fresh[of][s] for s in sorted(fresh[of])] for of in alive},
+            minimize=True,
+            confidence=config.registry.confidence,
+            min_improvement=config.registry.min_improvement,
+            max_seeds=config.search.replicates.seeds,
+            prior=prior,
+        )
+        alive = list(decided.alive)
+        if VERBOSE:
+            print(f"  race: {decided.text()}")
+        if decided.stop:
+            break
+    return {of: v for of, v in fresh.items() if of == "baseline" or of in alive}, cost
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["seeds", "replay", "all"], default="all")
@@ -351,13 +411,19 @@ def main() -> None:
     ap.add_argument("--seeds-table", default=str(ROOT / "bench" / "data" / "lora_grid_seeds.csv"))
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument(
-        "--settings", default="1x1,1x2,2x1,2x2,3x2", help="replay: top_k x seeds, comma-separated."
+        "--settings",
+        default="1x1,1x2,2x1,2x2,3x2",
+        help="replay: top_k x seeds (fixed) or raceN / raceNp (raced to N seeds, p: with remembered noise), "
+        "comma-separated.",
     )
     ap.add_argument(
         "--extra-trials", type=int, default=4, help="replay: trials added to the no-replicate search."
     )
     ap.add_argument("--within", type=float, default=0.01)
+    ap.add_argument("--verbose", action="store_true", help="replay: print each race round.")
     args = ap.parse_args()
+    global VERBOSE
+    VERBOSE = args.verbose
     if args.part in ("seeds", "all"):
         seeds_part(args)
     if args.part in ("replay", "all"):

@@ -184,20 +184,35 @@ def test_noise_benchmark_smoke(tmp_path):
     assert sum(" seed " in line and "eval_loss" in line for line in lines) == 4
     assert lines[-1].startswith("ratio sd(paired difference) / sd(baseline): ")
     lines = _bench(
-        ["bench/noise.py", "--part", "replay", "--replays", "1", "--settings", "1x2", "--extra-trials", "1"],
+        [
+            "bench/noise.py",
+            "--part",
+            "replay",
+            "--replays",
+            "1",
+            "--settings",
+            "1x2,race2p",
+            "--extra-trials",
+            "1",
+            "--verbose",
+        ],
         tmp_path,
     )
     assert lines[0].startswith("grid: 240 points, 31 with seed replicates; pooled seed sd ")
     rows = {
         line.split()[0]: line.split()
         for line in lines
-        if line.split() and line.split()[0] in ("none", "none+1", "1x2")
+        if line.split() and line.split()[0] in ("none", "none+1", "1x2", "race2p")
     }
-    assert set(rows) == {"none", "none+1", "1x2"} and float(rows["1x2"][-3].rstrip("x")) > 1.0
+    assert set(rows) == {"none", "none+1", "1x2", "race2p"} and float(rows["1x2"][-3].rstrip("x")) > 1.0
     # Two fresh seeds a side: the pipeline's paired interval, and whether it held the truth.
     assert rows["1x2"][-2] in ("100%", "0%") and float(rows["1x2"][-1].rstrip("%")) > 0
     assert rows["none"][-2:] == ["-", "-"]  # no replicates: no interval to check
-    assert lines[-1].startswith("ratio exact 1x2 / none: ")
+    assert lines[-1].startswith("ratio exact race2p / none: ")
+    # The race, decided by the pipeline's own core.race: its rounds, and a stop by the cap at the latest.
+    rounds = [line for line in lines if line.startswith("  race: after ")]
+    assert 1 <= len(rounds) <= 2 and "stop: " in rounds[-1]
+    assert float(rows["race2p"][-3].rstrip("x")) > 1.0
 
 
 def test_variants_benchmark_smoke(tmp_path):
