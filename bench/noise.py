@@ -60,6 +60,7 @@ KEYS = ["lora.r", "lora.alpha", "train.learning_rate", "train.batch_size"]
 GRID_SEED = 42  # the grid's runs' train.seed; the replicated slice adds seeds 1-5
 REPLICATE_SLOTS = frozenset({1, 2, 3})  # the slice's seeds replicates take (3: the largest setting's)
 VERBOSE = False  # --verbose: each race round
+MARGIN: float | None = None  # --margin: the race's equivalence margin (default registry.min_improvement)
 BASE_PARAMS = dict(zip(KEYS, (8, 16.0, 1e-3, 8), strict=True))  # the demo config's values
 
 
@@ -386,7 +387,7 @@ def race_replicate(noisy: NoisyTable, records: list, base_params: dict, config, 
             {of: [fresh[of][s] for s in sorted(fresh[of])] for of in alive},
             minimize=True,
             confidence=config.registry.confidence,
-            min_improvement=config.registry.min_improvement,
+            min_improvement=MARGIN if MARGIN is not None else config.registry.min_improvement,
             max_seeds=config.search.replicates.seeds,
             prior=prior,
         )
@@ -420,10 +421,16 @@ def main() -> None:
         "--extra-trials", type=int, default=4, help="replay: trials added to the no-replicate search."
     )
     ap.add_argument("--within", type=float, default=0.01)
+    ap.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="replay: percent within which raced finalists are equivalent.",
+    )
     ap.add_argument("--verbose", action="store_true", help="replay: print each race round.")
     args = ap.parse_args()
-    global VERBOSE
-    VERBOSE = args.verbose
+    global VERBOSE, MARGIN
+    VERBOSE, MARGIN = args.verbose, args.margin
     if args.part in ("seeds", "all"):
         seeds_part(args)
     if args.part in ("replay", "all"):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 STOP_ONE_LEFT = "one finalist better than every other beyond doubt"
-STOP_EQUIVALENT = "the finalists left are equivalent within registry.min_improvement"
+STOP_EQUIVALENT = "the finalists left are equivalent within the margin"
 STOP_CAP = "the seed cap (search.replicates.seeds)"
 
 
