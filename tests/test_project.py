@@ -144,6 +144,7 @@ SEARCH_LAYERS = [
     "journal",  # the records on disk
     "failure_rate",
     "budget",
+    "race",  # a race's rounds, decided from the replicate records
     "report",  # facts -> evidence -> markdown -> plots
     "steps",  # baseline, warm start, interrupted trials, replicates
     "finish",

@@ -206,6 +206,14 @@ def fingerprint(payload: Any) -> str:
 NO_RESULT_KEYS = ("train.output_dir", "train.checkpoints", "train.keep_checkpoints", "train.oom_retry")
 
 
+def noise_key(config: PipelineConfig) -> str:
+    """Whose seed noise a race remembers: the same model, data, eval set and training length
+    (the searched LoRA and optimizer values vary within a search, and its noise pools over them)."""
+    d = to_dict(config)
+    train = {k: d["train"].get(k) for k in ("max_steps", "epochs")}
+    return fingerprint({"model": d["model"], "data": d["data"], "eval": d["eval"], "train": train})
+
+
 def config_fingerprint(config: PipelineConfig) -> str:
     """Fingerprint of what decides a trial's result: model, data, lora, train and eval settings."""
     d = to_dict(config)

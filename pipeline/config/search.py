@@ -120,7 +120,27 @@ class ReplicatesSpec(Section):
         2,
         gt=0,
         description="Fresh train.seed values each of them (and the baseline) is trained on: "
-        "train.seed + 1 ... train.seed + seeds.",
+        "train.seed + 1 ... train.seed + seeds. With mode `race`: the most seeds a finalist gets.",
+    )
+    mode: Literal["fixed", "race"] = Field(
+        "fixed",
+        description="`fixed`: every chosen configuration gets all the seeds. `race`: they get one shared "
+        "seed per round, and after each round one worse than the leader beyond `confidence` is dropped; "
+        "the race ends when one is left, when those left are equivalent within "
+        "registry.min_improvement, or at `seeds` (docs/search.md#racing).",
+    )
+    confidence: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Confidence at which a race drops a finalist. Null: registry.confidence.",
+    )
+    margin: float = Field(
+        1.0,
+        ge=0,
+        description="Percent: raced finalists whose gap lies within +-margin beyond doubt are "
+        "equivalent, and the race ends (the report then recommends the cheaper). 0: only a drop or "
+        "the cap ends it.",
     )
 
 

@@ -57,6 +57,12 @@ BASE_MODEL = "pipeline.base_model"
 DATA_FINGERPRINT = "pipeline.data_fingerprint"
 EVAL_FINGERPRINT = "pipeline.eval_fingerprint"  # sha256 of the tokenized eval set
 CONFIG_FINGERPRINT = "pipeline.config_fingerprint"  # what determines the result (not tracking)
+NOISE_KEY = (
+    "pipeline.noise_key"  # model, data, eval set and training length: whose seed noise a race remembers
+)
+RACE_NOISE = (
+    "pipeline.race_noise"  # a finished race's measured noise: {"sd_pct", "df"} (JSON), on its search run
+)
 GIT_COMMIT = "pipeline.git_commit"
 PACKAGE_VERSIONS = "pipeline.versions"
 DEVICE = "pipeline.device"  # where the trial ran, e.g. "NVIDIA H100 80GB HBM3 (1 of 8 visible)"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig, config_fingerprint, flatten, to_yaml, trial_config
+from pipeline.config import PipelineConfig, config_fingerprint, flatten, noise_key, to_yaml, trial_config
 from pipeline.core import console, interrupt, names
 from pipeline.core.errors import SearchAborted
 from pipeline.core.events import EvalEvent
@@ -387,6 +387,7 @@ class Search:
             names.ROLE: names.ROLE_SEARCH,
             names.BASE_MODEL: self.config.model.name_or_path,
             names.CONFIG_FINGERPRINT: config_fingerprint(self.config),
+            names.NOISE_KEY: noise_key(self.config),
             names.GIT_COMMIT: git_commit(Path(__file__).parent),
             names.PACKAGE_VERSIONS: json.dumps(package_versions(), sort_keys=True),
         }

@@ -134,6 +134,9 @@ class SearchState:
     # Seed noise (pooled standard deviation of a single run) of each metric Ax is given, once
     # replicates measured it: Ax then gets every observation with this standard error.
     noise_sd: dict[str, float] = field(default_factory=dict)
+    # A race's remembered noise ({"sd_pct", "df", "source"}), fixed when the race starts so that
+    # its rounds decide the same again on resume and in the report; None: none was remembered.
+    race_prior: dict[str, Any] | None = None
     # The started config's values of the keys a resume may not change (`journal.frozen_settings`):
     # a resume compares its config with these. Empty in records saved before they were kept.
     settings: dict[str, Any] = field(default_factory=dict)

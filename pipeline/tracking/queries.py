@@ -121,6 +121,23 @@ def finished_baselines(experiment_id: str, config_fingerprint: str) -> list[RunR
     )
 
 
+def remembered_noise(experiment_id: str, noise_key: str, exclude: str = "") -> list[dict[str, Any]]:
+    """The seed noise earlier races measured for this model, data, eval set and training length
+    ({"sd_pct", "df", "run_id"} per finished search), newest first; `exclude`: this search's run."""
+    runs = _find(
+        [experiment_id],
+        f"tags.`{names.ROLE}` = '{names.ROLE_SEARCH}' and tags.`{names.NOISE_KEY}` = '{noise_key}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    out = []
+    for run in runs:
+        raw = run.tags.get(names.RACE_NOISE)
+        if run.run_id != exclude and raw:
+            out.append({**json.loads(raw), "run_id": run.run_id})
+    return out
+
+
 def children_of(parent: RunRecord | str) -> list[RunRecord]:
     """The runs nested under `parent` (a search: its baseline and trials), oldest first."""
     parent = parent if isinstance(parent, RunRecord) else get_run(parent)

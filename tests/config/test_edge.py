@@ -135,6 +135,27 @@ CASES = [
         "lora.target_modules: ['attention'] puts the named set attention in a list: write "
         "`target_modules: attention`",
     ),
+    (
+        "a race whose seed cap is below 1",
+        DEMO,
+        ["--set", "search.replicates.mode=race", "--set", "search.replicates.seeds=0"],
+        "--set",
+        "--set search.replicates.seeds: Input should be greater than 0",
+    ),
+    (
+        "a race confidence outside (0, 1)",
+        DEMO,
+        ["--set", "search.replicates.mode=race", "--set", "search.replicates.confidence=95"],
+        "--set",
+        "--set search.replicates.confidence: Input should be less than 1",
+    ),
+    (
+        "a replicates mode that does not exist",
+        _with(replace=("replicates: {top_k: 2, seeds: 2}", "replicates: {top_k: 2, seeds: 2, mode: racing}")),
+        [],
+        ("replicates: {top_k", 1),
+        "search.replicates.mode: Input should be 'fixed' or 'race'",
+    ),
 ]
 
 HEAVY = ("torch", "transformers", "mlflow", "ax", "peft")

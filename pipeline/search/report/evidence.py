@@ -29,6 +29,7 @@ from pipeline.core.stats import (
     improvement,
     scalar_scores,
 )
+from pipeline.search import race
 from pipeline.search.records import BASELINE, COMPLETED, SearchState, TrialRecord
 
 Fetch = Callable[[str, str], ExampleScores | None]  # (run id, metric) -> its per-example scores
@@ -135,8 +136,12 @@ def _rank(
     if not ev.configs:
         return
     scores = {c.key: _scores(config, c.runs, fetch) for c in ev.configs}
-    top = ev.configs[0]
-    for other in ev.configs[1:]:
+    # A race's dropped finalists stay in the table but not in the running: each was worse than
+    # the leader beyond doubt on the seeds both ran.
+    alive = set(race.decide(config, state).alive) if config.search.replicates.mode == "race" else None
+    running = [c for c in ev.configs if alive is None or c.key in alive] or ev.configs
+    top = running[0]
+    for other in running[1:]:
         try:
             gap = improvement(
                 scores[top.key], scores[other.key], objective.minimize, config.registry.confidence
@@ -145,7 +150,7 @@ def _rank(
             continue
         if not gap.beyond(0.0):
             ev.indistinguishable.append(other.key)
-    pool = [top, *(c for c in ev.configs if c.key in ev.indistinguishable)]
+    pool = [top, *(c for c in running if c.key in ev.indistinguishable)]
     chosen = min(pool, key=lambda c: (c.trainable if c.trainable is not None else math.inf, sign * c.mean))
     ev.recommended = state.record(int(chosen.key)) or ev.recommended
     n = len(chosen.runs)

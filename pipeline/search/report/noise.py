@@ -12,6 +12,7 @@ from pipeline.config import PipelineConfig
 from pipeline.core import names
 from pipeline.core.plotting import plt, save, ticker
 from pipeline.core.stats import expected_best
+from pipeline.search import race
 from pipeline.search.records import BASELINE, COMPLETED, SearchState
 from pipeline.search.report.evidence import Evidence
 
@@ -41,7 +42,8 @@ def replicates_section(config: PipelineConfig, state: SearchState, ev: Evidence 
         "## Seed replicates",
         "",
         f"{done} of {len(state.replicates)} replicate runs completed (search.replicates: "
-        f"top_k {config.search.replicates.top_k}, seeds {config.search.replicates.seeds}); "
+        f"top_k {config.search.replicates.top_k}, seeds {config.search.replicates.seeds}, "
+        f"mode {config.search.replicates.mode}); "
         "the selection run (the one the search measured) is left out of the means: it was picked for "
         "being good, and its distance to the fresh mean is the winner's curse.",
         "",
@@ -66,6 +68,7 @@ def replicates_section(config: PipelineConfig, state: SearchState, ev: Evidence 
             f"{len(failed)} replicate(s) failed: "
             + "; ".join(f"{r.of} seed {r.seed}: {r.failure_reason}" for r in failed),
         ]
+    md += race_lines(config, state)
     if ev is not None and ev.recommended is not None:
         md += ["", f"Recommended: trial {ev.recommended.index}, {ev.rule}."]
         if ev.indistinguishable:
@@ -131,3 +134,31 @@ def plot_expected_best(state: SearchState, path: Path) -> bool:
     ax.legend(fontsize=8)
     save(fig, path)
     return True
+
+
+def race_lines(config: PipelineConfig, state: SearchState) -> list[str]:
+    """A race's rounds: the finalists, each round's leader, gaps and drops, and why it stopped."""
+    if config.search.replicates.mode != "race" or not state.replicates:
+        return []
+    decided = race.decide(config, state)
+    spec = config.search.replicates
+    conf = spec.confidence or config.registry.confidence
+    noise = (
+        f"remembered seed noise of a paired difference {decided.prior.sd_pct:.2f} % ({decided.prior.df} "
+        f"degrees of freedom, from {decided.prior.source or 'earlier searches'})"
+        if decided.prior
+        else "no remembered seed noise (the first round decides nothing)"
+    )
+    md = [
+        "",
+        f"**The race** (search.replicates.mode race): finalists {', '.join(f'trial {k}' for k in decided.finalists)} "
+        f"and the baseline, one shared seed a round; a finalist worse than the leader beyond {conf:.0%} "
+        f"(paired by seed) is dropped; equivalence margin +-{spec.margin:g} %; {noise}. Gaps: the "
+        "finalist minus the leader, in percent of the leader's mean (positive: worse).",
+        "",
+    ]
+    md += [f"{i}. {r.text()}" for i, r in enumerate(decided.rounds, 1)]
+    if decided.failed:
+        md.append(f"Out after a failed replicate: {', '.join(decided.failed)}.")
+    md += ["", f"Stopped: {decided.stop or 'not finished (the search stopped before the race ended)'}."]
+    return md

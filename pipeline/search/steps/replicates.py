@@ -18,15 +18,18 @@ next proposals) see the noise.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import PipelineConfig, trial_config
+from pipeline import tracking
+from pipeline.config import PipelineConfig, noise_key, trial_config
 from pipeline.core import console, names
 from pipeline.core.stats import mean_sem, pooled_sd
 from pipeline.core.timing import PhaseTimer
 from pipeline.model.adapter import discard_local_adapter
+from pipeline.search import race
 from pipeline.search.ax.optimizer import Optimizer
 from pipeline.search.executors.local import InFlight, JobOutcome, TrialJob
 from pipeline.search.records import (
@@ -66,7 +69,8 @@ def choose(config: PipelineConfig, state: SearchState, optimizer: Optimizer) -> 
         if all(t is not c for c, _ in chosen):
             chosen.append((t, "best observed" if rank == 1 else f"{_ordinal(rank)} best observed"))
     records = []
-    for seed in replicate_seeds(config):
+    seeds = replicate_seeds(config)
+    for seed in seeds[:1] if search.replicates.mode == "race" else seeds:  # a race adds rounds
         if state.baseline is not None:
             records.append(
                 ReplicateRecord(
@@ -122,18 +126,69 @@ def replicate(
     if state.replicates is None:
         with timer.phase("ax"):
             state.replicates = choose(config, state, optimizer)
+        if config.search.replicates.mode == "race":
+            state.race_prior = _remembered(config, parent_run_id)
         runner.save()
         chosen = dict.fromkeys(f"{r.of} ({r.chosen_by})" for r in state.replicates)
         seeds = ", ".join(map(str, replicate_seeds(config)))
-        console.say(f"replicates: {', '.join(chosen)} on seeds {seeds}")
+        if config.search.replicates.mode == "race":
+            console.say(f"race: {', '.join(chosen)} and the baseline, one seed a round, up to seeds {seeds}")
+        else:
+            console.say(f"replicates: {', '.join(chosen)} on seeds {seeds}")
     base = trial_config(config)
     with timer.phase("trials"):
-        spent = run(state.replicates, base, parent_run_id, runner)
+        if config.search.replicates.mode == "race":
+            spent = _race(config, state, base, parent_run_id, runner)
+        else:
+            spent = run(state.replicates, base, parent_run_id, runner)
     if spent:
         state.stop_reason = f"{spent} (during the seed replicates)"
         console.say(f"stopping: {state.stop_reason}")
     with timer.phase("ax"):
         tell_ax(config, state, optimizer)
+
+
+def _race(
+    config: PipelineConfig, state: SearchState, base: PipelineConfig, parent_run_id: str, runner: Runner
+) -> str | None:
+    """Run the race's rounds until it ends (`steps.race`): each round's runs at once, then its
+    decision, said in one line. Returns why it stopped early (a spent budget), or None."""
+    said = len(race.decide(config, state).rounds)
+    while True:
+        spent = run(state.replicates, base, parent_run_id, runner)
+        if spent:
+            return spent
+        decided = race.decide(config, state)
+        for r in decided.rounds[said:]:
+            console.say(f"race: {r.text()}")
+        said = len(decided.rounds)
+        if not race.next_round(config, state, replicate_seeds(config)):
+            if decided.failed:
+                console.say(f"race: out after a failed replicate: {', '.join(decided.failed)}")
+            noise = race.measured(config, state)
+            if noise is not None:  # for the next search of this model, data and eval set
+                tracking.tag_run(
+                    parent_run_id, {names.RACE_NOISE: json.dumps({"sd_pct": noise.sd_pct, "df": noise.df})}
+                )
+            return None
+        runner.save()
+
+
+def _remembered(config: PipelineConfig, parent_run_id: str) -> dict | None:
+    """The seed noise earlier races of this model, data and eval set measured, pooled; said."""
+    parent = tracking.get_run(parent_run_id)
+    earlier = tracking.remembered_noise(parent.experiment_id, noise_key(config), exclude=parent_run_id)
+    prior = race.remembered(earlier)
+    if prior is None:
+        console.say(
+            "race: no seed noise remembered for this model, data and eval set (one seed decides nothing)"
+        )
+    else:
+        console.say(
+            f"race: remembered seed noise of a paired difference {prior['sd_pct']:.2f} % "
+            f"({prior['df']} degrees of freedom, {prior['source']})"
+        )
+    return prior
 
 
 def run(
