@@ -126,8 +126,8 @@ class ReplicatesSpec(Section):
         "fixed",
         description="`fixed`: every chosen configuration gets all the seeds. `race`: they get one shared "
         "seed per round, and after each round one worse than the leader beyond `confidence` is dropped; "
-        "the race ends when one is left, when those left are equivalent within "
-        "registry.min_improvement, or at `seeds` (docs/search.md#racing).",
+        "the race ends when one is left, when those left are equivalent within `margin`, or at `seeds` "
+        "(docs/search.md#racing).",
     )
     confidence: float | None = Field(
         None,

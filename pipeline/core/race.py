@@ -78,6 +78,12 @@ class Round:
         return out + (f"; stop: {self.stop}" if self.stop else "")
 
 
+def leader_of(values: Mapping[str, Sequence[float]], minimize: bool) -> str:
+    """The finalist with the best mean."""
+    sign = 1.0 if minimize else -1.0
+    return min(values, key=lambda k: sign * float(np.mean(values[k])))
+
+
 def gap(
     finalist: Sequence[float],
     leader: Sequence[float],
@@ -126,8 +132,7 @@ def race_round(
     if len(counts) != 1 or 0 in counts:
         raise ValueError(f"every finalist needs the same seeds, got {sorted(counts)} runs")
     seeds = counts.pop()
-    sign = 1.0 if minimize else -1.0
-    leader = min(values, key=lambda k: sign * float(np.mean(values[k])))
+    leader = leader_of(values, minimize)
     gaps = tuple(
         gap(values[k], values[leader], minimize, confidence, prior, name=k) for k in values if k != leader
     )
@@ -153,8 +158,7 @@ def measured_noise(values: Mapping[str, Sequence[float]], minimize: bool) -> Noi
     final leader on the seeds both ran, their variances pooled (n - 1 degrees of freedom each)."""
     if not values:
         return None
-    sign = 1.0 if minimize else -1.0
-    leader = min(values, key=lambda k: sign * float(np.mean(values[k])))
+    leader = leader_of(values, minimize)
     ss, df = 0.0, 0
     for k, v in values.items():
         n = min(len(v), len(values[leader]))

@@ -24,6 +24,7 @@ class Race:
     whose replicate failed (out of the race, said in the report)."""
 
     finalists: list[str]
+    confidence: float  # search.replicates.confidence, or registry.confidence where it is null
     rounds: list[Round] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     prior: NoisePrior | None = None
@@ -61,7 +62,11 @@ def decide(config: PipelineConfig, state: SearchState) -> Race:
     spec = config.search.replicates
     objective = config.search.objectives[0]
     records = state.replicates or []
-    race = Race(list(dict.fromkeys(r.of for r in records if r.of != BASELINE)), prior=prior_of(state))
+    race = Race(
+        list(dict.fromkeys(r.of for r in records if r.of != BASELINE)),
+        confidence=spec.confidence or config.registry.confidence,
+        prior=prior_of(state),
+    )
     by: dict[tuple[str, int], ReplicateRecord] = {(r.of, r.seed): r for r in records}
     values: dict[str, list[float]] = {k: [] for k in race.finalists}
     seeds = sorted({r.seed for r in records})
@@ -81,7 +86,7 @@ def decide(config: PipelineConfig, state: SearchState) -> Race:
         decided = race_round(
             {k: values[k] for k in alive},
             minimize=objective.minimize,
-            confidence=spec.confidence or config.registry.confidence,
+            confidence=race.confidence,
             min_improvement=spec.margin,
             max_seeds=spec.seeds,
             prior=race.prior,
@@ -103,10 +108,10 @@ def measured(config: PipelineConfig, state: SearchState) -> NoisePrior | None:
     return measured_noise(values, config.search.objectives[0].minimize)
 
 
-def next_round(config: PipelineConfig, state: SearchState, seeds: list[int]) -> list[ReplicateRecord]:
+def next_round(state: SearchState, race: Race, seeds: list[int]) -> list[ReplicateRecord]:
     """The records of the race's next round (the baseline and every alive finalist on the next
-    seed), or [] when the race has ended. Appends them to the state's records."""
-    race = decide(config, state)
+    seed), or [] when the race (`decide(config, state)`) has ended or its round is still running.
+    Appends them to the state's records."""
     records = state.replicates or []
     if race.stop or len(race.rounds) >= len(seeds):
         return []

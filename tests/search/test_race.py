@@ -47,7 +47,7 @@ def test_a_clear_race_with_remembered_noise_ends_after_one_round_and_adds_no_see
     decided = race.decide(config, state)
     assert len(decided.rounds) == 1 and decided.stop == STOP_ONE_LEFT
     assert decided.alive == ["1"] and decided.dropped_at() == {"2": 1}
-    assert race.next_round(config, state, [43, 44, 45]) == []
+    assert race.next_round(state, race.decide(config, state), [43, 44, 45]) == []
     text = "\n".join(race_lines(config, state))
     assert "dropped 2" in text and "2 earlier searches" in text and STOP_ONE_LEFT in text
 
@@ -56,20 +56,22 @@ def test_a_close_race_adds_rounds_for_the_alive_and_the_baseline_until_the_cap(t
     config = _config(tmp_path, **{"search.replicates.margin": 0})
     state = _state([_rec("baseline", 43, 3.0), _rec("1", 43, 2.70), _rec("2", 43, 2.701)])
     for seed, (a, b) in zip((44, 45), ((2.71, 2.705), (2.69, 2.70)), strict=True):
-        new = race.next_round(config, state, [43, 44, 45])
+        new = race.next_round(state, race.decide(config, state), [43, 44, 45])
         assert [(r.of, r.seed) for r in new] == [("baseline", seed), ("1", seed), ("2", seed)]
         for r, v in zip(new, (3.0, a, b), strict=True):
             r.status, r.eval_loss, r.metrics = COMPLETED, v, {"eval_loss": v}
     decided = race.decide(config, state)
     assert decided.stop == STOP_CAP and len(decided.rounds) == 3 and sorted(decided.alive) == ["1", "2"]
-    assert race.next_round(config, state, [43, 44, 45]) == []
+    assert race.next_round(state, race.decide(config, state), [43, 44, 45]) == []
 
 
 def test_a_round_waits_for_its_runs_and_a_failed_finalist_leaves_the_race(tmp_path):
     config = _config(tmp_path)
     running = _state([_rec("baseline", 43, 3.0), _rec("1", 43, 2.7), _rec("2", 43, None, status=RUNNING)])
     assert race.decide(config, running).rounds == []
-    assert race.next_round(config, running, [43, 44, 45]) == []  # its runs are not done: nothing new
+    assert (
+        race.next_round(running, race.decide(config, running), [43, 44, 45]) == []
+    )  # its runs are not done: nothing new
     failed = _state([_rec("baseline", 43, 3.0), _rec("1", 43, 2.7), _rec("2", 43, None, status=FAILED)])
     decided = race.decide(config, failed)
     assert decided.failed == ["2"] and decided.alive == ["1"] and decided.stop == STOP_ONE_LEFT

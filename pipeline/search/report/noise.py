@@ -142,7 +142,6 @@ def race_lines(config: PipelineConfig, state: SearchState) -> list[str]:
         return []
     decided = race.decide(config, state)
     spec = config.search.replicates
-    conf = spec.confidence or config.registry.confidence
     noise = (
         f"remembered seed noise of a paired difference {decided.prior.sd_pct:.2f} % ({decided.prior.df} "
         f"degrees of freedom, from {decided.prior.source or 'earlier searches'})"
@@ -152,7 +151,7 @@ def race_lines(config: PipelineConfig, state: SearchState) -> list[str]:
     md = [
         "",
         f"**The race** (search.replicates.mode race): finalists {', '.join(f'trial {k}' for k in decided.finalists)} "
-        f"and the baseline, one shared seed a round; a finalist worse than the leader beyond {conf:.0%} "
+        f"and the baseline, one shared seed a round; a finalist worse than the leader beyond {decided.confidence:.0%} "
         f"(paired by seed) is dropped; equivalence margin +-{spec.margin:g} %; {noise}. Gaps: the "
         "finalist minus the leader, in percent of the leader's mean (positive: worse).",
         "",

@@ -123,21 +123,22 @@ def replicate(
 ) -> None:
     """Choose the replicates (once: a resumed search keeps its choice), run those not done, give
     Ax the results. A budget spent on the way stops them: `state.stop_reason` says so."""
+    racing = config.search.replicates.mode == "race"
     if state.replicates is None:
         with timer.phase("ax"):
             state.replicates = choose(config, state, optimizer)
-        if config.search.replicates.mode == "race":
+        if racing:
             state.race_prior = _remembered(config, parent_run_id)
         runner.save()
         chosen = dict.fromkeys(f"{r.of} ({r.chosen_by})" for r in state.replicates)
         seeds = ", ".join(map(str, replicate_seeds(config)))
-        if config.search.replicates.mode == "race":
+        if racing:
             console.say(f"race: {', '.join(chosen)} and the baseline, one seed a round, up to seeds {seeds}")
         else:
             console.say(f"replicates: {', '.join(chosen)} on seeds {seeds}")
     base = trial_config(config)
     with timer.phase("trials"):
-        if config.search.replicates.mode == "race":
+        if racing:
             spent = _race(config, state, base, parent_run_id, runner)
         else:
             spent = run(state.replicates, base, parent_run_id, runner)
@@ -151,7 +152,7 @@ def replicate(
 def _race(
     config: PipelineConfig, state: SearchState, base: PipelineConfig, parent_run_id: str, runner: Runner
 ) -> str | None:
-    """Run the race's rounds until it ends (`steps.race`): each round's runs at once, then its
+    """Run the race's rounds until it ends (`search.race`): each round's runs at once, then its
     decision, said in one line. Returns why it stopped early (a spent budget), or None."""
     said = len(race.decide(config, state).rounds)
     while True:
@@ -162,7 +163,7 @@ def _race(
         for r in decided.rounds[said:]:
             console.say(f"race: {r.text()}")
         said = len(decided.rounds)
-        if not race.next_round(config, state, replicate_seeds(config)):
+        if not race.next_round(state, decided, replicate_seeds(config)):
             if decided.failed:
                 console.say(f"race: out after a failed replicate: {', '.join(decided.failed)}")
             noise = race.measured(config, state)
